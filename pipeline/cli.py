@@ -1,0 +1,136 @@
+"""One command line: `python -m pipeline <stage> [--config C] [key.sub=value ...]`.
+
+Each stage is an importable function (the tests call the same functions); this module
+only parses arguments, resolves the config, and turns `UserError` into one line + exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, load_config, to_yaml
+from pipeline.errors import UserError
+
+STAGES = {
+    "simulate": "write simulated app events (events/users/foods parquet) and truth.parquet",
+    "validate": "check raw events against the contract; write accepted rows and a quarantine",
+    "features": "build the HDF5 feature store (runs validation first when given raw events)",
+    "pretrain": "pretrain the encoders on unlabelled sequences",
+    "train": "train the engagement model",
+    "evaluate": "evaluate the latest model and the baselines; register and gate the champion",
+    "compare": "print MLflow runs side by side",
+    "diagnose": "checks that explain why a model learns nothing",
+    "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
+    for name, help_ in STAGES.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
+        p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name == "simulate":
+            p.add_argument("--users", type=int)
+            p.add_argument("--weeks", type=int)
+            p.add_argument("--seed", type=int)
+            p.add_argument("--out", help="output folder (default: <workdir>/raw)")
+        if name in ("validate", "features"):
+            p.add_argument("--events", help="events file or folder (overrides data.events)")
+            p.add_argument("--users", help="users side table (overrides data.users)")
+        if name == "validate":
+            p.add_argument("--out", help="output folder (default: <workdir>/validated)")
+        if name == "features":
+            p.add_argument("--shard", type=int, help="build only this shard of users")
+            p.add_argument("--num-shards", type=int, help="number of user shards")
+        if name == "compare":
+            p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    flag_keys = {
+        "users": "sim.users" if args.stage == "simulate" else "data.users",
+        "weeks": "sim.weeks",
+        "seed": "sim.seed",
+        "events": "data.events",
+        "shard": "features.shard",
+        "num_shards": "features.num_shards",
+    }
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = args.config or "configs/demo.yaml"
+    return load_config(config, overrides)
+
+
+def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
+    # Imports are local so `--help` and `--show-config` stay fast.
+    if stage == "simulate":
+        from pipeline.simulator.run import simulate_to_dir
+
+        simulate_to_dir(cfg.sim, Path(args.out) if args.out else None, cfg=cfg)
+    elif stage == "validate":
+        from features.validate import validate_stage
+
+        validate_stage(cfg, Path(args.out) if args.out else None)
+    elif stage == "features":
+        from features.build import features_stage
+
+        features_stage(cfg)
+    elif stage == "pretrain":
+        from pipeline.pretrain import pretrain
+
+        pretrain(cfg)
+    elif stage == "train":
+        from pipeline.train import train
+
+        train(cfg)
+    elif stage == "evaluate":
+        from pipeline.evaluate import evaluate
+
+        evaluate(cfg)
+    elif stage == "compare":
+        from pipeline.compare import compare
+
+        compare(cfg, fmt=args.format)
+    elif stage == "diagnose":
+        from pipeline.diagnose import diagnose
+
+        diagnose(cfg)
+    elif stage == "demo":
+        from pipeline.demo import demo
+
+        demo(cfg)
+    else:  # argparse guards this
+        raise UserError(f"unknown stage {stage!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = resolve(args)
+        if args.show_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        run_stage(args.stage, cfg, args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,50 @@
+"""Where every stage reads and writes, derived from `Config.workdir` (one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg) -> Paths:
+        return cls(Path(cfg.workdir))
+
+    @property
+    def raw(self) -> Path:  # simulator output: events/users/foods/truth parquet
+        return self.root / "raw"
+
+    @property
+    def validated(self) -> Path:  # accepted events, quarantine, validation.json
+        return self.root / "validated"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def feature_file(self) -> Path:
+        return self.features / "features.h5"
+
+    @property
+    def text_cache(self) -> Path:  # message vectors keyed by (encoder, text hash); no text
+        return self.features / "text_cache.h5"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    def shard_feature_file(self, shard: int, num_shards: int) -> Path:
+        return self.features / f"features-{shard:03d}-of-{num_shards:03d}.h5"

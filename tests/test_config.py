@@ -1,0 +1,36 @@
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config, save_config
+from pipeline.errors import UserError
+
+
+def test_yaml_defaults_chain_and_overrides_merge():
+    cfg = load_config("configs/test.yaml", ["model.d_model=24", "labels.oot_cutoffs=3"])
+    assert cfg.name == "test"  # test.yaml overrides demo.yaml
+    assert cfg.sim.users == 40
+    assert cfg.features.text_encoder == "minilm"  # inherited from demo.yaml
+    assert cfg.model.d_model == 24 and cfg.labels.oot_cutoffs == 3
+    assert cfg.data.events == "data/test/raw/events.parquet"  # ${workdir} interpolation
+
+
+def test_typed_schema_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(UserError, match="bogus"):
+        load_config("configs/test.yaml", ["model.bogus=1"])
+    with pytest.raises(UserError, match="d_model"):
+        load_config("configs/test.yaml", ["model.d_model=wide"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("configs/test.yaml", ["train.lr=0.123"])
+    path = save_config(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_cli_show_config_and_missing_file(capsys):
+    assert main(["train", "--config", "configs/test.yaml", "--show-config", "train.epochs=7"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out
+    assert main(["train", "--config", "configs/missing.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "configs/missing.yaml" in err
