@@ -59,9 +59,7 @@ REASONS = {
     "weigh_in_impossible_value": "a weigh-in outside [data.min_weight_kg, data.max_weight_kg]",
     "bad_value": "value is present but not a finite number",
 }
-QUARANTINE_REASON = "reason"
-QUARANTINE_SOURCE = "source_file"
-QUARANTINE_ROW = "source_row"
+QUARANTINE_REASON = "reason"  # plus features.io.SOURCE_FILE / SOURCE_ROW provenance columns
 
 # The normalised form that validation writes and the feature build reads.
 NORMALISED_SCHEMA = pa.schema(

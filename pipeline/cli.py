@@ -68,6 +68,10 @@ def resolve(args: argparse.Namespace) -> Config:
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "events", None):  # the user's own file: no simulator, no side tables
+        overrides[:0] = ["data.source=files", "data.foods=null", "data.labels=null", "data.truth=null"]
+        if not args.users:
+            overrides.insert(0, "data.users=null")
     config = args.config or "configs/demo.yaml"
     return load_config(config, overrides)
 
@@ -80,10 +84,12 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
         simulate_to_dir(cfg.sim, Path(args.out) if args.out else None, cfg=cfg)
     elif stage == "validate":
         from features.validate import validate_stage
+        from pipeline.sources import ensure_raw
 
+        ensure_raw(cfg)
         validate_stage(cfg, Path(args.out) if args.out else None)
     elif stage == "features":
-        from features.build import features_stage
+        from features.stage import features_stage
 
         features_stage(cfg)
     elif stage == "pretrain":
@@ -115,7 +121,13 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options: collect every leftover key=value.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + rest
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -22,10 +22,15 @@ class SimConfig:
     seed: int = 0
     start_date: str = "2026-01-05"  # a Monday; cutoffs fall on Mondays at 00:00 UTC
     truth_samples: int = 256  # Monte-Carlo replicates per (user, cutoff) for p_engaged
+    dirty_fraction: float = 0.0  # share of deliberately bad rows appended (shows the quarantine)
 
 
 @dataclass
 class DataConfig:
+    # Where raw events come from: "files" (yours, at data.events), "simulator" (written to
+    # <workdir>/raw on first use) or "kddcup2015" (converted from data.adapter_input).
+    source: str = "files"
+    adapter_input: str = ""
     # Raw (or already validated) events: a Parquet/CSV file or a folder of partitions.
     events: str = ""
     users: str | None = None  # optional side table (user_id, program_start)

@@ -32,7 +32,7 @@ class Paths:
 
     @property
     def text_cache(self) -> Path:  # message vectors keyed by (encoder, text hash); no text
-        return self.features / "text_cache.h5"
+        return self.features / "text_cache"
 
     @property
     def pretrain(self) -> Path:

@@ -1,0 +1,258 @@
+"""`make features`: validated events -> the HDF5 feature store (DESIGN.md §3-§4).
+
+Everything but the message encoder is vectorised numpy over the whole table: no Python
+loop per user or per event. Global facts (vocabularies, cutoff calendar, value statistics)
+are computed before sharding so every shard of a partitioned build agrees on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features import contract as C
+from features import labels as L
+from features import timebuckets as tb
+from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
+from features.vocab import Vocab, content_buckets, pseudonyms, shard_of
+from pipeline.config import Config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timer:
+    steps: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.steps[name] = round(time.perf_counter() - t, 3)
+
+
+@dataclass
+class Built:
+    arrays: dict[str, dict[str, np.ndarray]]
+    meta: StoreMeta
+    summary: dict
+
+
+def _ts_seconds(col: pa.ChunkedArray) -> np.ndarray:
+    return pc.cast(col, pa.int64()).to_numpy() // 1_000_000  # timestamp[us] -> s (floor)
+
+
+def build_features(
+    events: pa.Table,
+    users: pd.DataFrame | None,
+    cfg: Config,
+    embed,  # callable(list[str]) -> (float16 (N, E) vectors, stats dict); None: zero vectors
+    text_dim: int,
+    encoder_name: str,
+    vocab: Vocab,
+    supplied_labels: pd.DataFrame | None = None,
+    source_fingerprint: str = "",
+) -> Built:
+    """Build every array of the store from normalised, (user_id, ts)-sorted events."""
+    timer = Timer()
+    fc, lc = cfg.features, cfg.labels
+    with timer.step("prepare"):
+        ts_all = _ts_seconds(events[C.TS])
+        first_ts, data_end = int(ts_all.min()), (int(ts_all.max()) // L.DAY + 1) * L.DAY
+        vocab.extend(events, cfg.data.foods)
+        calendar = L.cutoff_calendar(first_ts, data_end, lc)
+        if fc.shard is not None:  # after global facts, before per-user work
+            keep = shard_of(events[C.USER_ID].to_numpy(zero_copy_only=False), fc.num_shards) == fc.shard
+            events, ts_all = events.filter(pa.array(keep)), ts_all[keep]
+        user_id = events[C.USER_ID].to_numpy(zero_copy_only=False)
+        user_ids, user_row = np.unique(user_id, return_inverse=True)  # events are user-sorted
+        n_users = len(user_ids)
+        etype = events[C.EVENT_TYPE].to_numpy(zero_copy_only=False)
+        program_start = _program_start(user_ids, user_row, ts_all, users)
+
+    with timer.step("events"):
+        ev = _events_stream(events, etype, user_row, ts_all, n_users, program_start, vocab, fc)
+    with timer.step("food"):
+        food = _food_stream(events, etype, user_row, ts_all, n_users, vocab)
+    with timer.step("conversation"):
+        conv, texts = _conversation_stream(events, etype, user_row, ts_all, n_users, fc.max_msg_no)
+    with timer.step("message_vectors"):
+        if embed is not None:
+            conv["embedding"], text_stats = embed(texts)
+        else:
+            conv["embedding"], text_stats = np.zeros((len(texts), text_dim), np.float16), {}
+        del texts  # text is read once, never stored
+    with timer.step("examples"):
+        streams = {"events": ev, "food": food, "conversation": conv}
+        examples, label_stats = _examples(
+            events, etype, user_ids, user_row, ts_all, program_start, streams, calendar, data_end, lc,
+            supplied_labels, cfg.data.labels,
+        )
+    arrays = {
+        "users": {"key": pseudonyms(user_ids, fc.pseudonym_key), "program_start": program_start},
+        **{name: {k: v for k, v in s.items() if not k.startswith("_")} for name, s in streams.items()},
+        "examples": examples,
+    }
+    meta = StoreMeta(
+        schema_version=SCHEMA_VERSION,
+        created_at=pd.Timestamp.now(tz="UTC").isoformat(),
+        source_fingerprint=source_fingerprint,
+        text_encoder=encoder_name,
+        text_dim=int(text_dim),
+        dt_edges=tb.DT_EDGES_S.tolist(),
+        vocab=vocab.as_dict(),
+        config=to_dict(cfg),
+        content_buckets=fc.content_buckets,
+        shard=fc.shard,
+        num_shards=fc.num_shards,
+        extra={"data_end": data_end, "calendar": calendar.tolist()},
+    )
+    summary = _summary(arrays, timer, text_stats, label_stats)
+    return Built(arrays, meta, summary)
+
+
+def _program_start(user_ids, user_row, ts, users: pd.DataFrame | None) -> np.ndarray:
+    """program_start from the users table where known, else the user's first event."""
+    first = np.full(len(user_ids), np.iinfo(np.int64).max)
+    np.minimum.at(first, user_row, ts)
+    if users is not None and C.PROGRAM_START in users:
+        known = users.dropna(subset=[C.PROGRAM_START])
+        secs = pd.Series(known[C.PROGRAM_START].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
+        mapped = secs.reindex(user_ids).to_numpy(dtype=np.float64)
+        first = np.where(np.isnan(mapped), first, mapped).astype(np.int64)
+    return first
+
+
+def _offsets(item_user: np.ndarray, n_users: int) -> np.ndarray:
+    return np.searchsorted(item_user, np.arange(n_users + 1)).astype(np.int64)
+
+
+def _group_starts(item_user: np.ndarray) -> np.ndarray:
+    return np.r_[True, item_user[1:] != item_user[:-1]] if len(item_user) else np.zeros(0, bool)
+
+
+def _events_stream(events, etype, user_row, ts, n_users, program_start, vocab: Vocab, fc) -> dict:
+    type_id = vocab.ids("event_types", etype)
+    value = pc.fill_null(events[C.VALUE], np.nan).to_numpy().astype(np.float64)
+    has_value = np.isfinite(value)
+    # Change vs the user's previous value of the same type: a stable sort by (user, type)
+    # keeps time order inside each group.
+    delta = np.zeros(len(value))
+    idx = np.flatnonzero(has_value)
+    order = idx[np.lexsort((type_id[idx], user_row[idx]))]
+    if len(order) > 1:
+        same = (user_row[order][1:] == user_row[order][:-1]) & (type_id[order][1:] == type_id[order][:-1])
+        delta[order[1:][same]] = np.diff(value[order])[same]
+    content = content_buckets(events[C.CONTENT_ID].to_numpy(zero_copy_only=False), fc.content_buckets)
+    day = np.clip((ts - program_start[user_row]) // L.DAY, 0, fc.max_day)
+    return {
+        "_user": user_row, "user_offsets": _offsets(user_row, n_users), "ts": ts, "type_id": type_id,
+        "dt_bucket": tb.dt_buckets(ts, _group_starts(user_row)), "day": day,
+        "value": np.where(has_value, value, 0.0), "value_delta": delta, "has_value": has_value, "content": content,
+    }
+
+
+def _food_stream(events, etype, user_row, ts, n_users, vocab: Vocab) -> dict:
+    sel = np.flatnonzero(etype == C.FOOD_LOG)
+    meals = events[C.FOOD_IDS].take(pa.array(sel)).combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(meals), 0).to_numpy(zero_copy_only=False)
+    raw_foods = pc.list_flatten(meals).to_numpy(zero_copy_only=False)
+    meal_offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=meal_offsets[1:])
+    u = user_row[sel]
+    meal = events[C.MEAL].take(pa.array(sel)).to_numpy(zero_copy_only=False)
+    return {
+        "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
+        "dt_bucket": tb.dt_buckets(ts[sel], _group_starts(u)), "meal": vocab.ids("meals", meal),
+        "meal_offsets": meal_offsets, "food_ids": vocab.ids("foods", raw_foods),
+    }
+
+
+def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tuple[dict, list[str]]:
+    sel = np.flatnonzero(etype == C.MESSAGE)
+    u = user_row[sel]
+    starts = _group_starts(u)
+    first_of_user = np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0)) if len(u) else u
+    sender = events[C.SENDER].take(pa.array(sel)).to_numpy(zero_copy_only=False)
+    texts = events[C.TEXT].take(pa.array(sel)).to_pylist()
+    return {
+        "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
+        "sender": np.where(sender == C.SENDER_USER, 1, 2).astype(np.int8),
+        "msg_no": np.minimum(np.arange(len(u)) - first_of_user + 1, max_msg_no),
+        "dt_bucket": tb.dt_buckets(ts[sel], starts),
+    }, texts
+
+
+def _examples(events, etype, user_ids, user_row, ts, program_start, streams, calendar, data_end, lc, supplied, labels_path):
+    ev_keys = L.row_keys(streams["events"]["_user"], streams["events"]["ts"])
+    label_stats: dict = {}
+    if supplied is not None:
+        s = L.read_supplied_labels(supplied, pd.Index(user_ids), labels_path)
+        ex_user, ex_as_of, label = s.user_row, s.as_of, s.label
+        label_stats["rejected_label_rows"] = s.rejected
+    else:
+        grid_user = np.repeat(np.arange(len(user_ids), dtype=np.int32), len(calendar))
+        grid_as_of = np.tile(calendar, len(user_ids))
+        ex_user, ex_as_of, label = grid_user, grid_as_of, None
+    # Eligible: the program has started and the user has at least one event before as_of.
+    before = L.first_at_or_after(ev_keys, ex_user, ex_as_of) - streams["events"]["user_offsets"][ex_user]
+    eligible = (program_start[ex_user] <= ex_as_of) & (before > 0)
+    label_stats["ineligible_dropped"] = int((~eligible).sum()) if supplied is not None else 0
+    ex_user, ex_as_of = ex_user[eligible], ex_as_of[eligible]
+    if label is None:
+        own = C.is_user_activity(etype, events[C.SENDER].to_numpy(zero_copy_only=False))
+        if lc.activity_types:
+            own &= np.isin(etype, [t.lower() for t in lc.activity_types])
+        label = L.derived_labels(L.row_keys(user_row[own], ts[own]), ts[own], ex_user, ex_as_of, lc)
+        label[ex_as_of + lc.horizon_days * L.DAY > data_end] = UNLABELLED
+    else:
+        label = label[eligible]
+    order = np.lexsort((ex_as_of, ex_user))
+    ex_user, ex_as_of, label = ex_user[order], ex_as_of[order], label[order]
+    examples = {"user_row": ex_user, "as_of": ex_as_of, "label": label}
+    examples["split"] = L.assign_splits(L.user_splits(user_ids, lc), ex_user, ex_as_of, label, lc.oot_cutoffs)
+    for name, s in streams.items():
+        keys = ev_keys if name == "events" else L.row_keys(s["_user"], s["ts"])
+        end = L.first_at_or_after(keys, ex_user, ex_as_of)
+        if lc.lookback_days:
+            start = L.first_at_or_after(keys, ex_user, ex_as_of - lc.lookback_days * L.DAY)
+        else:
+            start = s["user_offsets"][ex_user]
+        examples[f"{name}_start"], examples[f"{name}_end"] = start, end
+    return examples, label_stats
+
+
+def _summary(arrays, timer: Timer, text_stats: dict, label_stats: dict) -> dict:
+    ex = arrays["examples"]
+    per_split = {}
+    for code, name in enumerate(SPLITS):
+        m = ex["split"] == code
+        lab = ex["label"][m]
+        lab = lab[lab != UNLABELLED]
+        per_split[name] = {
+            "examples": int(m.sum()),
+            "users": int(len(np.unique(ex["user_row"][m]))),
+            "label_rate": round(float(lab.mean()), 4) if len(lab) else None,
+        }
+    return {
+        "users": int(len(arrays["users"]["key"])),
+        "examples": int(len(ex["as_of"])),
+        "unlabelled_examples": int((ex["label"] == UNLABELLED).sum()),
+        "splits": per_split,
+        "items": {
+            "events": int(len(arrays["events"]["ts"])),
+            "conversation": int(len(arrays["conversation"]["ts"])),
+            "food_meals": int(len(arrays["food"]["ts"])),
+            "food_items": int(len(arrays["food"]["food_ids"])),
+        },
+        "message_vectors": text_stats,
+        "labels": label_stats,
+        "seconds": timer.steps,
+    }

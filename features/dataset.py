@@ -1,0 +1,175 @@
+"""Examples from one or more feature files -> padded, batch-first tensors.
+
+`FeatureDataset[i]` slices example i's items out of flat in-memory arrays (the whole store
+is read with one HDF5 read per dataset, lazily in each process, so DataLoader workers each
+open the file themselves) and keeps the most recent `max_len` items per stream.
+`collate` pads them into the batch contract below. Padding masks are bool, True = padding.
+
+    label (B,) f32 | presence (B, 3) f32 | example (B,) i64
+    conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
+    food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
+    events:       type_id, day, content, dt_bucket, recency, position (B,T) i64;
+                  value, value_delta (signed log1p), has_value (B,T) f32
+    every stream: padding_mask (B,T) bool; T >= 1 even when the whole batch has no items
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from features import timebuckets as tb
+from features.labels import unit_hash
+from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, read_meta
+from pipeline.config import ModelConfig
+
+CATEGORICAL = {
+    "conversation": ("sender", "msg_no", "dt_bucket", "recency", "position"),
+    "food": ("meal", "dt_bucket", "recency", "position"),
+    "events": ("type_id", "day", "content", "dt_bucket", "recency", "position"),
+}
+CONTINUOUS = {"conversation": (), "food": (), "events": ("value", "value_delta", "has_value")}
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """A scale for values of any unit (kg, minutes, counts) that needs no statistics of the
+    data, so no example's inputs depend on other (possibly later) events."""
+    return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
+
+
+def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
+    """The model config with vocabulary sizes and text width taken from the store."""
+    extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"]}
+    return replace(model, **meta.sizes(), **extra)
+
+
+class FeatureDataset(Dataset):
+    def __init__(self, files: str | Path | list, model: ModelConfig, indices: np.ndarray | None = None):
+        """files: one feature file or a list of shard files read as one dataset.
+        model: supplies max lengths and the vocabulary sizes ids are clamped to.
+        indices: global example rows to use (see `select`); default all."""
+        self.files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        self.model = model
+        self.meta = read_meta(self.files[0])
+        ex = [load_arrays(f, ("examples", "users"))[0] for f in self.files]
+        self.file_of = np.concatenate([np.full(len(e["examples"]["as_of"]), i) for i, e in enumerate(ex)])
+        self.examples = {k: np.concatenate([e["examples"][k] for e in ex]) for k in ex[0]["examples"]}
+        self.user_key = np.concatenate([e["users"]["key"][e["examples"]["user_row"]] for e in ex])
+        self.indices = np.arange(len(self.file_of)) if indices is None else np.asarray(indices)
+        self._arrays: list | None = None  # loaded lazily, once per process
+
+    def select(self, splits=SPLITS, labelled: bool = True, user_fraction: float = 1.0, salt: str = "fraction") -> np.ndarray:
+        """Global example rows in `splits`; optionally only labelled ones and only a hashed
+        share of users (the same users at every fraction <= f, for label-fraction runs)."""
+        ex = self.examples
+        keep = np.isin(ex["split"], [SPLITS.index(s) for s in splits])
+        if labelled:
+            keep &= ex["label"] != UNLABELLED
+        if user_fraction < 1.0:
+            keep &= unit_hash(self.user_key, salt) < user_fraction
+        return np.flatnonzero(keep)
+
+    def subset(self, indices: np.ndarray) -> FeatureDataset:
+        new = object.__new__(FeatureDataset)
+        new.__dict__.update(self.__dict__)
+        new.indices = np.asarray(indices)
+        return new
+
+    def labels(self) -> np.ndarray:
+        return self.examples["label"][self.indices].astype(np.float32)
+
+    def _load(self) -> list:
+        if self._arrays is None:
+            self._arrays = [load_arrays(f, STREAMS)[0] for f in self.files]
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        g = int(self.indices[i])
+        arrays = self._load()[self.file_of[g]]
+        e = {k: v[g] for k, v in self.examples.items()}
+        as_of = e["as_of"]
+        item = {"label": float(e["label"]), "example": g}
+        presence = []
+        for s in STREAMS:
+            lo, hi = int(e[f"{s}_start"]), int(e[f"{s}_end"])
+            presence.append(float(hi > lo))
+            lo = max(lo, hi - getattr(self.model, f"max_len_{s}"))
+            a = arrays[s]
+            n = hi - lo
+            out = {
+                "dt_bucket": a["dt_bucket"][lo:hi],
+                "recency": tb.bucketize(as_of - a["ts"][lo:hi]),
+                "position": np.arange(n, 0, -1),  # 1 = most recent
+            }
+            if s == "conversation":
+                out |= {"embedding": a["embedding"][lo:hi], "sender": a["sender"][lo:hi],
+                        "msg_no": np.minimum(a["msg_no"][lo:hi], self.model.max_msg_no)}
+            elif s == "food":
+                out |= {"meal": self._clamp(a["meal"][lo:hi], self.model.n_meals),
+                        "foods": self._meal_foods(a, lo, hi)}
+            else:
+                t = self._clamp(a["type_id"][lo:hi], self.model.n_event_types)
+                has = a["has_value"][lo:hi].astype(np.float32)
+                out |= {
+                    "type_id": t,
+                    "day": np.minimum(a["day"][lo:hi], self.model.max_day) + 1,
+                    "content": self._clamp(a["content"][lo:hi], self.model.n_content),
+                    "value": signed_log1p(a["value"][lo:hi]) * has,
+                    "value_delta": signed_log1p(a["value_delta"][lo:hi]) * has,
+                    "has_value": has,
+                }
+            item[s] = out
+        item["presence"] = presence
+        return item
+
+    def _meal_foods(self, a: dict, lo: int, hi: int) -> list[np.ndarray]:
+        m = self.model.max_foods_per_meal
+        offsets = a["meal_offsets"][lo : hi + 1]
+        foods = a["food_ids"]
+        return [self._clamp(foods[offsets[j] : min(offsets[j + 1], offsets[j] + m)], self.model.n_foods) for j in range(hi - lo)]
+
+    @staticmethod
+    def _clamp(ids: np.ndarray, size: int) -> np.ndarray:
+        """Ids the model has no row for (tokens added to the vocabulary after it was
+        trained) read as unknown (1)."""
+        return np.where(ids >= size, 1, ids) if size else ids
+
+
+def collate(items: list[dict]) -> dict:
+    """Pad a list of `FeatureDataset` items into the batch contract (module docstring)."""
+    B = len(items)
+    batch: dict = {
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
+        "example": torch.tensor([it["example"] for it in items], dtype=torch.int64),
+        "presence": torch.tensor([it["presence"] for it in items], dtype=torch.float32),
+    }
+    for s in STREAMS:
+        lengths = [len(it[s]["position"]) for it in items]
+        T = max(1, max(lengths))
+        out = {k: np.zeros((B, T), np.int64) for k in CATEGORICAL[s]}
+        out |= {k: np.zeros((B, T), np.float32) for k in CONTINUOUS[s]}
+        if s == "conversation":
+            E = items[0][s]["embedding"].shape[1]
+            out["embedding"] = np.zeros((B, T, E), np.float32)
+        if s == "food":
+            M = max([1] + [len(f) for it in items for f in it[s]["foods"]])
+            out["food_ids"] = np.zeros((B, T, M), np.int64)
+        for b, it in enumerate(items):
+            n = lengths[b]
+            for k in CATEGORICAL[s] + CONTINUOUS[s]:
+                out[k][b, :n] = it[s][k]
+            if s == "conversation":
+                out["embedding"][b, :n] = it[s]["embedding"]
+            if s == "food":
+                for j, f in enumerate(it[s]["foods"]):
+                    out["food_ids"][b, j, : len(f)] = f
+        mask = np.arange(T)[None, :] >= np.array(lengths)[:, None]  # (B, T) True = padding
+        batch[s] = {k: torch.from_numpy(v) for k, v in out.items()} | {"padding_mask": torch.from_numpy(mask)}
+    return batch

@@ -1,0 +1,131 @@
+"""Vectorised parsers that turn raw columns into the contract's normalised types.
+
+Each returns the parsed values plus a boolean array of rows that could not be parsed,
+so validation can quarantine them with a reason instead of failing the whole file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+EARLIEST_TS = pd.Timestamp("1990-01-01", tz="UTC")
+_INT_RE = r"^\s*\d+\s*$"
+
+
+def clean_strings(col: pd.Series, lower: bool = False) -> pd.Series:
+    """Any column -> arrow-backed strings, stripped, with "" turned into missing."""
+    if isinstance(col.dtype, pd.StringDtype):
+        s = col
+    else:
+        # Integer-valued floats (CSV/parquet ids like 42.0) print as "42", not "42.0".
+        if pd.api.types.is_float_dtype(col):
+            as_int = col.where(col.isna() | (col % 1 != 0), col.round().astype("Int64").astype(object))
+            col = as_int
+        s = col.astype(object).where(col.notna(), None).astype(pd.StringDtype("pyarrow"))
+    s = s.str.strip()
+    if lower:
+        s = s.str.lower()
+    return s.mask(s == "")
+
+
+def parse_timestamps(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """ISO-8601 strings (any offset; naive means UTC), epoch seconds, or datetimes -> UTC.
+
+    Returns (datetime64[us, UTC] series with NaT where unparseable, bad mask). Rows that were
+    missing to begin with are NaT and flagged bad too."""
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        out = col.dt.tz_convert("UTC")
+    elif pd.api.types.is_datetime64_dtype(col):
+        out = col.dt.tz_localize("UTC")
+    elif pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        out = _from_epoch(col.astype("float64"))
+    else:
+        s = clean_strings(col)
+        numeric = pd.to_numeric(s, errors="coerce")
+        is_num = numeric.notna().to_numpy()
+        out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[us, UTC]")
+        if is_num.any():
+            out[is_num] = _from_epoch(numeric[is_num].astype("float64"))
+        rest = ~is_num & s.notna().to_numpy()
+        if rest.any():
+            parsed = pd.to_datetime(s[rest], format="ISO8601", utc=True, errors="coerce")
+            out[rest] = parsed.astype("datetime64[us, UTC]")
+    out = out.astype("datetime64[us, UTC]")
+    bad = out.isna().to_numpy() | (out < EARLIEST_TS).to_numpy()
+    return out, bad
+
+
+def _from_epoch(seconds: pd.Series) -> pd.Series:
+    finite = np.isfinite(seconds.to_numpy()) & (seconds.abs() < 1e12).to_numpy()  # year < 33658
+    micro = (seconds.where(finite) * 1e6).round()
+    return pd.to_datetime(micro, unit="us", utc=True)
+
+
+def parse_food_ids(col: pd.Series) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
+    """list[int] per row or a "12|55|9" string -> list<int64>.
+
+    Returns (lists, empty mask: no foods at all, bad mask: some id is not a non-negative
+    integer). Null rows count as empty."""
+    n = len(col)
+    if isinstance(col.dtype, pd.ArrowDtype) and pa.types.is_list(col.dtype.pyarrow_dtype):
+        arr = pa.chunked_array(pa.array(col.array)).combine_chunks()
+    elif isinstance(col.dtype, pd.StringDtype) or (col.dtype == object and _mostly_strings(col)):
+        strings = clean_strings(col)
+        arr = pc.split_pattern(pa.array(strings, type=pa.string(), from_pandas=True), "|")
+    else:
+        values = col.astype(object).where(col.notna(), None)
+        values = [v if v is None or isinstance(v, (list, np.ndarray)) else [v] for v in values]
+        arr = pa.array(values, from_pandas=True)
+        if not pa.types.is_list(arr.type):  # a column of scalars or all nulls
+            arr = pa.array([None] * n, pa.list_(pa.int64()))
+    arr = arr.cast(pa.list_(arr.type.value_type)) if pa.types.is_large_list(arr.type) else arr
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(arr)
+    parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+    ints, bad_item = _as_non_negative_ints(flat)
+    bad = np.zeros(n, dtype=bool)
+    if bad_item.any():
+        bad[np.unique(parents[bad_item])] = True
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ints, pa.int64()))
+    return lists, lengths == 0, bad
+
+
+def _mostly_strings(col: pd.Series) -> bool:
+    first = col.dropna().head(100)
+    return len(first) > 0 and all(isinstance(v, str) for v in first)
+
+
+def _as_non_negative_ints(flat: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    t = flat.type
+    if pa.types.is_integer(t):
+        v = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return np.where(v < 0, 0, v), v < 0
+    if pa.types.is_floating(t):
+        v = pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False)
+        ok = np.isfinite(v) & (v >= 0) & (np.floor(v) == v)
+        return np.where(ok, v, 0).astype(np.int64), ~ok
+    s = pc.cast(flat, pa.string()) if not pa.types.is_string(t) else flat
+    ok = pc.fill_null(pc.match_substring_regex(s, _INT_RE), False).to_numpy(zero_copy_only=False)
+    v = np.zeros(len(s), dtype=np.int64)
+    if ok.any():
+        v[ok] = pc.cast(pc.utf8_trim_whitespace(s.filter(pa.array(ok))), pa.int64()).to_numpy()
+    return v, ~ok
+
+
+def parse_numbers(col: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """Any column -> float64. Returns (values, present mask, bad mask: present but not a
+    finite number)."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        values = col.astype("float64")
+        present = col.notna().to_numpy()
+    else:
+        s = clean_strings(col)
+        present = s.notna().to_numpy()
+        values = pd.to_numeric(s, errors="coerce").astype("float64")
+    v = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = present & ~np.isfinite(v)
+    return pd.Series(np.where(bad, np.nan, v), index=col.index), present, bad

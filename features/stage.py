@@ -1,0 +1,114 @@
+"""The `features` stage: validate (when the input changed), build, write the HDF5 store and
+its JSON manifest atomically, print a summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from features import validate as V
+from features.build import build_features
+from features.io import fingerprint, read_table, write_text_atomic
+from features.store import write_store
+from features.text_vectors import TextEncoder, embed_messages
+from features.vocab import Vocab
+from pipeline.config import Config, save_config
+from pipeline.paths import Paths
+from pipeline.sources import ensure_raw
+
+log = logging.getLogger(__name__)
+
+
+def ensure_validated(cfg: Config) -> Path:
+    """The folder of validated events for `data.events`: the input itself when it already
+    is one, the cached <workdir>/validated when its source fingerprint still matches,
+    else a fresh validation."""
+    ensure_raw(cfg)
+    given = Path(cfg.data.events)
+    if given.is_dir() and (given / V.REPORT).exists():
+        return given
+    out = Paths.of(cfg).validated
+    report = out / V.REPORT
+    if report.exists() and (out / V.EVENTS).exists():
+        old = json.loads(report.read_text())
+        sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+        same_source = old.get("source") == {"events": cfg.data.events, "users": cfg.data.users}
+        if same_source and old.get("source_fingerprint") == fingerprint(sources):
+            log.info("validated events are up to date: %s", out)
+            return out
+    return V.validate_stage(cfg, out)
+
+
+def output_path(cfg: Config) -> Path:
+    paths = Paths.of(cfg)
+    if cfg.features.shard is None:
+        return paths.feature_file
+    return paths.shard_feature_file(cfg.features.shard, cfg.features.num_shards)
+
+
+def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
+    """Build <workdir>/features/features.h5 (or a shard file) from `data.events`."""
+    paths = Paths.of(cfg)
+    vdir = ensure_validated(cfg)
+    report = json.loads((vdir / V.REPORT).read_text())
+    events = pq.read_table(vdir / V.EVENTS)
+    users = read_table(vdir / V.USERS, "users") if (vdir / V.USERS).exists() else None
+    labels = read_table(cfg.data.labels, "labels") if cfg.data.labels else None
+
+    fc = cfg.features
+    has_messages = bool(pc.any(pc.equal(events["event_type"], "message")).as_py())
+    if has_messages:  # data without messages (e.g. KDD Cup) needs no text encoder
+        encoder = encoder or TextEncoder.load(fc.text_encoder, fc.text_device)
+
+    def embed(texts):
+        return embed_messages(texts, encoder, paths.text_cache, fc.pseudonym_key, fc.text_batch_size, fc.text_max_tokens)
+
+    vocab_path = paths.features / "vocab.json"
+    vocab = Vocab.load(vocab_path)
+    built = build_features(
+        events, users, cfg, embed if has_messages else None,
+        encoder.dim if has_messages else 0, encoder.identity if has_messages else "none", vocab, labels,
+        source_fingerprint=report["source_fingerprint"],
+    )
+    out = output_path(cfg)
+    write_store(out, built.arrays, built.meta)
+    vocab.save(vocab_path)
+    manifest = {
+        "feature_file": str(out),
+        "schema_version": built.meta.schema_version,
+        "created_at": built.meta.created_at,
+        "source_fingerprint": built.meta.source_fingerprint,
+        "text_encoder": built.meta.text_encoder,
+        "validation": {k: report[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "reasons")},
+        **built.summary,
+    }
+    write_text_atomic(json.dumps(manifest, indent=2), out.with_suffix(".json"))
+    save_config(cfg, out.parent)
+    print_summary(manifest)
+    return out
+
+
+def print_summary(m: dict) -> None:
+    v = m["validation"]
+    lines = [
+        f"feature store {m['feature_file']}",
+        f"  rows in {v['rows_in']:,} = accepted {v['accepted']:,} + duplicates {v['duplicates']:,}"
+        f" + quarantined {v['quarantined']:,} {v['reasons'] or ''}",
+        f"  users {m['users']:,}  examples {m['examples']:,} (unlabelled {m['unlabelled_examples']:,})",
+        "  items: " + ", ".join(f"{k} {n:,}" for k, n in m["items"].items()),
+    ]
+    for name, s in m["splits"].items():
+        rate = "-" if s["label_rate"] is None else f"{s['label_rate']:.3f}"
+        lines.append(f"  {name:<5} examples {s['examples']:>7,}  users {s['users']:>6,}  engaged rate {rate}")
+    mv = m["message_vectors"]
+    if mv:
+        lines.append(
+            f"  message vectors: {mv['messages']:,} messages, {mv['unique']:,} distinct, "
+            f"{mv['cached']:,} from cache, {mv['encoded']:,} encoded in {mv['seconds']}s"
+        )
+    lines.append("  seconds per step: " + ", ".join(f"{k} {s}" for k, s in m["seconds"].items()))
+    print("\n".join(lines))

@@ -1,0 +1,143 @@
+"""The HDF5 feature store (DESIGN.md §4): the one place that names its groups, datasets and
+attributes, writes it atomically and reads it back with a schema check.
+
+Ragged sequences are stored flat with offsets (CSR). Per stream, items are sorted by
+(user row, ts) and `user_offsets[u]:user_offsets[u+1]` are user u's items. Each example
+stores, per stream, the [start, end) item range it may see (end = first item at/after
+as_of), so a loader slices and nothing is copied per cutoff.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from features.io import atomic_path
+from pipeline.errors import UserError
+
+SCHEMA_VERSION = 1
+
+STREAMS = ("conversation", "food", "events")
+SPLITS = ("train", "val", "test", "oot")  # split codes 0..3; oot = out-of-time test
+UNLABELLED = -1  # label of an example whose horizon is not yet observed (scoring)
+
+# Datasets per group; dtypes are the on-disk types.
+LAYOUT: dict[str, dict[str, str]] = {
+    "users": {"key": "S16", "program_start": "i8"},
+    "conversation": {
+        "user_offsets": "i8", "ts": "i8", "embedding": "f2", "sender": "i1",
+        "msg_no": "i4", "dt_bucket": "i2",
+    },
+    "food": {
+        "user_offsets": "i8", "ts": "i8", "dt_bucket": "i2", "meal": "i2",
+        "meal_offsets": "i8", "food_ids": "i4",
+    },
+    "events": {
+        "user_offsets": "i8", "ts": "i8", "type_id": "i2", "dt_bucket": "i2", "day": "i4",
+        "value": "f4", "value_delta": "f4", "has_value": "i1", "content": "i4",
+    },
+    "examples": {
+        "user_row": "i4", "as_of": "i8", "label": "i1", "split": "i1",
+        **{f"{s}_{end}": "i8" for s in STREAMS for end in ("start", "end")},
+    },
+}
+
+
+@dataclass
+class StoreMeta:
+    """The store's attributes: what a model needs to size itself and what a reader checks."""
+
+    schema_version: int
+    created_at: str
+    source_fingerprint: str
+    text_encoder: str
+    text_dim: int
+    dt_edges: list[float]
+    vocab: dict[str, list[Any]]  # event_types, senders, meals, foods (raw ids), index = id - 2
+    config: dict[str, Any]
+    content_buckets: int
+    shard: int | None = None
+    num_shards: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Vocabulary sizes including padding (0) and unknown (1)."""
+        return {
+            "text_dim": self.text_dim,
+            "n_event_types": len(self.vocab["event_types"]) + 2,
+            "n_foods": len(self.vocab["foods"]) + 2,
+            "n_meals": len(self.vocab["meals"]) + 2,
+            "n_senders": 3,  # pad, user, coach
+            "n_dt_buckets": len(self.dt_edges) + 3,
+            "n_content": self.content_buckets + 2,
+        }
+
+
+def write_store(path: str | Path, arrays: dict[str, dict[str, np.ndarray]], meta: StoreMeta) -> Path:
+    """Write every group of LAYOUT plus attributes to a temp file, then rename over `path`."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for group, fields in LAYOUT.items():
+                g = f.create_group(group)
+                for name, dtype in fields.items():
+                    data = np.asarray(arrays[group][name]).astype(dtype, copy=False)
+                    chunks = True if data.size else None
+                    g.create_dataset(name, data=data, chunks=chunks)
+            for key, value in meta.__dict__.items():
+                f.attrs[key] = json.dumps(value)
+    return path
+
+
+def read_meta(path: str | Path) -> StoreMeta:
+    with open_store(path) as f:
+        return _meta(f, path)
+
+
+def open_store(path: str | Path) -> h5py.File:
+    """Open read-only, with clear errors for a missing, truncated or foreign file and a
+    schema-version mismatch."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: feature file does not exist; run `make features` first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(
+            f"{path}: not a readable HDF5 feature file ({str(e).splitlines()[0]}); it may be "
+            "truncated or corrupt: delete it and run `make features` again"
+        ) from None
+    try:
+        version = json.loads(f.attrs["schema_version"])
+    except KeyError:
+        f.close()
+        raise UserError(f"{path}: not a feature store (no schema_version); run `make features`") from None
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise UserError(
+            f"{path}: feature store schema version {version}, this code reads version "
+            f"{SCHEMA_VERSION}; rebuild it with `make features`"
+        )
+    return f
+
+
+def _meta(f: h5py.File, path) -> StoreMeta:
+    values = {k: json.loads(v) for k, v in f.attrs.items()}
+    return StoreMeta(**values)
+
+
+def load_arrays(path: str | Path, groups=tuple(LAYOUT)) -> tuple[dict[str, dict[str, np.ndarray]], StoreMeta]:
+    """Read whole groups into memory (one read per dataset, never one per item)."""
+    with open_store(path) as f:
+        try:
+            arrays = {g: {name: f[g][name][()] for name in LAYOUT[g]} for g in groups}
+        except (KeyError, OSError) as e:
+            raise UserError(
+                f"{path}: feature file is incomplete or corrupt ({e}); run `make features` again"
+            ) from None
+        return arrays, _meta(f, path)

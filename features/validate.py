@@ -1,0 +1,209 @@
+"""Validate raw events against the contract (DESIGN.md §2), vectorised.
+
+Nothing is dropped silently: every rejected row goes to the quarantine with the first
+reason code that applies (see `contract.REASONS`), exact duplicates among the accepted
+rows are removed and counted, and `rows_in == accepted + duplicates + quarantined`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from features import contract as C
+from features.io import (
+    fingerprint,
+    read_table,
+    require_columns,
+    write_parquet_atomic,
+    write_text_atomic,
+)
+from features.normalise import clean_strings, parse_food_ids, parse_numbers, parse_timestamps
+from pipeline.config import Config, DataConfig, save_config
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+REPORT = "validation.json"
+EVENTS = "events.parquet"
+USERS = "users.parquet"
+QUARANTINE = "quarantine.parquet"
+
+
+@dataclass
+class ValidationResult:
+    events: pa.Table  # accepted rows in contract.NORMALISED_SCHEMA, sorted by (user_id, ts)
+    quarantine: pd.DataFrame  # rejected rows as they came in + reason + provenance
+    report: dict
+
+
+def validate_events(
+    raw: pd.DataFrame,
+    data: DataConfig,
+    users: pd.DataFrame | None = None,
+    now: pd.Timestamp | None = None,
+) -> ValidationResult:
+    """Check every row; returns accepted events, the quarantine and the counts."""
+    require_columns(raw, C.REQUIRED_COLUMNS, data.events, "events")
+    n = len(raw)
+    col = {c: raw[c] if c in raw.columns else pd.Series([None] * n, index=raw.index) for c in C.ALL_COLUMNS}
+
+    user_id = clean_strings(col[C.USER_ID])
+    ts, bad_ts = parse_timestamps(col[C.TS])
+    event_type = clean_strings(col[C.EVENT_TYPE], lower=True)
+    sender = clean_strings(col[C.SENDER], lower=True)
+    text = clean_strings(col[C.TEXT])
+    meal = clean_strings(col[C.MEAL], lower=True)
+    content = clean_strings(col[C.CONTENT_ID])
+    value, has_value, bad_value = parse_numbers(col[C.VALUE])
+    is_food = (event_type == C.FOOD_LOG).fillna(False).to_numpy()
+    food_ids, no_foods, bad_foods = parse_food_ids(col[C.FOOD_IDS])
+
+    now = now or pd.Timestamp.now(tz="UTC")
+    etype = event_type.fillna("")
+    is_msg = (etype == C.MESSAGE).to_numpy()
+    is_weigh = (etype == C.WEIGH_IN).to_numpy()
+    checks: list[tuple[str, np.ndarray]] = [
+        ("missing_user_id", user_id.isna().to_numpy()),
+        ("unknown_user", _unknown_users(user_id, users)),
+        ("bad_timestamp", bad_ts),
+        ("future_timestamp", (ts > now + pd.Timedelta(days=data.max_future_days)).fillna(False).to_numpy()),
+        ("missing_event_type", event_type.isna().to_numpy()),
+        ("invalid_event_type", ~etype.str.match(C.EVENT_TYPE_PATTERN).fillna(False).to_numpy()),
+        ("unknown_event_type", _not_allowed(etype, data.allowed_event_types)),
+        ("message_missing_text", is_msg & text.isna().to_numpy()),
+        ("message_unknown_sender", is_msg & ~sender.isin(C.SENDERS).fillna(False).to_numpy()),
+        ("food_log_no_foods", is_food & no_foods),
+        ("food_log_bad_food_ids", is_food & bad_foods),
+        ("weigh_in_missing_value", is_weigh & ~has_value),
+        ("bad_value", bad_value),
+        (
+            "weigh_in_impossible_value",
+            is_weigh & ((value < data.min_weight_kg) | (value > data.max_weight_kg)).to_numpy(),
+        ),
+    ]
+    reason = np.full(n, -1, dtype=np.int16)
+    for i, (_, mask) in enumerate(checks):
+        reason[(reason < 0) & mask] = i
+    ok = reason < 0
+
+    events = pd.DataFrame(
+        {
+            C.USER_ID: user_id,
+            C.TS: ts,
+            C.EVENT_TYPE: event_type,
+            C.SENDER: sender.where(is_msg),  # sender only means something on messages
+            C.TEXT: text.where(is_msg),
+            C.MEAL: meal.where(is_food),
+            C.VALUE: value,
+            C.CONTENT_ID: content,
+        }
+    )[ok]
+    events[C.FOOD_IDS] = pd.Series(pd.arrays.ArrowExtensionArray(food_ids), index=raw.index)[ok]
+    events.loc[~is_food[ok], C.FOOD_IDS] = None
+    # Exact duplicates: the same normalised row twice (food lists compared as text).
+    key = events.assign(**{C.FOOD_IDS: events[C.FOOD_IDS].astype("string")})
+    dup = key.duplicated(keep="first").to_numpy()
+    events = events[~dup].sort_values([C.USER_ID, C.TS], kind="stable")
+    table = pa.Table.from_pandas(
+        events[list(C.NORMALISED_SCHEMA.names)], schema=C.NORMALISED_SCHEMA, preserve_index=False
+    ).replace_schema_metadata(None)  # plain Arrow types; no pandas dtype metadata to trip readers
+
+    names = [name for name, _ in checks]
+    quarantine = _quarantine_frame(raw[~ok], [names[i] for i in reason[~ok]])
+    counts = pd.Series([names[i] for i in reason[~ok]], dtype=object).value_counts()
+    report = {
+        "rows_in": int(n),
+        "accepted": int(table.num_rows),
+        "duplicates": int(dup.sum()),
+        "quarantined": int((~ok).sum()),
+        "reasons": {k: int(v) for k, v in counts.items()},
+        "users": int(events[C.USER_ID].nunique()),
+        "event_types": {k: int(v) for k, v in events[C.EVENT_TYPE].value_counts().items()},
+        "ts_min": str(events[C.TS].min()) if len(events) else None,
+        "ts_max": str(events[C.TS].max()) if len(events) else None,
+    }
+    assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
+    return ValidationResult(table, quarantine, report)
+
+
+def _unknown_users(user_id: pd.Series, users: pd.DataFrame | None) -> np.ndarray:
+    if users is None:
+        return np.zeros(len(user_id), dtype=bool)
+    return (~user_id.isin(users[C.USER_ID])).to_numpy() & user_id.notna().to_numpy()
+
+
+def _not_allowed(etype: pd.Series, allowed: list[str] | None) -> np.ndarray:
+    if not allowed:
+        return np.zeros(len(etype), dtype=bool)
+    return ~etype.isin([a.strip().lower() for a in allowed]).to_numpy()
+
+
+def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFrame:
+    """Rejected rows as they came in; columns of mixed Python types become text so any
+    input can be written to Parquet."""
+    out = rejected.copy()
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(lambda v: None if v is None else str(v)).astype("string")
+    out[C.QUARANTINE_REASON] = pd.Series(reasons, index=out.index, dtype="string")
+    return out.reset_index(drop=True)
+
+
+def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
+    """users side table -> (user_id, program_start UTC or NaT). Duplicate ids keep the first."""
+    require_columns(raw, [C.USER_ID], path, "users")
+    users = pd.DataFrame({C.USER_ID: clean_strings(raw[C.USER_ID])})
+    if C.PROGRAM_START in raw.columns:
+        users[C.PROGRAM_START], _ = parse_timestamps(raw[C.PROGRAM_START])
+    else:
+        users[C.PROGRAM_START] = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[us, UTC]")
+    users = users.dropna(subset=[C.USER_ID]).drop_duplicates(C.USER_ID, keep="first")
+    return users.reset_index(drop=True)
+
+
+def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | None = None) -> Path:
+    """Read `data.events` (+ `data.users`), validate, write the accepted events,
+    quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
+    from pipeline.paths import Paths
+
+    out = Path(out) if out else Paths.of(cfg).validated
+    started = time.perf_counter()
+    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+    raw = read_table(cfg.data.events, "events", provenance=True)
+    require_columns(raw, C.REQUIRED_COLUMNS, cfg.data.events, "events")
+    users = normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
+    # Extra columns (here the provenance) pass through to the quarantine untouched.
+    result = validate_events(raw, cfg.data, users, now)
+    report = result.report | {
+        "source": {"events": cfg.data.events, "users": cfg.data.users},
+        "source_fingerprint": fingerprint(sources),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if report["accepted"] == 0:
+        top = max(report["reasons"], key=report["reasons"].get)
+        raise UserError(
+            f"{cfg.data.events}: no row passed validation; most rows fail with {top!r} "
+            f"({C.REASONS[top]}); see README 'Event contract'"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(result.events, out / EVENTS)
+    write_parquet_atomic(result.quarantine, out / QUARANTINE)
+    if users is not None:
+        write_parquet_atomic(users, out / USERS)
+    elif (out / USERS).exists():
+        (out / USERS).unlink()
+    write_text_atomic(json.dumps(report, indent=2), out / REPORT)
+    save_config(cfg, out)
+    log.info(
+        "validated %s: %d rows in = %d accepted + %d duplicates + %d quarantined %s (%.1fs) -> %s",
+        cfg.data.events, report["rows_in"], report["accepted"], report["duplicates"],
+        report["quarantined"], report["reasons"] or "", report["seconds"], out,
+    )
+    return out

@@ -1,0 +1,105 @@
+"""Vocabularies and hashed ids.
+
+Ids: 0 = padding, 1 = unknown, 2.. = tokens in vocabulary order. Vocabularies are
+append-only and persisted next to the feature file, so a token keeps its id across
+rebuilds and a model trained on last week's build reads this week's correctly; a token a
+model has never seen maps to 1 (unknown)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features import contract as C
+from features.io import read_table, write_text_atomic
+
+PAD, UNKNOWN, FIRST = 0, 1, 2
+KINDS = ("event_types", "meals", "foods")
+
+
+class Vocab:
+    def __init__(self, tokens: dict[str, list] | None = None):
+        tokens = tokens or {}
+        self.tokens: dict[str, list] = {
+            "event_types": list(tokens.get("event_types", C.CORE_EVENT_TYPES)),
+            "meals": list(tokens.get("meals", C.MEALS)),
+            "foods": [int(f) for f in tokens.get("foods", [])],
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        path = Path(path)
+        return cls(json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(json.dumps(self.tokens), path)
+
+    def as_dict(self) -> dict[str, list]:
+        return {k: list(v) for k, v in self.tokens.items()}
+
+    def _append(self, kind: str, tokens: list) -> None:
+        known = set(self.tokens[kind])
+        self.tokens[kind] += [t for t in dict.fromkeys(tokens) if t not in known]
+
+    def extend(self, events: pa.Table, foods_path: str | None = None) -> None:
+        """Append tokens not yet known: the foods side table's ids first (a static order),
+        then tokens in order of their first appearance in time. Later data can therefore
+        only append, never renumber what earlier data produced (no id depends on the future)."""
+        if foods_path:
+            catalog = read_table(foods_path, "foods")
+            if C.FOOD_ID in catalog:
+                ids = pd.to_numeric(catalog[C.FOOD_ID], errors="coerce").dropna().astype(int)
+                self._append("foods", ids.sort_values().tolist())
+        ts = events[C.TS]
+        self._append("event_types", _by_first_seen(events[C.EVENT_TYPE], ts))
+        self._append("meals", _by_first_seen(events[C.MEAL], ts))
+        foods = events[C.FOOD_IDS]
+        parents = pc.list_parent_indices(foods)
+        self._append("foods", [int(f) for f in _by_first_seen(pc.list_flatten(foods), ts.take(parents))])
+
+    def ids(self, kind: str, values: np.ndarray) -> np.ndarray:
+        """Vectorised token -> id; missing values -> UNKNOWN."""
+        index = pd.Index(self.tokens[kind])
+        pos = index.get_indexer(pd.Index(values))
+        return np.where(pos < 0, UNKNOWN, pos + FIRST).astype(np.int32)
+
+
+def _by_first_seen(tokens: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> list:
+    """Distinct non-null tokens ordered by their earliest timestamp (ties by token)."""
+    df = pd.DataFrame({"tok": tokens.to_numpy(zero_copy_only=False), "ts": ts.to_numpy(zero_copy_only=False)})
+    first = df.dropna(subset=["tok"]).groupby("tok", sort=False)["ts"].min()
+    return first.reset_index().sort_values(["ts", "tok"], kind="stable")["tok"].tolist()
+
+
+def _digest_int(value: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}\x00{value}".encode(), digest_size=8).digest(), "little")
+
+
+def content_buckets(content_ids: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Content id -> 2 + hash % n_buckets (1 where absent). Hashes each distinct id once."""
+    codes, uniques = pd.factorize(pd.Series(content_ids), use_na_sentinel=True)
+    bucket = np.array([FIRST + _digest_int(str(u), "content") % n_buckets for u in uniques], dtype=np.int32)
+    return np.where(codes < 0, UNKNOWN, bucket[np.maximum(codes, 0)] if len(bucket) else UNKNOWN).astype(np.int32)
+
+
+def pseudonyms(user_ids: np.ndarray, key: str) -> np.ndarray:
+    """Keyed hash of each user id (16 bytes): artifacts never carry raw ids; the same key
+    maps them back for the team that holds it."""
+    k = key.encode()[:64]
+    return np.array(
+        [hashlib.blake2b(str(u).encode(), digest_size=8, key=k).hexdigest().encode() for u in user_ids],
+        dtype="S16",
+    )
+
+
+def shard_of(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard of each user: a hash independent of the split hash."""
+    uniques, inverse = np.unique(user_ids, return_inverse=True)
+    shard = np.array([_digest_int(str(u), "shard") % num_shards for u in uniques], dtype=np.int64)
+    return shard[inverse]
