@@ -23,6 +23,7 @@ class SimConfig:
     start_date: str = "2026-01-05"  # a Monday; cutoffs fall on Mondays at 00:00 UTC
     truth_samples: int = 256  # Monte-Carlo replicates per (user, cutoff) for p_engaged
     dirty_fraction: float = 0.0  # share of deliberately bad rows appended (shows the quarantine)
+    dirty_fraction: float = 0.0  # share of deliberately bad rows appended (shows the quarantine)
 
 
 @dataclass

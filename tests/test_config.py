@@ -8,7 +8,7 @@ from pipeline.errors import UserError
 def test_yaml_defaults_chain_and_overrides_merge():
     cfg = load_config("configs/test.yaml", ["model.d_model=24", "labels.oot_cutoffs=3"])
     assert cfg.name == "test"  # test.yaml overrides demo.yaml
-    assert cfg.sim.users == 40
+    assert cfg.sim.users == 60
     assert cfg.features.text_encoder == "minilm"  # inherited from demo.yaml
     assert cfg.model.d_model == 24 and cfg.labels.oot_cutoffs == 3
     assert cfg.data.events == "data/test/raw/events.parquet"  # ${workdir} interpolation

@@ -1,0 +1,186 @@
+"""Run the simulator: days -> hidden history -> events, side tables and ground truth.
+
+`simulate(sim)` returns the tables as DataFrames; `simulate_to_dir` writes them as Parquet
+(events, users, foods, truth) and logs a one-paragraph summary. Hidden traits and life
+events never reach the files: `users.parquet` holds only user_id and program_start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from features.contract import AS_OF, PROGRAM_START, USER_ID
+from pipeline.config import Config, SimConfig, save_config
+from pipeline.errors import UserError
+from pipeline.paths import Paths
+from pipeline.simulator.catalog import food_catalog
+from pipeline.simulator.conversation import plan_and_write
+from pipeline.simulator.dynamics import day_step, draw_traits, initial_state
+from pipeline.simulator.events import US_PER_DAY, Clock, logged_events
+from pipeline.simulator.persona import History, draw_persona
+from pipeline.simulator.report import life_events, summarize
+from pipeline.simulator.tables import append_dirty_rows, assemble_events
+from pipeline.simulator.truth import p_engaged
+
+log = logging.getLogger(__name__)
+P_ENGAGED = "p_engaged"
+TABLES = ("events", "users", "foods", "truth")
+
+
+@dataclass
+class Simulation:
+    """Everything one run produced. Only `tables` is written; the rest is for reports and
+    tests (hidden ground truth that no model input may see)."""
+
+    tables: dict[str, pa.Table]  # events, users, foods, truth
+    life_events: pd.DataFrame  # user_id, kind, booked, start, end, announced_at
+    history: History  # (n_days, n_users) hidden days: active, motivation, travel...
+    stats: dict[str, object]
+
+
+def day_zero(start_date: str) -> pd.Timestamp:
+    """Day 0 as a UTC timestamp; it must be a Monday at 00:00 so cutoffs fall on Mondays."""
+    try:
+        t = pd.Timestamp(start_date)
+    except ValueError:
+        raise UserError(
+            f"sim.start_date={start_date!r} is not a date; use e.g. 2026-01-05"
+        ) from None
+    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    if t.weekday() != 0 or t != t.normalize():
+        raise UserError(
+            f"sim.start_date={start_date!r} must be a Monday at 00:00 UTC (weekly cutoffs are "
+            f"Mondays); e.g. {(t.normalize() - pd.Timedelta(days=t.weekday())).date()}"
+        )
+    return t
+
+
+def run_simulation(sim: SimConfig) -> Simulation:
+    """Simulate `sim.users` users for `sim.weeks` weeks; deterministic for `sim.seed`."""
+    if sim.users < 1 or sim.weeks < 2 or sim.truth_samples < 1:
+        raise UserError(f"sim needs users >= 1, weeks >= 2 and truth_samples >= 1; got {sim}")
+    if not 0.0 <= sim.dirty_fraction < 0.5:
+        raise UserError(f"sim.dirty_fraction={sim.dirty_fraction} must lie in [0, 0.5)")
+    t0 = time.perf_counter()
+    day0 = day_zero(sim.start_date)
+    n, n_days = sim.users, 7 * sim.weeks
+    # Independent streams: the truth's replicas or the dirty rows never shift the events.
+    seq = np.random.SeedSequence(sim.seed)
+    rng_dyn, rng_truth, rng_evt, rng_dirty = (np.random.default_rng(s) for s in seq.spawn(4))
+    rnd = random.Random(int(seq.generate_state(1)[0]))  # text composition
+
+    cat = food_catalog()
+    tr = draw_traits(n, n_days, rng_dyn)
+    per = draw_persona(n, cat, rng_evt)
+    st = initial_state(tr)
+    hist = History.empty(n_days, n)
+    truth: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for d in tqdm(range(n_days), desc="simulate", unit="day", disable=None, leave=False):
+        if d >= 7 and d % 7 == 0:  # a cutoff: as_of = day d at 00:00, horizon inside the period
+            rows = np.flatnonzero(tr.start_day < d)  # program_start (day + hours) < as_of
+            p = p_engaged(
+                tr.take(rows), st.take(rows), d, day0.weekday(), sim.truth_samples, rng_truth
+            )
+            truth.append((d, rows, p))
+        hist.record(d, day_step(tr, st, d, (day0.weekday() + d) % 7, rng_dyn))
+
+    day0_us = day0.value // 1000  # ns -> µs
+    clock = Clock(day0_us, tr.start_day, per.start_off)
+    width = max(5, len(str(n - 1)))
+    user_ids = np.array([f"u{i:0{width}d}" for i in range(n)], dtype=object)
+    msgs = plan_and_write(hist, tr, per, cat, clock, day0.weekday(), rng_evt, rnd)
+    blocks = logged_events(hist, per, cat, clock, msgs.user_counts, rng_evt) + [msgs.block]
+    clean = assemble_events(blocks, user_ids)
+    events = append_dirty_rows(clean, sim.dirty_fraction, rng_dirty)
+
+    ts_type = pa.timestamp("us", tz="UTC")
+    tables = {
+        "events": events,
+        "users": pa.table(
+            {
+                USER_ID: pa.array(user_ids, pa.string()),
+                PROGRAM_START: pa.array(clock.program_start_us(), ts_type),
+            }
+        ),
+        "foods": pa.Table.from_pandas(cat.foods, preserve_index=False),
+        "truth": pa.table(
+            {
+                USER_ID: pa.array(np.concatenate([user_ids[r] for _, r, _ in truth]), pa.string()),
+                AS_OF: pa.array(
+                    np.concatenate(
+                        [np.full(len(r), day0_us + d * US_PER_DAY) for d, r, _ in truth]
+                    ),
+                    ts_type,
+                ),
+                P_ENGAGED: pa.array(np.concatenate([p for _, _, p in truth]), pa.float64()),
+            }
+        ).sort_by([(USER_ID, "ascending"), (AS_OF, "ascending")]),
+    }
+    lives = life_events(hist, msgs.announced, user_ids, day0)
+    stats = summarize(hist, tr, truth, lives, clean, events.num_rows - clean.num_rows, day0)
+    stats["seconds"] = time.perf_counter() - t0
+    return Simulation(tables=tables, life_events=lives, history=hist, stats=stats)
+
+
+def simulate(sim: SimConfig) -> dict[str, pd.DataFrame]:
+    """events / users / foods / truth as DataFrames (food_ids as an Arrow list column)."""
+    res = run_simulation(sim)
+    return {name: _to_pandas(t) for name, t in res.tables.items()}
+
+
+def simulate_to_dir(
+    sim: SimConfig, out_dir: str | Path | None = None, cfg: Config | None = None
+) -> Path:
+    """Write events/users/foods/truth.parquet into `out_dir` (default <workdir>/raw)."""
+    if out_dir is None:
+        if cfg is None:
+            raise UserError(
+                "simulate_to_dir needs an output folder or a config (for <workdir>/raw)"
+            )
+        out_dir = Paths.of(cfg).raw
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_simulation(sim)
+    for name, table in res.tables.items():
+        _write_atomic(table, out / f"{name}.parquet")
+    if cfg is not None:
+        save_config(cfg, out)
+    log.info("%s; wrote %s", _paragraph(sim, res.stats), out)
+    return out
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
+
+
+def _paragraph(sim: SimConfig, s: dict) -> str:
+    per_type = ", ".join(f"{k} {v:,}" for k, v in s["events_by_type"].items())
+    weekly = " ".join(f"{r:.2f}" for r in s["label_rate_by_week"])
+    return (
+        f"simulated {sim.users:,} users x {sim.weeks} weeks (seed {sim.seed}) in {s['seconds']:.1f} s: "
+        f"{s['events']:,} events ({per_type}); {s['user_messages']:,} user and {s['coach_messages']:,} "
+        f"coach messages ({s['user_messages_per_user_week']:.2f} user messages per user-week); "
+        f"label rate {s['label_rate']:.2f} overall, by cutoff {weekly}; oracle AUC {s['oracle_auc']:.3f}; "
+        f"{s['life_event_week_share']:.1%} of labelled user-weeks touched by travel/busy/illness "
+        f"(travel {s['travel_week_share']:.1%}), {s['trips_announced_share']:.0%} of trips announced; "
+        f"{s['churned_share']:.0%} of users churned by the end, {s['coach_only_users']} with only coach "
+        f"messages; {s['dirty_rows']:,} dirty rows appended"
+    )
