@@ -1,0 +1,117 @@
+"""The engagement classifier: stream encoders' [CLS] states + presence flags -> one logit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoint import load_encoder_state
+from models.encoders import ENCODERS
+from pipeline.config import ModelConfig
+
+STREAMS = ("conversation", "food", "events")  # also the column order of batch["presence"]
+
+
+class EngagementModel(nn.Module):
+    """P(engaged next week) from the enabled streams (`config.streams`, any non-empty subset
+    of conversation/food/events; the others are not built, so ablations carry none of their
+    parameters).
+
+    fusion input = [cls_stream for enabled streams] + [presence flag of each enabled stream]
+    -> LayerNorm -> Linear -> GELU -> Dropout -> Linear -> logit.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        streams = list(config.streams)
+        unknown = [s for s in streams if s not in STREAMS]
+        if not streams or unknown or len(set(streams)) != len(streams):
+            raise ValueError(
+                f"model.streams={streams}: use a non-empty subset of {list(STREAMS)} "
+                "without repeats"
+            )
+        self.config = config
+        self.streams = [s for s in STREAMS if s in streams]  # canonical order
+        # Presence columns of the enabled streams only: a flag of a disabled stream would leak
+        # that stream into an ablation.
+        self.register_buffer(
+            "presence_index",
+            torch.tensor([STREAMS.index(s) for s in self.streams]),
+            persistent=False,
+        )
+        self.encoders = nn.ModuleDict({s: ENCODERS[s](config) for s in self.streams})
+        self._freeze_pretraining_only()
+        S, D, H = len(self.streams), config.d_model, config.fusion_hidden
+        self.head = nn.Sequential(
+            nn.LayerNorm(S * D + S),
+            nn.Linear(S * D + S, H),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(H, 1),
+        )
+
+    def forward(
+        self, batch: dict[str, Any], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Args:
+            batch: the collated batch (see features' collate): per enabled stream a dict of
+                batch-first (B, T, ...) tensors with `padding_mask` (B, T) bool, True =
+                padding; `presence` (B, 3) float32, 1 where the stream has >= 1 item.
+            labels: optional (B,) float32 in {0, 1}, 1 = engaged next week.
+
+        Returns:
+            logits: (B,) float32, log-odds of being engaged.
+            loss: mean binary cross-entropy with logits (scalar), or None without labels.
+        """
+        states = [self.encoders[s](batch[s])[0] for s in self.streams]  # S x (B, D)
+        presence = batch["presence"].index_select(1, self.presence_index)  # (B, 3) -> (B, S)
+        x = torch.cat(states + [presence], dim=-1)  # (B, S*D + S)
+        logits = self.head(x).squeeze(-1)  # (B, 1) -> (B,)
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return logits, loss
+
+    def set_output_bias(self, prevalence: float) -> None:
+        """Start the logit at the training prevalence (log-odds) so the initial loss equals
+        the label entropy instead of ln 2 ("init well", Karpathy's recipe)."""
+        p = min(max(float(prevalence), 1e-4), 1 - 1e-4)
+        with torch.no_grad():
+            self.head[-1].bias.fill_(math.log(p / (1 - p)))
+
+    # -- pretrained encoders -------------------------------------------------------------
+
+    def _encoder(self, name: str) -> nn.Module:
+        if name not in self.encoders:
+            raise KeyError(f"stream {name!r} is not enabled; model.streams={self.streams}")
+        return self.encoders[name]
+
+    def load_encoder(
+        self, name: str, path_or_state_dict: str | Path | dict[str, Any], freeze: bool = False
+    ) -> None:
+        """Load a checkpoint written by `models.checkpoint.save_encoder` into encoder `name`
+        (ValueError if its stream or shape-defining config fields differ), optionally frozen."""
+        state = load_encoder_state(path_or_state_dict, self.config, name)
+        self._encoder(name).load_state_dict(state, strict=True)
+        if freeze:
+            self.freeze_encoder(name)
+
+    def freeze_encoder(self, name: str) -> None:
+        """No gradient for encoder `name` (its dropout still follows train/eval mode)."""
+        self._encoder(name).requires_grad_(False)
+
+    def unfreeze_encoder(self, name: str) -> None:
+        self._encoder(name).requires_grad_(True)
+        self._freeze_pretraining_only()
+
+    def _freeze_pretraining_only(self) -> None:
+        # The conversation "split" embedding serves negative-sampling pretraining only; it
+        # never reaches this model's loss, and DistributedDataParallel refuses parameters
+        # that require grad but get none.
+        if "conversation" in self.encoders:
+            self.encoders["conversation"].split_embedding.requires_grad_(False)

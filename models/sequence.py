@@ -1,0 +1,127 @@
+"""The shared sequence encoder: a learned [CLS] vector + a pre-norm Transformer encoder.
+
+Every stream encoder (conversation, food, events) embeds its items into (B, T, D) and hands
+them here. Everything is batch-first: the founding bug of this project (seeds/003) was a
+(batch, seq, dim) tensor fed to a (seq, batch, dim) encoder, which silently mixed the users
+of a batch and left the loss at ln 2. `batch_first=True` is set once, here, and the
+batch-independence test in tests/test_models.py fails if anyone changes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+POOLINGS = ("cls", "mean")
+
+
+class SequenceEncoder(nn.Module):
+    """[CLS] + items -> TransformerEncoder (batch_first, pre-norm) -> final LayerNorm.
+
+    The [CLS] vector sits at position 0 and is never masked, so a user with an empty stream
+    (every item padding) still has one valid key per attention row: no fully masked row, no
+    NaN, in train or eval mode (BERT's [CLS]; pytorch-lifestream's starter token).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={config.pooling!r}; use one of {POOLINGS}")
+        if config.d_model % config.n_heads:
+            raise ValueError(
+                f"model.d_model={config.d_model} is not divisible by model.n_heads={config.n_heads}"
+            )
+        self.pooling = config.pooling
+        self.cls = nn.Parameter(torch.randn(1, 1, config.d_model) * 0.02)  # (1, 1, D)
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.d_model,
+            nhead=config.n_heads,
+            dim_feedforward=config.d_ff,
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,  # (B, T, D) everywhere; see the module docstring
+            norm_first=True,  # pre-norm trains without warm-up tricks (Xiong et al. 2020)
+        )
+        # enable_nested_tensor=False: nested tensors are not used with norm_first anyway, and
+        # we want eval outputs on padded positions to be ordinary (finite) numbers.
+        self.transformer = nn.TransformerEncoder(
+            layer, num_layers=config.n_layers, enable_nested_tensor=False
+        )
+        # TransformerEncoder deep-copies `layer`, so every layer would start from the same
+        # weights; give each its own draw.
+        for block in self.transformer.layers:
+            block.self_attn._reset_parameters()
+            block.linear1.reset_parameters()
+            block.linear2.reset_parameters()
+        self.ln_f = nn.LayerNorm(config.d_model)  # pre-norm stacks need a final norm
+
+    def _prepend_cls(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        if padding_mask is None:
+            padding_mask = torch.zeros(B, T, dtype=torch.bool, device=x.device)  # (B, T)
+        if padding_mask.shape != (B, T) or padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"padding_mask must be a bool tensor of shape {(B, T)} (True = padding); "
+                f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )
+        x = torch.cat([self.cls.expand(B, 1, D), x], dim=1)  # (B, 1+T, D)
+        cls_valid = torch.zeros(B, 1, dtype=torch.bool, device=x.device)  # (B, 1)
+        mask = torch.cat([cls_valid, padding_mask], dim=1)  # (B, 1+T), CLS never masked
+        return x, mask
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode one stream.
+
+        Args:
+            x: (B, T, D) float32 item vectors, batch first.
+            padding_mask: (B, T) bool, **True = padding** (the `src_key_padding_mask`
+                convention); None means no padding. A row may be all True (empty stream).
+
+        Returns:
+            pooled: (B, D) float32 — the [CLS] state (`pooling="cls"`), or the mean over
+                [CLS] and the valid items (`pooling="mean"`; [CLS] keeps it finite when a
+                stream is empty).
+            items: (B, T, D) float32 item states; exactly 0 at padded positions.
+        """
+        x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D), (B, 1+T)
+        h = self.transformer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
+        h = self.ln_f(h)  # (B, 1+T, D)
+        valid = (~mask).unsqueeze(-1).to(h.dtype)  # (B, 1+T, 1)
+        h = h * valid  # (B, 1+T, D) padded states zeroed, so nothing downstream can use them
+        if self.pooling == "cls":
+            pooled = h[:, 0]  # (B, D)
+        else:
+            pooled = h.sum(dim=1) / valid.sum(dim=1)  # (B, D), count >= 1 thanks to [CLS]
+        return pooled, h[:, 1:]  # (B, D), (B, T, D)
+
+    @torch.no_grad()
+    def attention_maps(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per-layer, per-head attention weights, [CLS] included at index 0.
+
+        Args: as `forward`. Runs in the module's current mode (call `.eval()` first for
+        deterministic maps).
+
+        Returns:
+            one (B, n_heads, 1+T, 1+T) float32 tensor per layer: row i = query i, column j =
+            key j; each row sums to 1 and padded key columns are exactly 0.
+        """
+        x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D), (B, 1+T)
+        maps = []
+        for layer in self.transformer.layers:
+            # Re-run the layer's own attention on its pre-norm input (norm_first=True) with
+            # need_weights, then run the real layer to move on to the next one.
+            h = layer.norm1(x)  # (B, 1+T, D)
+            _, weights = layer.self_attn(
+                h, h, h, key_padding_mask=mask, need_weights=True, average_attn_weights=False
+            )  # (B, n_heads, 1+T, 1+T)
+            maps.append(weights)
+            x = layer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
+        return maps
