@@ -35,3 +35,18 @@ def make_events(n_users: int = 12, weeks: int = 6, seed: int = 0, per_user=(5, 6
             rows.append(r)
     df = pd.DataFrame(rows).sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
     return df
+
+
+def build_store(tmp_path, events: pd.DataFrame, encoder, name: str = "w", *overrides):
+    """The feature store of `events`, built by the real `features` stage into
+    tmp_path/name with configs/test.yaml; returns (feature file, config)."""
+    from features.stage import features_stage
+    from pipeline.config import load_config
+
+    src = tmp_path / f"{name}-events.parquet"
+    events.to_parquet(src)
+    cfg = load_config("configs/test.yaml", [
+        f"workdir={tmp_path / name}", f"data.events={src}", "data.source=files", "data.users=null",
+        "data.foods=null", "data.truth=null", *overrides,
+    ])
+    return features_stage(cfg, encoder=encoder), cfg

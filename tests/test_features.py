@@ -14,17 +14,7 @@ from features.stage import features_stage
 from features.store import load_arrays, read_meta
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from tests.event_factories import START, make_events
-
-
-def build(tmp_path, events: pd.DataFrame, encoder, name="w", *overrides):
-    src = tmp_path / f"{name}-events.parquet"
-    events.to_parquet(src)
-    cfg = load_config("configs/test.yaml", [
-        f"workdir={tmp_path / name}", f"data.events={src}", "data.source=files", "data.users=null",
-        "data.foods=null", "data.truth=null", *overrides,
-    ])
-    return features_stage(cfg, encoder=encoder), cfg
+from tests.event_factories import START, build_store, make_events
 
 
 def example_tensors(path, cfg, user_key: bytes, as_of: int) -> dict:
@@ -61,7 +51,7 @@ def test_dt_bucket_edges():
 
 def test_leakage_changing_everything_after_as_of_leaves_inputs_unchanged(tmp_path, tiny_encoder):
     events = make_events(n_users=10, weeks=6, seed=1)
-    path, cfg = build(tmp_path, events, tiny_encoder, "a")
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "a")
     a, _ = load_arrays(path)
     ex = a["examples"]
     rng = np.random.default_rng(0)
@@ -80,7 +70,7 @@ def test_leakage_changing_everything_after_as_of_leaves_inputs_unchanged(tmp_pat
                               "event_type": ["brand_new_type", "food_log"], "food_ids": [None, [999, 1]],
                               "meal": [None, "lunch"]})
         changed = pd.concat([changed, extra], ignore_index=True)
-        path2, _ = build(tmp_path, changed, tiny_encoder, f"b{i}")
+        path2, _ = build_store(tmp_path, changed, tiny_encoder, f"b{i}")
         after = example_tensors(path2, cfg, user_key, as_of)
         fa, fb = flat(before), flat(after)
         assert fa.keys() == fb.keys()
@@ -97,7 +87,7 @@ def _user_of(events, key, cfg):
 
 def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
     events = make_events(n_users=8, seed=2)
-    path, cfg = build(tmp_path, events, tiny_encoder)
+    path, cfg = build_store(tmp_path, events, tiny_encoder)
     a, meta = load_arrays(path)
     types = ["<pad>", "<unk>"] + meta.vocab["event_types"]
     foods = meta.vocab["foods"]
@@ -128,7 +118,7 @@ def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
 
 def test_derived_labels_match_a_brute_force_count(tmp_path, tiny_encoder):
     events = make_events(n_users=10, seed=3, per_user=(20, 90))
-    path, cfg = build(tmp_path, events, tiny_encoder)
+    path, cfg = build_store(tmp_path, events, tiny_encoder)
     a, _ = load_arrays(path)
     ex = a["examples"]
     uids = sorted(events.user_id.unique())
@@ -144,7 +134,7 @@ def test_derived_labels_match_a_brute_force_count(tmp_path, tiny_encoder):
 
 def test_edge_users_coach_only_single_event_no_meals(tmp_path, tiny_encoder):
     events = make_events(n_users=6, seed=4)
-    path, cfg = build(tmp_path, events, tiny_encoder)
+    path, cfg = build_store(tmp_path, events, tiny_encoder)
     a, meta = load_arrays(path)
     ds = FeatureDataset(path, model_config_for(cfg.model, meta))
     rows = {uid: r for r, uid in enumerate(sorted(events.user_id.unique()))}
@@ -161,7 +151,7 @@ def test_edge_users_coach_only_single_event_no_meals(tmp_path, tiny_encoder):
 
 def test_dataset_keeps_the_most_recent_items_and_derives_recency(tmp_path, tiny_encoder):
     events = make_events(n_users=4, seed=5, per_user=(80, 120))
-    path, cfg = build(tmp_path, events, tiny_encoder, "w", "model.max_len_events=5")
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "w", "model.max_len_events=5")
     a, meta = load_arrays(path)
     ds = FeatureDataset(path, model_config_for(cfg.model, meta))
     i = int(np.argmax(a["examples"]["events_end"] - a["examples"]["events_start"]))
@@ -176,7 +166,7 @@ def test_dataset_keeps_the_most_recent_items_and_derives_recency(tmp_path, tiny_
 
 def test_splits_by_user_and_out_of_time(tmp_path, tiny_encoder):
     events = make_events(n_users=30, weeks=8, seed=6)
-    path, cfg = build(tmp_path, events, tiny_encoder, "w", "labels.oot_cutoffs=2")
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "w", "labels.oot_cutoffs=2")
     ex, _ = load_arrays(path, ("examples",))
     ex = ex["examples"]
     oot = ex["split"] == S.SPLITS.index("oot")
@@ -196,13 +186,13 @@ def test_message_cache_embeds_only_new_messages(tmp_path, tiny_encoder):
 
     tiny_encoder.encode = counting
     try:
-        build(tmp_path, events, tiny_encoder)
+        build_store(tmp_path, events, tiny_encoder)
         first = sum(calls)
         assert first == events.text.dropna().nunique()
         more = pd.DataFrame({"user_id": ["u3", "u3", "u4"], "event_type": ["message"] * 3, "sender": ["user"] * 3,
                              "ts": [START + pd.Timedelta(days=50, hours=h) for h in (1, 2, 3)],
                              "text": ["totally new one", "message 1 for you", "another new one"]})
-        build(tmp_path, pd.concat([events, more], ignore_index=True), tiny_encoder)
+        build_store(tmp_path, pd.concat([events, more], ignore_index=True), tiny_encoder)
         assert sum(calls) - first == 2  # only the two unseen texts
     finally:
         del tiny_encoder.encode
@@ -212,7 +202,7 @@ def test_message_cache_embeds_only_new_messages(tmp_path, tiny_encoder):
 
 
 def test_schema_mismatch_and_truncated_file_are_clear_errors(tmp_path, tiny_encoder):
-    path, cfg = build(tmp_path, make_events(n_users=4, seed=8), tiny_encoder)
+    path, cfg = build_store(tmp_path, make_events(n_users=4, seed=8), tiny_encoder)
     bad = tmp_path / "old.h5"
     bad.write_bytes(path.read_bytes())
     with h5py.File(bad, "a") as f:
@@ -226,7 +216,7 @@ def test_schema_mismatch_and_truncated_file_are_clear_errors(tmp_path, tiny_enco
 
 
 def test_interrupted_write_leaves_previous_file_intact(tmp_path, tiny_encoder, monkeypatch):
-    path, cfg = build(tmp_path, make_events(n_users=4, seed=9), tiny_encoder)
+    path, cfg = build_store(tmp_path, make_events(n_users=4, seed=9), tiny_encoder)
     before = path.read_bytes()
 
     real = h5py.Group.create_dataset
@@ -238,7 +228,7 @@ def test_interrupted_write_leaves_previous_file_intact(tmp_path, tiny_encoder, m
 
     monkeypatch.setattr(h5py.Group, "create_dataset", killed_half_way)
     with pytest.raises(RuntimeError, match="killed"):
-        build(tmp_path, make_events(n_users=5, seed=10), tiny_encoder)
+        build_store(tmp_path, make_events(n_users=5, seed=10), tiny_encoder)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert load_arrays(path)[0]["examples"]["as_of"].size > 0

@@ -1,0 +1,109 @@
+"""Evaluation metrics (DESIGN.md §7) for every model and baseline alike.
+
+Inputs are always y_engaged (1 engaged next week, 0 not) and p_engaged. The business acts
+on the disengaged: risk = 1 - p_engaged, and coaches contact the top `top_frac` by risk,
+so PR-AUC, recall and lift are computed for the disengaged class. Ties in risk (a constant
+or two-valued baseline) are counted as if broken at random, in expectation, so a constant
+predictor gets recall = top_frac and lift = 1 rather than whatever the row order gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
+
+EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for log loss
+
+
+def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y).astype(np.int64).ravel(), np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y has {len(y)} values, p has {len(p)}: they must be the same examples")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y must be 0/1 (drop unlabelled examples, label -1, before evaluating)")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("p must be probabilities in [0, 1] without NaN")
+    return y, p
+
+
+def binary_metrics(y_engaged: np.ndarray, p_engaged: np.ndarray, top_frac: float = 0.1, bins: int = 10) -> dict:
+    """Every metric of one model on one split.
+
+    y_engaged: (n,) 0/1; p_engaged: (n,) in [0, 1]. Returns floats: roc_auc, pr_auc (average
+    precision of the disengaged by risk), log_loss, brier, ece (equal-width bins, weighted
+    by bin size), recall_at_top (share of all disengaged found in the top `top_frac` by
+    risk), lift_at_top (their disengaged rate / the overall rate), prevalence (engaged rate),
+    n. Ranking metrics are NaN when only one class is present; all are NaN when n = 0.
+    """
+    y, p = _check(y_engaged, p_engaged)
+    n = len(y)
+    out = dict.fromkeys(
+        ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "recall_at_top", "lift_at_top", "prevalence"), float("nan")
+    )
+    out["n"] = n
+    if n == 0:
+        return out
+    both = len(np.unique(y)) == 2
+    disengaged = y == 0
+    out["roc_auc"] = float(roc_auc_score(y, p)) if both else float("nan")  # same for risk vs disengaged
+    out["pr_auc"] = float(average_precision_score(disengaged, 1 - p)) if both else float("nan")
+    out["log_loss"] = float(log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]))
+    out["brier"] = float(brier_score_loss(y, p, pos_label=1))
+    out["ece"] = expected_calibration_error(y, p, bins)
+    out["prevalence"] = float(y.mean())
+    if disengaged.any():
+        curve = lift_curve(y, p)
+        recall = float(np.interp(_top_k(n, top_frac) / n, curve["frac"], curve["recall"]))
+        out["recall_at_top"] = recall
+        out["lift_at_top"] = recall / (_top_k(n, top_frac) / n)
+    return out
+
+
+def _top_k(n: int, top_frac: float) -> int:
+    """How many users coaches contact: the top `top_frac`, at least one."""
+    return max(1, int(np.ceil(top_frac * n - 1e-9)))
+
+
+def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Equal-width bins of p_engaged over [0, 1] (p = 1 falls in the last bin).
+
+    Columns: bin_lo, bin_hi, n, mean_p (mean predicted), frac_engaged (observed); the
+    means are NaN for empty bins."""
+    y, p = _check(y, p)
+    b = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    n = np.bincount(b, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(b, weights=p, minlength=bins) / n
+        frac = np.bincount(b, weights=y, minlength=bins) / n
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return pd.DataFrame({"bin_lo": edges[:-1], "bin_hi": edges[1:], "n": n, "mean_p": mean_p, "frac_engaged": frac})
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """sum over bins of n_b / n * |observed engaged rate - mean predicted p| (empty bins 0)."""
+    t = calibration_table(y, p, bins)
+    if t["n"].sum() == 0:
+        return float("nan")
+    gap = (t["frac_engaged"] - t["mean_p"]).abs().fillna(0.0)
+    return float((t["n"] * gap).sum() / t["n"].sum())
+
+
+def lift_curve(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Cumulative gains when contacting users by decreasing risk (1 - p).
+
+    Returns frac (share of users contacted, from 0 to 1), recall (share of all disengaged
+    found) and lift (recall / frac; NaN at frac 0). Points sit at the end of each group of
+    tied risks, so linear interpolation between them is the expectation under random
+    tie-breaking. recall is NaN everywhere when nobody is disengaged."""
+    y, p = _check(y, p)
+    n = len(y)
+    order = np.argsort(p, kind="stable")  # highest risk first
+    hits = np.cumsum(y[order] == 0)
+    ends = np.r_[np.flatnonzero(np.diff(p[order]) != 0), n - 1] if n else np.zeros(0, np.int64)
+    frac = np.r_[0.0, (ends + 1) / max(n, 1)]
+    total = hits[-1] if n else 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.r_[0.0, hits[ends]] / total if total else np.full(len(frac), np.nan)
+        lift = np.where(frac > 0, recall / frac, np.nan)
+    return {"frac": frac, "recall": recall, "lift": lift}

@@ -1,0 +1,272 @@
+"""Aggregate features against a brute-force pandas count, leakage, metrics against hand
+computations, baselines' honesty (train labels only), and that the plots are written."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.aggregates import RECENCY_CAP_DAYS, aggregate_features
+from features.labels import DAY
+from features.store import SPLITS, load_arrays
+from features.vocab import pseudonyms
+from pipeline import plots
+from pipeline.baselines import fit_baselines, predict, run_baselines, split_rows
+from pipeline.metrics import binary_metrics, calibration_table, lift_curve
+from tests.event_factories import START, build_store, make_events
+
+
+def _secs(ts: pd.Series) -> np.ndarray:
+    return np.array([int(t.timestamp()) for t in ts], dtype=np.int64)
+
+
+def brute_force(events: pd.DataFrame, uid: str, as_of: int) -> dict:
+    """The features of one example, straight from the raw events with pandas."""
+    u = events[events.user_id == uid].assign(t=lambda d: _secs(d.ts)).sort_values("t", kind="stable")
+    program_start = u.t.min()  # no users table: the first event
+    d = u[u.t < as_of]
+    kind = np.where(d.event_type == "message", "message_from_" + d.sender.fillna(""), d.event_type)
+    d = d.assign(kind=kind, own=kind != "message_from_coach")
+    out = {}
+    for k in ("message_from_user", "message_from_coach", "food_log", "weigh_in", "content_view", "water_log"):
+        dk = d[d.kind == k]
+        for w in (1, 7, 28):
+            out[f"count_{k}_{w}d"] = int((dk.t >= as_of - w * DAY).sum())
+        out[f"days_since_{k}"] = min(RECENCY_CAP_DAYS, (as_of - dk.t.max()) / DAY) if len(dk) else RECENCY_CAP_DAYS
+    water = d[d.kind == "water_log"]
+    for w in (7, 28):
+        out[f"value_sum_water_log_{w}d"] = water[water.t >= as_of - w * DAY].value.sum()
+    own = d[d.own]
+    out["own_events_total"] = len(own)
+    out["days_since_own_activity"] = min(RECENCY_CAP_DAYS, (as_of - own.t.max()) / DAY) if len(own) else RECENCY_CAP_DAYS
+    for w in (7, 28):
+        recent = own[own.t >= as_of - w * DAY]
+        out[f"active_days_{w}d"] = len({(as_of - 1 - t) // DAY for t in recent.t})
+    out["active_last_week"] = float(out["active_days_7d"] >= 3)
+    out["tenure_days"] = (as_of - program_start) / DAY
+    out["days_since_first_event"] = (as_of - d.t.min()) / DAY
+    weigh = d[d.kind == "weigh_in"]
+    recent = weigh[weigh.t >= as_of - 28 * DAY]
+    out["weight_change_28d"] = recent.value.iloc[-1] - recent.value.iloc[0] if len(recent) else 0.0
+    out["weight_last_delta"] = weigh.value.iloc[-1] - weigh.value.iloc[-2] if len(weigh) > 1 else 0.0
+    out["has_weigh_in_28d"] = float(len(recent) > 0)
+    meals = d[(d.kind == "food_log") & (d.t >= as_of - 7 * DAY)]
+    out["foods_per_meal_7d"] = np.mean([len(f) for f in meals.food_ids]) if len(meals) else 0.0
+    # Coach messages 28 d .. 48 h before as_of, answered by a user message within 48 h.
+    user_t = d[d.kind == "message_from_user"].t.to_numpy()
+    coach_t = d[d.kind == "message_from_coach"].t.to_numpy()
+    asked = coach_t[(coach_t >= as_of - 28 * DAY) & (coach_t < as_of - 2 * DAY)]
+    answered = [((user_t > c) & (user_t <= c + 2 * DAY)).any() for c in asked]
+    out["coach_msgs_answered_share_28d"] = float(np.mean(answered)) if len(asked) else 0.0
+    waiting = coach_t[coach_t > user_t.max()] if len(user_t) else coach_t
+    out["unanswered_coach_msgs"] = len(waiting)
+    out["days_since_unanswered_coach_msg"] = (
+        min(RECENCY_CAP_DAYS, (as_of - waiting.max()) / DAY) if len(waiting) else RECENCY_CAP_DAYS
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def app_store(tmp_path_factory, tiny_encoder):
+    events = make_events(n_users=10, weeks=6, seed=11, per_user=(60, 160))
+    path, cfg = build_store(tmp_path_factory.mktemp("agg"), events, tiny_encoder)
+    return events, path, cfg
+
+
+def _feature_rows(path, cfg):
+    a, meta = load_arrays(path)
+    X, names = aggregate_features(a, meta)
+    ex = a["examples"]
+    keys = a["users"]["key"][ex["user_row"]]
+    return {(k, int(t)): dict(zip(names, x)) for k, t, x in zip(keys, ex["as_of"], X)}, names
+
+
+def test_aggregates_equal_a_brute_force_pandas_count(app_store):
+    events, path, cfg = app_store
+    rows, names = _feature_rows(path, cfg)
+    uids = events.user_id.unique()
+    by_key = dict(zip(pseudonyms(uids, cfg.features.pseudonym_key), uids))
+    shares = []
+    for (key, as_of), got in rows.items():
+        want = brute_force(events, by_key[key], as_of)
+        assert set(want) <= set(names)
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-5, abs=2e-3), f"{name} of {by_key[key]} at {as_of}"
+        shares.append(want["coach_msgs_answered_share_28d"])
+    assert len(rows) >= 30
+    assert any(0 < s < 1 for s in shares) and 0.0 in shares  # the answered share was exercised
+
+
+def test_events_at_or_after_as_of_change_nothing(app_store, tmp_path, tiny_encoder):
+    events, path, cfg = app_store
+    before, _ = _feature_rows(path, cfg)
+    uids = events.user_id.unique()
+    by_key = dict(zip(pseudonyms(uids, cfg.features.pseudonym_key), uids))
+    rng = np.random.default_rng(0)
+    for n, (key, as_of) in enumerate([list(before)[i] for i in rng.choice(len(before), 2, replace=False)]):
+        user, cut = by_key[key], pd.Timestamp(as_of, unit="s", tz="UTC")
+        later = events[(events.user_id == user) & (events.ts >= cut)]
+        changed = events.drop(later.index[::2])
+        moved = changed.index.isin(later.index)
+        changed.loc[moved, "ts"] = changed.loc[moved, "ts"] + pd.Timedelta(hours=30)
+        changed.loc[moved & (changed.event_type == "weigh_in"), "value"] = 150.0
+        extra = pd.DataFrame({  # replies exactly at as_of, a new type, a meal, a weigh-in
+            "user_id": [user] * 5, "ts": [cut, cut, cut + pd.Timedelta(hours=1), cut, cut],
+            "event_type": ["message", "message", "brand_new_type", "food_log", "weigh_in"],
+            "sender": ["user", "coach", None, None, None], "text": ["ok", "hi", None, None, None],
+            "food_ids": [None, None, None, [101, 102, 103, 104], None],
+            "meal": [None, None, None, "lunch", None], "value": [None, None, 3.0, None, 99.0],
+        })
+        path2, _ = build_store(tmp_path, pd.concat([changed, extra], ignore_index=True), tiny_encoder, f"b{n}")
+        after, names2 = _feature_rows(path2, cfg)
+        old, new = before[(key, as_of)], after[(key, as_of)]
+        assert set(old) <= set(new)
+        for name in old:
+            assert new[name] == old[name], f"{name} changed by events after as_of"
+        assert all(new[k] in (0.0, RECENCY_CAP_DAYS) for k in set(new) - set(old))  # brand_new_type
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+def test_ranking_metrics_on_hand_made_cases():
+    y = np.array([0, 0, 1, 1])
+    good = binary_metrics(y, np.array([0.1, 0.2, 0.8, 0.9]))
+    assert good["roc_auc"] == 1.0 and good["pr_auc"] == 1.0
+    assert binary_metrics(y, np.array([0.9, 0.8, 0.2, 0.1]))["roc_auc"] == 0.0
+    # disengaged at risk ranks 1 and 3: AP = (1/1 + 2/3) / 2
+    m = binary_metrics(np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.9]))
+    assert m["pr_auc"] == pytest.approx(5 / 6) and m["roc_auc"] == pytest.approx(0.75)
+    m = binary_metrics(np.array([1, 0]), np.array([0.8, 0.4]))
+    assert m["brier"] == pytest.approx((0.2**2 + 0.4**2) / 2)
+    assert m["log_loss"] == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+    assert m["prevalence"] == 0.5 and m["n"] == 2
+
+
+def test_degenerate_inputs_give_nan_not_a_crash():
+    one = binary_metrics(np.ones(5, int), np.full(5, 0.7))
+    assert np.isnan(one["roc_auc"]) and np.isnan(one["pr_auc"]) and np.isnan(one["recall_at_top"])
+    assert np.isfinite(one["log_loss"]) and one["prevalence"] == 1.0
+    assert np.isfinite(binary_metrics(np.array([0, 1]), np.array([1.0, 0.0]))["log_loss"])  # clipped
+    empty = binary_metrics(np.zeros(0, int), np.zeros(0))
+    assert empty["n"] == 0 and np.isnan(empty["roc_auc"])
+    with pytest.raises(ValueError, match="same examples"):
+        binary_metrics(np.array([0, 1]), np.array([0.5]))
+
+
+def test_expected_calibration_error():
+    y = np.array([1, 0, 0, 0] + [1, 1, 1, 0])
+    p = np.array([0.25] * 4 + [0.75] * 4)  # each bin's rate equals its prediction
+    assert binary_metrics(y, p)["ece"] == pytest.approx(0.0)
+    assert binary_metrics(y, np.full(8, 0.9))["ece"] == pytest.approx(0.4)
+    t = calibration_table(y, np.r_[p[:-1], 1.0], bins=10)
+    assert t["n"].sum() == 8 and t["n"].iloc[-1] == 1  # p = 1 lands in the last bin
+
+
+def test_recall_and_lift_at_the_top():
+    y = np.ones(20, int)
+    y[[0, 5, 6, 7, 8]] = 0  # 5 disengaged of 20
+    p = np.linspace(0.5, 0.99, 20)
+    p[0], p[10] = 0.01, 0.02  # riskiest two: one disengaged, one engaged
+    m = binary_metrics(y, p, top_frac=0.1)
+    assert m["recall_at_top"] == pytest.approx(1 / 5)
+    assert m["lift_at_top"] == pytest.approx((1 / 2) / (5 / 20))
+    flat = binary_metrics(y, np.full(20, 0.6), top_frac=0.1)  # ties count in expectation
+    assert flat["recall_at_top"] == pytest.approx(0.1) and flat["lift_at_top"] == pytest.approx(1.0)
+    c = lift_curve(y, p)
+    assert c["frac"][0] == 0 and c["frac"][-1] == 1 and c["recall"][-1] == 1
+    assert np.all(np.diff(c["recall"]) >= 0)
+
+
+# --- baselines -------------------------------------------------------------------------
+
+def engagement_events(n_users=240, weeks=10, seed=0) -> pd.DataFrame:
+    """Own activity only (no messages): each user's daily activity chance drifts week to
+    week, so next week's label depends on recent activity."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n_users, 1)) + np.cumsum(rng.normal(0, 0.7, (n_users, weeks)), axis=1)
+    day_p = 1 / (1 + np.exp(-np.repeat(z, 7, axis=1)))  # (users, days)
+    user, day = np.nonzero(rng.random(day_p.shape) < day_p)
+    per_day = 1 + rng.poisson(1, len(user))  # events on an active day
+    user, day = np.repeat(user, per_day), np.repeat(day, per_day)
+    kind = rng.choice(["food_log", "content_view", "water_log", "weigh_in"], len(user))
+    ev = pd.DataFrame({
+        "user_id": [f"s{u}" for u in user], "event_type": kind,
+        "ts": START + pd.to_timedelta(day * DAY + rng.integers(6 * 3600, 22 * 3600, len(day)), unit="s"),
+        "food_ids": [[int(f) for f in rng.integers(1, 40, rng.integers(1, 4))] if k == "food_log" else None for k in kind],
+        "meal": np.where(kind == "food_log", "lunch", None),
+        "value": np.where(kind == "weigh_in", 80 + rng.normal(0, 1, len(kind)), np.where(kind == "water_log", 250.0, np.nan)),
+    })
+    return ev.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    path, cfg = build_store(tmp_path_factory.mktemp("syn"), engagement_events(), None)
+    a, meta = load_arrays(path)
+    X, names = aggregate_features(a, meta)
+    return a, meta, X, names
+
+
+def test_baselines_beat_prevalence_when_the_label_follows_recent_activity(synthetic):
+    a, meta, X, names = synthetic
+    out = run_baselines(a, meta, seed=0, threads=1)
+    ex = a["examples"]
+    auc = {}
+    for name, per_split in out.items():
+        for s in SPLITS:
+            assert len(per_split[s]) == len(split_rows(ex, s))  # the sequence model's rows
+        y = ex["label"][split_rows(ex, "test")]
+        auc[name] = binary_metrics(y, per_split["test"])["roc_auc"]
+    assert auc["prevalence"] == 0.5
+    assert auc["logistic"] > 0.75 and auc["hgb"] > 0.75
+    assert auc["logistic"] > auc["active_last_week"] - 0.02
+
+
+def test_active_last_week_is_two_valued_train_rates(synthetic):
+    a, meta, X, names = synthetic
+    ex = a["examples"]
+    m = fit_baselines(X, ex["label"], ex["split"], names, ["active_last_week"], min_active_days=3)["active_last_week"]
+    p = predict(m, X)
+    train = split_rows(ex, "train")
+    active = X[train, names.index("active_days_7d")] >= 3
+    y = ex["label"][train]
+    assert 0 < active.mean() < 1  # both groups exist
+    assert set(np.unique(p)) == {y[active].mean(), y[~active].mean()}
+    everyone_active = X[:, names.index("active_days_7d")] >= 3
+    assert (p[everyone_active] == y[active].mean()).all() and (p[~everyone_active] == y[~active].mean()).all()
+
+
+def test_baselines_never_see_test_or_oot_labels(synthetic):
+    a, meta, X, names = synthetic
+    ex = a["examples"]
+    which = ["prevalence", "active_last_week", "logistic", "hgb"]
+    fit = fit_baselines(X, ex["label"], ex["split"], names, which, seed=0, threads=1)
+    held = np.isin(ex["split"], [SPLITS.index("test"), SPLITS.index("oot")])
+    y2 = ex["label"].copy()
+    y2[held] = np.random.default_rng(1).permutation(1 - y2[held])  # flipped and shuffled
+    fit2 = fit_baselines(X, y2, ex["split"], names, which, seed=0, threads=1)
+    for name in which:
+        np.testing.assert_array_equal(predict(fit[name], X), predict(fit2[name], X), err_msg=name)
+    y3 = ex["label"].copy()  # control: train labels do matter
+    y3[ex["split"] == 0] = 1 - y3[ex["split"] == 0]
+    fit3 = fit_baselines(X, y3, ex["split"], names, ["prevalence"])
+    assert not np.array_equal(predict(fit["prevalence"], X), predict(fit3["prevalence"], X))
+
+
+# --- plots -----------------------------------------------------------------------------
+
+def test_plots_write_png_files(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    curves = {"sequence": (y, np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 200), 0, 1)),
+              "prevalence": (y, np.full(200, y.mean()))}
+    paths = [
+        plots.plot_roc(curves, tmp_path / "roc.png"), plots.plot_pr(curves, tmp_path / "pr.png"),
+        plots.plot_calibration(curves, tmp_path / "cal.png"), plots.plot_lift(curves, tmp_path / "lift.png"),
+    ]
+    att = rng.dirichlet(np.ones(6), size=(2, 6))  # (heads, 1+T, 1+T), rows sum to 1
+    paths.append(plots.plot_attention([att, att], ["CLS"] + [f"e{i}" for i in range(5)], tmp_path / "att.png", "user"))
+    paths.append(plots.plot_attention([att[:1]], ["CLS"] + list("abcde"), tmp_path / "att1.png", "one head"))
+    for p in paths:
+        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+    with pytest.raises(ValueError, match="heads"):
+        plots.plot_attention([att], ["CLS", "x"], tmp_path / "bad.png")
