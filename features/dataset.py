@@ -47,6 +47,16 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     return replace(model, **meta.sizes(), **extra)
 
 
+def load_examples(files: list[Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Examples of one or more feature files concatenated (global row = position here),
+    the pseudonymised user key of each, and the file index of each."""
+    ex = [load_arrays(f, ("examples", "users"))[0] for f in files]
+    examples = {k: np.concatenate([e["examples"][k] for e in ex]) for k in ex[0]["examples"]}
+    user_key = np.concatenate([e["users"]["key"][e["examples"]["user_row"]] for e in ex])
+    file_of = np.concatenate([np.full(len(e["examples"]["as_of"]), i) for i, e in enumerate(ex)])
+    return examples, user_key, file_of
+
+
 class FeatureDataset(Dataset):
     def __init__(self, files: str | Path | list, model: ModelConfig, indices: np.ndarray | None = None):
         """files: one feature file or a list of shard files read as one dataset.
@@ -55,10 +65,7 @@ class FeatureDataset(Dataset):
         self.files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
         self.model = model
         self.meta = read_meta(self.files[0])
-        ex = [load_arrays(f, ("examples", "users"))[0] for f in self.files]
-        self.file_of = np.concatenate([np.full(len(e["examples"]["as_of"]), i) for i, e in enumerate(ex)])
-        self.examples = {k: np.concatenate([e["examples"][k] for e in ex]) for k in ex[0]["examples"]}
-        self.user_key = np.concatenate([e["users"]["key"][e["examples"]["user_row"]] for e in ex])
+        self.examples, self.user_key, self.file_of = load_examples(self.files)
         self.indices = np.arange(len(self.file_of)) if indices is None else np.asarray(indices)
         self._arrays: list | None = None  # loaded lazily, once per process
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from features import contract as C
-from features.normalise import clean_strings, parse_timestamps
+from features.normalise import clean_strings, parse_timestamps, to_utc
 from features.store import SPLITS, UNLABELLED
 from pipeline.config import LabelConfig
 from pipeline.errors import UserError
@@ -56,7 +56,7 @@ def cutoff_calendar(first_ts: int, data_end: int, cfg: LabelConfig) -> np.ndarra
     Only cutoffs whose whole horizon lies before `data_end` get labels; with
     `include_unlabelled` the calendar runs on to data_end (for scoring)."""
     if cfg.first_cutoff:
-        start = pd.Timestamp(cfg.first_cutoff, tz="UTC")
+        start = to_utc(cfg.first_cutoff)
     else:
         day0 = pd.Timestamp(first_ts + cfg.min_history_days * DAY, unit="s", tz="UTC").normalize()
         start = day0 + pd.Timedelta(days=(cfg.cutoff_weekday - day0.weekday()) % 7 or 7)

@@ -14,6 +14,12 @@ EARLIEST_TS = pd.Timestamp("1990-01-01", tz="UTC")
 _INT_RE = r"^\s*\d+\s*$"
 
 
+def to_utc(value) -> pd.Timestamp:
+    """One instant from a config string/datetime: naive means UTC, aware is converted."""
+    t = pd.Timestamp(value)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
 def clean_strings(col: pd.Series, lower: bool = False) -> pd.Series:
     """Any column -> arrow-backed strings, stripped, with "" turned into missing."""
     if isinstance(col.dtype, pd.StringDtype):

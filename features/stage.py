@@ -7,12 +7,14 @@ import json
 import logging
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features import validate as V
 from features.build import build_features
 from features.io import fingerprint, read_table, write_text_atomic
+from features.normalise import to_utc
 from features.store import write_store
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
@@ -56,6 +58,9 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     vdir = ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
     events = pq.read_table(vdir / V.EVENTS)
+    if cfg.data.until:  # as if the log ended there (backfills, scoring a past date)
+        until = pa.scalar(to_utc(cfg.data.until), pa.timestamp("us", tz="UTC"))
+        events = events.filter(pc.less(events["ts"], until))
     users = read_table(vdir / V.USERS, "users") if (vdir / V.USERS).exists() else None
     labels = read_table(cfg.data.labels, "labels") if cfg.data.labels else None
 
@@ -67,7 +72,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     def embed(texts):
         return embed_messages(texts, encoder, paths.text_cache, fc.pseudonym_key, fc.text_batch_size, fc.text_max_tokens)
 
-    vocab_path = paths.features / "vocab.json"
+    vocab_path = paths.vocab
     vocab = Vocab.load(vocab_path)
     built = build_features(
         events, users, cfg, embed if has_messages else None,

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import UserError
 
+PSEUDONYM_KEY_SPEC = "${oc.env:ENGAGEMENT_PSEUDONYM_KEY,demo-key-not-secret}"
+
 
 @dataclass
 class SimConfig:
@@ -22,7 +24,6 @@ class SimConfig:
     seed: int = 0
     start_date: str = "2026-01-05"  # a Monday; cutoffs fall on Mondays at 00:00 UTC
     truth_samples: int = 256  # Monte-Carlo replicates per (user, cutoff) for p_engaged
-    dirty_fraction: float = 0.0  # share of deliberately bad rows appended (shows the quarantine)
     dirty_fraction: float = 0.0  # share of deliberately bad rows appended (shows the quarantine)
 
 
@@ -38,6 +39,7 @@ class DataConfig:
     foods: str | None = None  # optional side table (food_id, name, category)
     labels: str | None = None  # optional (user_id, as_of, label); overrides derived labels
     truth: str | None = None  # simulator only: (user_id, as_of, p_engaged) -> oracle AUC
+    until: str | None = None  # ignore events at/after this instant, as if the log ended there
     allowed_event_types: list[str] | None = None  # None: open vocabulary
     max_future_days: float = 1.0  # timestamps later than now + this are quarantined
     min_weight_kg: float = 20.0
@@ -71,7 +73,11 @@ class FeatureConfig:
     max_msg_no: int = 1024  # message numbers are capped here
     max_day: int = 730  # day of program is capped here
     content_buckets: int = 512  # content ids are hashed into this many buckets
-    pseudonym_key: str = "change-me-in-production"  # keyed hash for user ids in artifacts
+    # Key of the keyed hash that pseudonymises user ids (and message digests) in artifacts.
+    # Set ENGAGEMENT_PSEUDONYM_KEY in production; saved configs never contain the value.
+    pseudonym_key: str = PSEUDONYM_KEY_SPEC
+    cache_dir: str = ""  # message-vector cache; default <workdir>/features/text_cache
+    vocab_path: str = ""  # append-only vocabularies; default <workdir>/features/vocab.json
     shard: int | None = None  # build only users whose hashed id falls in this shard
     num_shards: int = 1
 
@@ -104,6 +110,7 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
+    dir: str = ""  # encoder checkpoints; default <workdir>/pretrain
     objectives: list[str] = field(default_factory=lambda: ["conversation", "food", "events"])
     weights: dict[str, float] = field(
         default_factory=lambda: {"conversation": 1.0, "food": 1.0, "events": 1.0}
@@ -214,11 +221,15 @@ def _yaml_layers(path: Path) -> list[Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The resolved config as plain data, with the pseudonym key replaced by where it comes
+    from: every saved or logged copy goes through here (or `to_yaml`)."""
+    d: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
+    d["features"]["pseudonym_key"] = PSEUDONYM_KEY_SPEC
+    return d
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def save_config(cfg: Config, directory: str | Path) -> Path:

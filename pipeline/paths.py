@@ -9,10 +9,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Paths:
     root: Path
+    cache_dir: str = ""
+    vocab_path: str = ""
+    pretrain_dir: str = ""
 
     @classmethod
     def of(cls, cfg) -> Paths:
-        return cls(Path(cfg.workdir))
+        return cls(Path(cfg.workdir), cfg.features.cache_dir, cfg.features.vocab_path, cfg.pretrain.dir)
 
     @property
     def raw(self) -> Path:  # simulator output: events/users/foods/truth parquet
@@ -32,11 +35,15 @@ class Paths:
 
     @property
     def text_cache(self) -> Path:  # message vectors keyed by (encoder, text hash); no text
-        return self.features / "text_cache"
+        return Path(self.cache_dir) if self.cache_dir else self.features / "text_cache"
+
+    @property
+    def vocab(self) -> Path:
+        return Path(self.vocab_path) if self.vocab_path else self.features / "vocab.json"
 
     @property
     def pretrain(self) -> Path:
-        return self.root / "pretrain"
+        return Path(self.pretrain_dir) if self.pretrain_dir else self.root / "pretrain"
 
     @property
     def runs(self) -> Path:

@@ -35,3 +35,28 @@ def tiny_encoder(tiny_encoder_dir):
     from features.text_vectors import TextEncoder
 
     return TextEncoder.load(str(tiny_encoder_dir), "cpu")
+
+
+@pytest.fixture(scope="session")
+def sim_store_files(tmp_path_factory, tiny_encoder):
+    """A feature store built from the simulator at test size (configs/test.yaml), once."""
+    from features.stage import features_stage
+    from pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("sim")
+    cfg = load_config("configs/test.yaml", [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db"])
+    path = features_stage(cfg, encoder=tiny_encoder)
+    return path, cfg
+
+
+@pytest.fixture
+def sim_store(sim_store_files):
+    """(feature file, a fresh copy of its config, the model config sized from the store)."""
+    import copy
+
+    from features.dataset import model_config_for
+    from features.store import read_meta
+
+    path, cfg = sim_store_files
+    cfg = copy.deepcopy(cfg)
+    return path, cfg, model_config_for(cfg.model, read_meta(path))

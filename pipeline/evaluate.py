@@ -1,0 +1,167 @@
+"""`make evaluate`: the trained model, the baselines and (on simulator data) the oracle on
+exactly the same examples of validation, test and out-of-time test (DESIGN.md §7); metrics
+and plots to MLflow; then the champion gate (pipeline/registry.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from features import contract as C
+from features.aggregates import aggregate_features, load_aggregate_inputs
+from features.dataset import load_examples
+from features.normalise import parse_timestamps
+from features.store import SPLITS, UNLABELLED, read_meta
+from features.vocab import pseudonyms
+from pipeline import plots, registry, tracking
+from pipeline.baselines import fit_baselines, predict
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.metrics import binary_metrics
+from pipeline.paths import Paths
+from pipeline.train import DONE, PREDICTIONS, feature_files, run_name
+
+log = logging.getLogger(__name__)
+EVAL_SPLITS = ("val", "test", "oot")
+
+
+@dataclass
+class EvalResult:
+    run_id: str | None
+    metrics: dict[str, dict[str, dict]]  # model/baseline name -> split -> metrics
+    decision: registry.GateDecision | None
+
+
+def build_id(files: list[Path]) -> str:
+    metas = [read_meta(f) for f in files]
+    return hashlib.sha256(json.dumps([(m.source_fingerprint, m.created_at) for m in metas]).encode()).hexdigest()[:12]
+
+
+def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict[str, np.ndarray]:
+    """p_engaged of each baseline for every example (NaN where unlabelled), fitted on the
+    train split only; cached per feature build and logged once as MLflow runs."""
+    cache = Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet"
+    if cache.exists():
+        df = pd.read_parquet(cache)
+        if set(cfg.eval.baselines) <= set(df.columns):
+            return {b: df[b].to_numpy() for b in cfg.eval.baselines}
+    parts = [load_aggregate_inputs(f) for f in files]
+    features = [aggregate_features(a, m) for a, m in parts]
+    X, names = np.concatenate([x for x, _ in features]), features[0][1]
+    fitted = fit_baselines(X, examples["label"], examples["split"], names, cfg.eval.baselines,
+                           seed=cfg.train.seed, min_active_days=cfg.labels.min_active_days, threads=1)
+    labelled = examples["label"] != UNLABELLED
+    out = {}
+    for name, model in fitted.items():
+        p = np.full(len(X), np.nan)
+        p[labelled] = predict(model, X[labelled])
+        out[name] = p
+    pd.DataFrame(out).to_parquet(cache)
+    return out
+
+
+def oracle_predictions(cfg: Config, examples: dict, user_key: np.ndarray) -> np.ndarray | None:
+    """The simulator's own P(engaged) per example (NaN where missing): the ceiling."""
+    if not cfg.data.truth or not Path(cfg.data.truth).exists():
+        return None
+    truth = pd.read_parquet(cfg.data.truth)
+    as_of, _ = parse_timestamps(truth[C.AS_OF])
+    keys = pseudonyms(truth[C.USER_ID].astype(str).to_numpy(), cfg.features.pseudonym_key)
+    table = pd.Series(truth["p_engaged"].to_numpy(), index=pd.MultiIndex.from_arrays(
+        [keys, as_of.astype("int64").to_numpy() // 10**6]))
+    want = pd.MultiIndex.from_arrays([user_key, examples["as_of"]])
+    return table.reindex(want).to_numpy(dtype=float)
+
+
+def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
+    files = feature_files(cfg)
+    run_dir = run_dir or Paths.of(cfg).runs / run_name(cfg)
+    if not (run_dir / DONE).exists():
+        raise UserError(f"{run_dir}: no finished training run; run `make train CONFIG=...` first")
+    run_id = json.loads((run_dir / DONE).read_text())["run_id"]
+    preds = pd.read_parquet(run_dir / PREDICTIONS)
+    examples, user_key, _ = load_examples(files)
+    labels = examples["label"]
+    rows = {s: np.flatnonzero((examples["split"] == SPLITS.index(s)) & (labels != UNLABELLED)) for s in EVAL_SPLITS}
+    model_p = pd.Series(preds["p_engaged"].to_numpy(), index=preds["example"].to_numpy())
+    scores: dict[str, np.ndarray] = {"model": model_p.reindex(np.arange(len(labels))).to_numpy()}
+    scores |= baseline_predictions(cfg, files, examples)
+    oracle = oracle_predictions(cfg, examples, user_key)
+    if oracle is not None:
+        scores["oracle"] = oracle
+
+    metrics: dict[str, dict[str, dict]] = {}
+    for name, p in scores.items():
+        metrics[name] = {}
+        for s, r in rows.items():
+            ok = r[np.isfinite(p[r])]
+            if name == "model" and len(ok) != len(r):
+                raise UserError(f"{run_dir}: predictions do not cover the {s} split; re-run `make train`")
+            metrics[name][s] = binary_metrics(labels[ok], p[ok], cfg.eval.top_frac, cfg.eval.calibration_bins)
+    _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir)
+    decision = None
+    if run_id:
+        decision = registry.gate(cfg, run_id, files, rows, labels, {s: scores["model"][r] for s, r in rows.items()})
+    print_table(metrics, run_dir.name, decision)
+    (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None}, default=float, indent=1))
+    return EvalResult(run_id, metrics, decision)
+
+
+def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path) -> None:
+    if not run_id:
+        return
+    bid = build_id(files)
+    tracking.setup(cfg)
+    with mlflow.start_run(run_id=run_id):
+        for s in EVAL_SPLITS:
+            tracking.log_metrics(metrics["model"][s], prefix=f"{s}_")
+            tracking.log_metrics({f"{s}_oracle_roc_auc": metrics.get("oracle", {}).get(s, {}).get("roc_auc")})
+        mlflow.set_tag("build_id", bid)
+        plot_dir = run_dir / "plots"
+        for s in ("test", "oot"):
+            curves = {n: (labels[rows[s]], p[rows[s]]) for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
+            paths = [plots.plot_roc(curves, plot_dir / f"roc_{s}.png", f"ROC ({s})"),
+                     plots.plot_pr(curves, plot_dir / f"pr_{s}.png", f"Precision-recall, disengaged ({s})"),
+                     plots.plot_calibration(curves, plot_dir / f"calibration_{s}.png", cfg.eval.calibration_bins,
+                                            f"Calibration ({s})"),
+                     plots.plot_lift(curves, plot_dir / f"lift_{s}.png", cfg.eval.top_frac, f"Lift ({s})")]
+            tracking.log_artifacts(paths, "plots")
+        from pipeline.attention import attention_plots
+
+        tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
+    # Baselines and the oracle: one run each per feature build, created once.
+    client = tracking.client(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    for name in [n for n in metrics if n != "model"]:
+        kind = "oracle" if name == "oracle" else "baseline"
+        found = client.search_runs([exp.experiment_id], f"tags.build_id = '{bid}' and tags.baseline = '{name}'")
+        if found:
+            continue
+        with mlflow.start_run(run_name=name):
+            mlflow.set_tags({"stage": "evaluate", "kind": kind, "baseline": name, "build_id": bid,
+                             "config_name": cfg.name, "git_commit": tracking.git_commit()})
+            tracking.log_dataset(str(files[0]), read_meta(files[0]).source_fingerprint, context="evaluation")
+            for s in EVAL_SPLITS:
+                tracking.log_metrics(metrics[name][s], prefix=f"{s}_")
+
+
+def print_table(metrics: dict, model_name: str, decision) -> None:
+    print(f"\nevaluation of {model_name} (ROC-AUC / PR-AUC of the disengaged / recall in the top 10% riskiest)")
+    print(f"  {'':<18}" + "".join(f"{s:>26}" for s in EVAL_SPLITS))
+    order = sorted(metrics, key=lambda n: -np.nan_to_num(metrics[n]["test"]["roc_auc"]))
+    for name in order:
+        cells = "".join(f"{m['roc_auc']:>10.3f}{m['pr_auc']:>8.3f}{m['recall_at_top']:>8.3f}"
+                        for m in (metrics[name][s] for s in EVAL_SPLITS))
+        label = model_name if name == "model" else name
+        print(f"  {label[:18]:<18}{cells}")
+    if decision:
+        champ = "-" if decision.champion is None else f"{decision.champion:.4f}"
+        print(f"  champion gate: candidate {decision.candidate:.4f} vs champion {champ} -> "
+              f"{'PROMOTED' if decision.promoted else 'kept'} version {decision.version} ({decision.reason})")

@@ -1,0 +1,178 @@
+"""Pieces shared by pretraining and training: optimizer, warm-up + cosine schedule, a data
+order that can resume mid-epoch, atomic checkpoints of the whole training state, and the
+DistributedDataParallel plumbing (one process per rank under `torchrun`).
+
+Exact resume: the data order of epoch e is a permutation drawn from a generator seeded
+with (seed, e); dropout draws from torch's global RNG, whose state is checkpointed with the
+model, optimizer and scheduler. Restarting from a checkpoint at step k of epoch e replays
+steps k.. of the same permutation with the same RNG state, so an interrupted run ends with
+the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import get_cosine_schedule_with_warmup
+
+from features.io import atomic_path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings (as in BERT / nanoGPT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_frac: float):
+    warmup = max(1, int(round(warmup_frac * total_steps)))
+    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, warmup + 1))
+
+
+class EpochOrder(Sampler[int]):
+    """Indices of one epoch in a seeded order, this rank's share only, starting at a batch.
+
+    rank r of w ranks takes positions r, r+w, ... of the permutation (disjoint shards, the
+    same number of batches on every rank so DDP's collective calls line up)."""
+
+    def __init__(self, n: int, seed: int, epoch: int, batch_size: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).numpy()
+        per_rank = n // world
+        self.order = order[rank : per_rank * world : world][start_batch * batch_size :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    return -(-(n // world) // batch_size)
+
+
+def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0, pin: bool = False) -> DataLoader:
+    # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
+    # global RNG, so re-creating one after a resume would shift every later dropout mask.
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
+        num_workers=num_workers, pin_memory=pin, persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def save_state(path: Path, **state) -> None:
+    """Atomically write a checkpoint (tensors, numbers, strings, dicts, lists only, so it
+    loads with `torch.load(weights_only=True)`)."""
+    state["torch_rng"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather_arrays(d: Dist, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Concatenate each array over ranks (validation predictions); a no-op on one process."""
+    if not d.enabled:
+        return list(arrays)
+    out = []
+    for a in arrays:
+        parts: list = [None] * d.world
+        dist.all_gather_object(parts, a)
+        out.append(np.concatenate(parts))
+    return out
+
+
+def broadcast_flag(d: Dist, flag: bool) -> bool:
+    """Rank 0's decision (e.g. early stopping) for every rank."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(example ids, labels, p_engaged) for every example of a loader, in eval mode."""
+    from pipeline.devices import autocast
+
+    was_training = model.training
+    model.eval()
+    ids, ys, ps = [], [], []
+    for batch in data:
+        batch = to_device(batch, device)
+        with autocast(device):
+            logits, _ = model(batch)
+        ids.append(batch["example"].cpu().numpy())
+        ys.append(batch["label"].cpu().numpy())
+        ps.append(torch.sigmoid(logits.float()).cpu().numpy())
+    model.train(was_training)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(ids), np.concatenate(ys), np.concatenate(ps)

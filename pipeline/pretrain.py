@@ -1,0 +1,203 @@
+"""`make pretrain`: pretrain the stream encoders on unlabelled sequences of training users,
+measure every objective on held-out (validation) users each epoch beside its baseline, and
+save one checkpoint per encoder for `make train` (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from features.dataset import FeatureDataset, collate, model_config_for
+from features.store import read_meta
+from models.checkpoint import save_encoder
+from models.encoders import ENCODERS
+from pipeline import loop, tracking
+from pipeline.config import Config, save_config, to_dict
+from pipeline.devices import autocast, resolve_device
+from pipeline.errors import UserError
+from pipeline.objectives import OBJECTIVES, JointObjective
+from pipeline.paths import Paths
+from pipeline.train import feature_files
+
+log = logging.getLogger(__name__)
+LAST, DONE = "last.pt", "done.json"
+
+
+@dataclass
+class PretrainResult:
+    run_id: str | None
+    directory: Path
+    checkpoints: dict[str, Path]
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def latest_windows(data: FeatureDataset, idx: np.ndarray, per_user: int) -> np.ndarray:
+    """The `per_user` latest examples of each user among `idx`: they see the most history."""
+    users = data.user_key[idx]
+    as_of = data.examples["as_of"][idx]
+    order = np.lexsort((-as_of, users))
+    users_sorted = users[order]
+    first = np.r_[True, users_sorted[1:] != users_sorted[:-1]]
+    rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    return np.sort(idx[order[rank < per_user]])
+
+
+def pretrain(cfg: Config) -> PretrainResult:
+    pc = cfg.pretrain
+    d = loop.init_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device)
+    files = feature_files(cfg)
+    meta = read_meta(files[0])
+    mcfg = model_config_for(cfg.model, meta)
+    out = Paths.of(cfg).pretrain
+    data = FeatureDataset(files, mcfg)
+    streams = [s for s in pc.objectives if s in OBJECTIVES]
+    unknown = set(pc.objectives) - set(OBJECTIVES)
+    if unknown:
+        raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {list(OBJECTIVES)}")
+    empty = [s for s in streams if not data.examples[f"{s}_end"].any()]
+    streams = [s for s in streams if s not in empty]
+    if empty and d.main:
+        print(f"pretrain: no {', '.join(empty)} items in this data; skipping those objectives")
+    if not streams:
+        raise UserError("pretrain: no objective has data; set pretrain.objectives")
+    fingerprint = hashlib.sha256(json.dumps(
+        [to_dict(cfg)["pretrain"], to_dict(cfg)["model"], [(m.source_fingerprint, m.created_at) for m in map(read_meta, files)]],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    checkpoints = {s: out / f"{s}.pt" for s in streams}
+    done = out / DONE
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        info = json.loads(done.read_text())
+        if d.main:
+            print(f"pretrain: encoders in {out} are up to date; reusing them")
+        return PretrainResult(info["run_id"], out, checkpoints, info["metrics"], skipped=True)
+
+    train_set = data.subset(latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user))
+    held_out = data.subset(latest_windows(data, data.select(["val"], labelled=False), 1))
+    loop.seed_everything(pc.seed)
+    options = {"conversation": {"min_messages": pc.min_messages}, "events": {"mask_prob": pc.mask_prob_events}}
+    joint = JointObjective({s: OBJECTIVES[s](ENCODERS[s](mcfg), **options.get(s, {})) for s in streams},
+                           {s: float(pc.weights.get(s, 1.0)) for s in streams}).to(device)
+    objectives = joint.objectives
+    net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
+    optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
+    per_epoch = loop.batches_per_epoch(len(train_set), pc.batch_size, d.world)
+    scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
+    state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
+    if (out / LAST).exists():
+        saved = loop.load_state(out / LAST)
+        if saved["fingerprint"] == fingerprint:
+            objectives.load_state_dict(saved["objectives"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = {k: saved[k] for k in state}
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        save_config(cfg, out)
+    data_input = {"path": str(files[0]), "digest": meta.source_fingerprint}
+    with tracking.stage_run(cfg, "pretrain", "pretrain-" + "+".join(streams), {"kind": "pretrain"},
+                            resume_run_id=state["run_id"], data=data_input) as run_id:
+        state["run_id"] = run_id
+        while state["epoch"] < pc.epochs:
+            epoch = state["epoch"]
+            g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
+            sampler = loop.EpochOrder(len(train_set), pc.seed, epoch, pc.batch_size, state["batch"], d.rank, d.world)
+            bar = tqdm(loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers), total=per_epoch,
+                       initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)
+            running = {s: [] for s in streams}
+            counts = {s: np.zeros(objectives[s].vocab, np.int64) for s in streams if s != "conversation"}
+            objectives.train()
+            for batch in bar:
+                with autocast(device):
+                    loss, results = net(loop.to_device(batch, device), g)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(objectives.parameters(), pc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                for s in streams:
+                    running[s].append(results[s][0].item())
+                    if s in counts and results[s][1]["n"]:
+                        counts[s] += np.bincount(results[s][1]["targets"].numpy(), minlength=len(counts[s]))
+                state["batch"] += 1
+                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in streams})
+            metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
+            metrics |= evaluate_objectives(objectives, held_out, pc.batch_size, counts, pc.seed)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            tracking.log_metrics(metrics, step=epoch)
+            state["metrics"] = metrics
+            if d.main:
+                tqdm.write(f"pretrain epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                for s in streams:
+                    save_encoder(objectives[s].encoder, mcfg, checkpoints[s], meta={"epoch": epoch, **metrics})
+            state["epoch"], state["batch"] = epoch + 1, 0
+            if d.main:
+                loop.save_state(out / LAST, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), **state)
+        if d.main:
+            if run_id:
+                tracking.log_artifacts(list(checkpoints.values()), "encoders")
+            done.write_text(json.dumps({"fingerprint": fingerprint, "run_id": run_id, "metrics": state["metrics"]}))
+            print_report(state["metrics"], out)
+    return PretrainResult(run_id, out, checkpoints, state["metrics"])
+
+
+@torch.no_grad()
+def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train_counts: dict, seed: int) -> dict:
+    """Each objective on held-out users with a fixed corruption seed, beside its baseline:
+    chance for negative sampling, the most frequent training targets for masked food/events."""
+    objectives.eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    agg: dict = {s: {"n": 0, "correct": 0, "top1": 0, "top10": 0, "scores": [], "targets": []} for s in objectives}
+    for batch in loop.loader(data, batch_size, collate):
+        for s, obj in objectives.items():
+            loss, st = obj(batch[s], g)
+            if not st["n"]:
+                continue
+            a = agg[s]
+            a["n"] += st["n"]
+            for k in ("correct", "top1", "top10"):
+                a[k] += st.get(k, 0)
+            a["targets"].append(st["targets"].numpy())
+            if "scores" in st:
+                a["scores"].append(st["scores"].numpy())
+    objectives.train()
+    out = {}
+    for s, a in agg.items():
+        if not a["n"]:
+            continue
+        targets = np.concatenate(a["targets"])
+        if s == "conversation":
+            scores = np.concatenate(a["scores"])
+            out["heldout_nsp_accuracy"] = a["correct"] / a["n"]
+            out["heldout_nsp_auc"] = roc_auc_score(targets, scores) if len(np.unique(targets)) > 1 else float("nan")
+            out["baseline_nsp_accuracy"] = max(targets.mean(), 1 - targets.mean())
+        else:
+            popular = np.argsort(-train_counts[s], kind="stable")
+            name = "food" if s == "food" else "event"
+            out[f"heldout_{name}_top1"] = a["top1"] / a["n"]
+            out[f"baseline_{name}_top1"] = float(np.isin(targets, popular[:1]).mean())
+            if s == "food":
+                out["heldout_food_top10"] = a["top10"] / a["n"]
+                out["baseline_food_top10"] = float(np.isin(targets, popular[:10]).mean())
+    return out
+
+
+def print_report(m: dict, out: Path) -> None:
+    rows = [("negative sampling: accuracy", "heldout_nsp_accuracy", "baseline_nsp_accuracy"),
+            ("masked food: top-1", "heldout_food_top1", "baseline_food_top1"),
+            ("masked food: top-10", "heldout_food_top10", "baseline_food_top10"),
+            ("masked events: top-1", "heldout_event_top1", "baseline_event_top1")]
+    print(f"pretrain: encoders saved to {out}\n  {'objective (held-out users)':<32}{'model':>8}{'baseline':>10}")
+    for label, k, b in rows:
+        if k in m:
+            print(f"  {label:<32}{m[k]:>8.3f}{m[b]:>10.3f}")

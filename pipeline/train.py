@@ -1,0 +1,232 @@
+"""`make train`: fine-tune the engagement model from pretrained encoders (or from scratch),
+AdamW + warm-up/cosine, gradient clipping, early stopping on validation ROC-AUC, the best
+checkpoint kept, exact resume after a kill, DDP under torchrun (DESIGN.md §7, §11)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm.auto import tqdm
+
+from features.dataset import FeatureDataset, collate, model_config_for
+from features.store import SPLITS, read_meta
+from models.engagement import EngagementModel
+from pipeline import loop, tracking
+from pipeline.config import Config, ModelConfig, save_config, to_dict
+from pipeline.devices import autocast, resolve_device
+from pipeline.errors import UserError
+from pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+LAST, BEST, DONE, PREDICTIONS = "last.pt", "best.pt", "done.json", "predictions.parquet"
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    run_dir: Path
+    checkpoint: Path
+    best_epoch: int
+    val_roc_auc: float
+    skipped: bool = False
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    streams = "all" if len(cfg.model.streams) == 3 else "+".join(cfg.model.streams)
+    frozen = "-frozen" if cfg.train.freeze_encoders else ""
+    return f"{cfg.train.init}{frozen}-{round(cfg.train.label_fraction * 100)}pct-{streams}-{cfg.model.pooling}"
+
+
+def feature_files(cfg: Config) -> list[Path]:
+    """The unsharded feature file, else every shard file of the build."""
+    paths = Paths.of(cfg)
+    if paths.feature_file.exists():
+        return [paths.feature_file]
+    shards = sorted(paths.features.glob("features-*-of-*.h5"))
+    if not shards:
+        raise UserError(f"no feature file under {paths.features}; run `make features CONFIG=...` first")
+    return shards
+
+
+def _fingerprint(cfg: Config, files: list[Path]) -> str:
+    """Identity of a training run: its config (minus bookkeeping) and its input files."""
+    d = to_dict(cfg)
+    d["train"].pop("checkpoint_every_steps", None)
+    d["train"].pop("num_workers", None)
+    metas = [read_meta(f) for f in files]
+    blob = json.dumps([d, [(m.source_fingerprint, m.created_at) for m in metas]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_model(cfg: Config, mcfg: ModelConfig, device: torch.device) -> EngagementModel:
+    model = EngagementModel(mcfg)
+    if cfg.train.init == "pretrained":
+        pre = Paths.of(cfg).pretrain
+        for stream in model.streams:
+            ckpt = pre / f"{stream}.pt"
+            if not ckpt.exists():
+                raise UserError(
+                    f"{ckpt}: no pretrained {stream} encoder; run `make pretrain CONFIG=...` first "
+                    "or train from scratch with train.init=scratch"
+                )
+            model.load_encoder(stream, ckpt, freeze=cfg.train.freeze_encoders)
+    elif cfg.train.init != "scratch":
+        raise UserError(f"train.init={cfg.train.init!r}; use pretrained or scratch")
+    return model.to(device)
+
+
+def train(cfg: Config) -> TrainResult:
+    tc = cfg.train
+    d = loop.init_distributed(tc.device)
+    device = resolve_device(tc.device) if not d.enabled or tc.device != "auto" or not torch.cuda.is_available() \
+        else torch.device("cuda", d.local_rank)
+    files = feature_files(cfg)
+    name = run_name(cfg)
+    run_dir = Paths.of(cfg).runs / name
+    fingerprint = _fingerprint(cfg, files)
+    done = run_dir / DONE
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        info = json.loads(done.read_text())
+        if d.main:
+            print(f"train: {name} is already trained on these features (val ROC-AUC {info['val_roc_auc']:.4f}); reusing {run_dir}")
+        return TrainResult(info["run_id"], run_dir, run_dir / BEST, info["best_epoch"], info["val_roc_auc"], skipped=True)
+
+    meta = read_meta(files[0])
+    mcfg = model_config_for(cfg.model, meta)
+    data = FeatureDataset(files, mcfg)
+    train_idx = data.select(["train"], user_fraction=tc.label_fraction)
+    val_idx = data.select(["val"])
+    if not len(train_idx) or not len(val_idx):
+        raise UserError(f"{files[0]}: {len(train_idx)} labelled train and {len(val_idx)} val examples; need both")
+    train_set, val_set = data.subset(train_idx), data.subset(val_idx)
+
+    loop.seed_everything(tc.seed)
+    model = build_model(cfg, mcfg, device)
+    model.set_output_bias(float(train_set.labels().mean()))
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if d.enabled else model
+    optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)
+    per_epoch = loop.batches_per_epoch(len(train_set), tc.batch_size, d.world)
+    scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -np.inf, "best_epoch": -1, "bad_epochs": 0,
+             "history": [], "run_id": None, "fingerprint": fingerprint, "loss_sum": 0.0, "loss_n": 0}
+    last = run_dir / LAST
+    if last.exists():
+        saved = loop.load_state(last)
+        if saved["fingerprint"] == fingerprint:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            state = {k: saved[k] for k in state}
+            if d.main:
+                print(f"train: resuming {name} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        save_config(cfg, run_dir)
+
+    def checkpoint() -> None:
+        if d.main:
+            loop.save_state(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), **state)
+
+    data_input = {"path": str(files[0]), "digest": meta.source_fingerprint}
+    tags = {"kind": "model", "init": tc.init, "label_fraction": str(tc.label_fraction),
+            "streams": "+".join(model.streams), "pooling": cfg.model.pooling, "world_size": str(d.world)}
+    with tracking.stage_run(cfg, "train", name, tags, resume_run_id=state["run_id"], data=data_input) as run_id:
+        state["run_id"] = run_id
+        val_loader = loop.loader(val_set, tc.batch_size * 2, collate,
+                                 sampler=list(range(d.rank, len(val_set), d.world)), num_workers=tc.num_workers)
+        stop = False
+        while state["epoch"] < tc.epochs and not stop:
+            epoch = state["epoch"]
+            sampler = loop.EpochOrder(len(train_set), tc.seed, epoch, tc.batch_size, state["batch"], d.rank, d.world)
+            batches = loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers, pin=device.type == "cuda")
+            bar = tqdm(batches, desc=f"train {epoch + 1}/{tc.epochs}", initial=state["batch"], total=per_epoch,
+                       disable=not d.main, leave=False)
+            net.train()
+            recent: list[float] = []
+            for batch in bar:
+                batch = loop.to_device(batch, device)
+                with autocast(device):
+                    _, loss = net(batch, batch["label"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                recent = (recent + [loss.item()])[-50:]
+                state["loss_sum"] += recent[-1]
+                state["loss_n"] += 1
+                state["batch"] += 1
+                state["step"] += 1
+                bar.set_postfix(loss=f"{np.mean(recent):.4f}", best_val_auc=f"{state['best_auc']:.4f}")
+                if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
+                    checkpoint()
+            _, y, p = loop.predict(model, val_loader, device)
+            _, y, p = loop.gather_arrays(d, _, y, p)
+            auc = float(roc_auc_score(y, p)) if len(np.unique(y)) > 1 else float("nan")
+            # epoch_* per epoch; evaluate logs the best model's val_/test_/oot_ metrics
+            metrics = {"train_loss": state["loss_sum"] / max(state["loss_n"], 1), "epoch_val_roc_auc": auc,
+                       "epoch_val_log_loss": float(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1])),
+                       "lr": scheduler.get_last_lr()[0]}
+            tracking.log_metrics(metrics, step=epoch)
+            state["history"].append(metrics)
+            # Early stopping on val ROC-AUC; a single-class val split has none: use -log loss.
+            score = auc if np.isfinite(auc) else -metrics["epoch_val_log_loss"]
+            if score > state["best_auc"] or state["best_epoch"] < 0:
+                state.update(best_auc=score, best_epoch=epoch, bad_epochs=0)
+                if d.main:
+                    save_model(run_dir / BEST, model, mcfg, cfg, epoch, auc)
+            else:
+                state["bad_epochs"] += 1
+            if d.main:
+                tqdm.write(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}  val ROC-AUC {auc:.4f}"
+                           f"  (best {state['best_auc']:.4f} @ {state['best_epoch'] + 1})")
+            stop = loop.broadcast_flag(d, state["bad_epochs"] >= tc.patience)
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
+            checkpoint()
+        result = TrainResult(run_id, run_dir, run_dir / BEST, state["best_epoch"], state["best_auc"])
+        if d.main:
+            _finish(cfg, result, data, mcfg, device, fingerprint)
+    return result
+
+
+def save_model(path: Path, model: EngagementModel, mcfg: ModelConfig, cfg: Config, epoch: int, auc: float) -> None:
+    loop.save_state(path, state_dict=model.state_dict(), model_config=asdict(mcfg), config=to_dict(cfg),
+                    epoch=epoch, val_roc_auc=auc)
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[EngagementModel, dict]:
+    """A saved engagement model (weights_only load) and its checkpoint dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = EngagementModel(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
+
+
+def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device, fingerprint: str) -> None:
+    """Predictions of the best model on every labelled split, logged with the model."""
+    model, _ = load_model(result.checkpoint, device)
+    idx = data.select(["val", "test", "oot"])
+    ids, y, p = loop.predict(model, loop.loader(data.subset(idx), cfg.train.batch_size * 2, collate), device)
+    pd.DataFrame({"example": ids, "split": [SPLITS[s] for s in data.examples["split"][ids]],
+                  "label": y.astype(np.int8), "p_engaged": p}).to_parquet(result.run_dir / PREDICTIONS)
+    if result.run_id:
+        tracking.log_artifacts([result.checkpoint], "model")
+        tracking.log_artifacts([result.run_dir / PREDICTIONS])
+        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc})
+    (result.run_dir / DONE).write_text(json.dumps({
+        "fingerprint": fingerprint, "run_id": result.run_id, "best_epoch": result.best_epoch,
+        "val_roc_auc": result.val_roc_auc}))
+    print(f"train: {result.run_dir.name} best val ROC-AUC {result.val_roc_auc:.4f} at epoch "
+          f"{result.best_epoch + 1}; model {result.checkpoint}")

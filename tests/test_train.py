@@ -1,0 +1,191 @@
+"""Training, evaluation, MLflow tracking and the champion gate, on a tiny simulator store."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from pipeline import registry
+from pipeline.compare import compare
+from pipeline.evaluate import evaluate
+from pipeline.train import LAST, load_model, train
+
+
+@pytest.fixture
+def cfg(sim_store, tmp_path):
+    _, cfg, _ = sim_store
+    cfg.train.init = "scratch"
+    cfg.train.epochs = 2
+    cfg.train.checkpoint_every_steps = 3
+    cfg.tracking.uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.tracking.experiment = "t"
+    return cfg
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch):
+    import pipeline.train as T
+
+    cfg.train.run_name = "whole"
+    whole = train(cfg)
+    state_whole = torch.load(whole.run_dir / LAST, weights_only=True)
+
+    cfg.train.run_name = "killed"
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def crash_at_step_8(*a, **k):  # between the checkpoints of steps 6 and 9
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    saved = torch.load(whole.run_dir.parent / "killed" / LAST, weights_only=True)
+    assert saved["step"] == 6 and saved["epoch"] == 0  # mid-epoch checkpoint on disk
+    monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", real)
+    resumed = train(cfg)
+    state_resumed = torch.load(resumed.run_dir / LAST, weights_only=True)
+    assert state_resumed["step"] == state_whole["step"]
+    for k, v in state_whole["model"].items():
+        assert torch.equal(v, state_resumed["model"][k]), k
+    assert state_resumed["history"] == state_whole["history"]
+    assert resumed.val_roc_auc == whole.val_roc_auc
+    # The resumed run continued the same MLflow run instead of starting another.
+    assert resumed.run_id == saved["run_id"]
+
+
+def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_path):
+    cfg.train.run_name = "good"
+    cfg.train.epochs = 3
+    good = train(cfg)
+    first = evaluate(cfg, good.run_dir)
+    assert first.decision.promoted and first.decision.reason == "no champion yet"
+    for name in ("model", "prevalence", "active_last_week", "logistic", "hgb", "oracle"):
+        assert set(first.metrics[name]) == {"val", "test", "oot"}
+    assert first.metrics["prevalence"]["test"]["roc_auc"] == 0.5
+    assert first.metrics["oracle"]["test"]["roc_auc"] > 0.6  # the simulator's own probability
+
+    # A worse candidate: the same architecture with its head scrambled.
+    model, ckpt = load_model(good.checkpoint)
+    bad_dir = good.run_dir.parent / "bad"
+    bad_dir.mkdir()
+    for f in ("done.json", "predictions.parquet", "config.yaml"):
+        (bad_dir / f).write_bytes((good.run_dir / f).read_bytes())
+    preds = pd.read_parquet(bad_dir / "predictions.parquet")
+    preds["p_engaged"] = 1 - preds["p_engaged"]  # ranks reversed
+    preds.to_parquet(bad_dir / "predictions.parquet")
+    with torch.no_grad():
+        model.head[-1].weight.neg_()
+        model.head[-1].bias.neg_()
+    from pipeline.train import save_model
+
+    save_model(bad_dir / "best.pt", model, model.config, cfg, 0, 0.0)
+    tracking_uri = cfg.tracking.uri
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_name="bad") as run:
+        mlflow.set_tags({"kind": "model", "stage": "train"})
+        mlflow.log_artifact(str(bad_dir / "best.pt"), "model")
+    info = json.loads((bad_dir / "done.json").read_text()) | {"run_id": run.info.run_id}
+    (bad_dir / "done.json").write_text(json.dumps(info))
+    second = evaluate(cfg, bad_dir)
+    d = second.decision
+    assert not d.promoted and d.reason == "champion is as good or better"
+    assert d.champion == pytest.approx(first.metrics["model"]["val"]["roc_auc"], abs=1e-6)  # re-scored, same examples
+    assert registry.champion_version(cfg).run_id == good.run_id
+    client = mlflow.MlflowClient(tracking_uri)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["promoted"] == "False" and "gate_champion_val_roc_auc" in client.get_run(run.info.run_id).data.metrics
+
+    # Runs carry what DESIGN §8 asks for.
+    r = client.get_run(good.run_id)
+    assert "train.lr" in r.data.params and r.data.tags["git_commit"]
+    assert {"val_roc_auc", "test_roc_auc", "oot_roc_auc", "test_ece", "test_lift_at_top"} <= set(r.data.metrics)
+    assert len(client.get_metric_history(good.run_id, "epoch_val_roc_auc")) == 3  # one per epoch
+    assert r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.digest
+    arts = {a.path for a in client.list_artifacts(good.run_id, "plots")}
+    assert {"plots/roc_test.png", "plots/calibration_oot.png", "plots/lift_test.png"} <= arts
+    assert any(a.startswith("plots/attention_") for a in arts)
+
+    # compare reads it all back from MLflow, in every format.
+    out = io.StringIO()
+    df = compare(cfg, fmt="csv", out=out)
+    table = pd.read_csv(io.StringIO(out.getvalue()))
+    assert {"oracle", "hgb", "logistic", "prevalence", "active_last_week", "good"} <= set(table["name"])
+    assert table.loc[table.name == "good", "champion"].eq("*").all()
+    assert list(table["kind"]).index("oracle") == 0
+    for fmt in ("json", "markdown", "table"):
+        out = io.StringIO()
+        compare(cfg, fmt=fmt, out=out)
+        assert "hgb" in out.getvalue()
+    assert len(json.loads(_format(cfg, "json"))) == len(df)
+
+
+def _format(cfg, fmt):
+    out = io.StringIO()
+    compare(cfg, fmt=fmt, out=out)
+    return out.getvalue()
+
+
+def test_no_raw_user_ids_or_message_text_reach_mlflow(cfg, tmp_path):
+    cfg.train.run_name = "privacy"
+    cfg.features.pseudonym_key = "s3cret-production-key"  # as if from $ENGAGEMENT_PSEUDONYM_KEY
+    result = train(cfg)
+    evaluate(cfg, result.run_dir)
+    events = pd.read_parquet(cfg.data.events)
+    blob = (tmp_path / "mlflow.db").read_bytes()
+    for f in (tmp_path / "mlartifacts").rglob("*"):
+        if f.is_file():
+            blob += f.read_bytes()
+    users = events.user_id.unique()
+    assert not [u for u in users if u.encode() in blob]
+    texts = events.text.dropna()
+    long_texts = texts[texts.str.len() > 25].unique()[:300]
+    assert len(long_texts) > 50 and not [t for t in long_texts if t.encode() in blob]
+    assert b"s3cret-production-key" not in blob  # the pseudonym key is never logged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_on_loopback_round_trip(tmp_path):
+    port = _free_port()
+    exe = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")]
+    proc = subprocess.Popen(exe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        client = mlflow.MlflowClient(uri)
+        for _ in range(120):
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                time.sleep(0.5)
+        exp = client.create_experiment("over-http")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "test_roc_auc", 0.75)
+        client.log_param(run.info.run_id, "train.lr", "0.001")
+        client.set_terminated(run.info.run_id)
+        back = client.get_run(run.info.run_id)
+        assert back.data.metrics["test_roc_auc"] == 0.75 and back.data.params["train.lr"] == "0.001"
+        bound = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                 and c.status == psutil.CONN_LISTEN}
+        assert bound == {"127.0.0.1"}  # loopback only
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert np.isfinite(back.data.metrics["test_roc_auc"])
