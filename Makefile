@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 .PHONY: help install demo demo-kdd test test-full lint simulate validate features pretrain \
-        train evaluate compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui \
+        train evaluate experiments compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui \
         jobs-list clean clean-data
 
 help: ## list targets
@@ -63,6 +63,9 @@ train: $(STAMP) ## train the engagement model (fine-tunes pretrained encoders by
 
 evaluate: $(STAMP) ## evaluate the latest model and the baselines on val/test/out-of-time
 	$(PY) -m pipeline evaluate --config $(CONFIG) $(ARGS)
+
+experiments: $(STAMP) ## pretrained vs scratch at 5/20/100% labels, ablations, CLS vs mean pooling
+	$(PY) -m pipeline experiments --config $(CONFIG) $(ARGS)
 
 compare: $(STAMP) ## print runs side by side from MLflow (ARGS='--format markdown')
 	$(PY) -m pipeline compare --config $(CONFIG) $(ARGS)

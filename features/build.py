@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from features import contract as C
 from features import labels as L
 from features import timebuckets as tb
+from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
 from features.vocab import Vocab, content_buckets, pseudonyms, shard_of
 from pipeline.config import Config, to_dict
@@ -66,6 +67,8 @@ def build_features(
     with timer.step("prepare"):
         ts_all = _ts_seconds(events[C.TS])
         first_ts, data_end = int(ts_all.min()), (int(ts_all.max()) // L.DAY + 1) * L.DAY
+        if cfg.data.until:  # the log ends at `until` by definition, even after a quiet day
+            data_end = int(to_utc(cfg.data.until).timestamp())
         vocab.extend(events, cfg.data.foods)
         calendar = L.cutoff_calendar(first_ts, data_end, lc)
         if fc.shard is not None:  # after global facts, before per-user work

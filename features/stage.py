@@ -3,6 +3,7 @@ its JSON manifest atomically, print a summary."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,10 +16,11 @@ from features import validate as V
 from features.build import build_features
 from features.io import fingerprint, read_table, write_text_atomic
 from features.normalise import to_utc
-from features.store import write_store
+from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
-from pipeline.config import Config, save_config
+from pipeline.config import Config, save_config, to_dict
+from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.sources import ensure_raw
 
@@ -52,11 +54,41 @@ def output_path(cfg: Config) -> Path:
     return paths.shard_feature_file(cfg.features.shard, cfg.features.num_shards)
 
 
+def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
+    """Everything a feature file depends on: inputs, label/feature settings, the encoder's
+    weights. The same key means the existing file is what a rebuild would write."""
+    from features.text_vectors import encoder_identity
+
+    d = to_dict(cfg)
+    feats = {k: v for k, v in d["features"].items() if k not in ("text_batch_size", "text_device")}
+    parts = [SCHEMA_VERSION, report["source_fingerprint"], d["labels"], feats, d["data"]["until"],
+             fingerprint([cfg.data.labels]) if cfg.data.labels else None,
+             encoder.identity if encoder else encoder_identity(cfg.features.text_encoder)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _up_to_date(out: Path, key: str) -> bool:
+    manifest = out.with_suffix(".json")
+    if not (out.exists() and manifest.exists()) or json.loads(manifest.read_text()).get("build_key") != key:
+        return False
+    try:
+        read_meta(out)  # still a readable store of this schema version
+    except UserError:
+        return False
+    return True
+
+
 def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
-    """Build <workdir>/features/features.h5 (or a shard file) from `data.events`."""
+    """Build <workdir>/features/features.h5 (or a shard file) from `data.events`; a file
+    already built from the same inputs and settings is reused as is."""
     paths = Paths.of(cfg)
     vdir = ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
+    out = output_path(cfg)
+    key = build_key(cfg, report, encoder)
+    if _up_to_date(out, key):
+        print(f"features: {out} is up to date (same inputs and settings); reusing it")
+        return out
     events = pq.read_table(vdir / V.EVENTS)
     if cfg.data.until:  # as if the log ended there (backfills, scoring a past date)
         until = pa.scalar(to_utc(cfg.data.until), pa.timestamp("us", tz="UTC"))
@@ -79,11 +111,11 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
         encoder.dim if has_messages else 0, encoder.identity if has_messages else "none", vocab, labels,
         source_fingerprint=report["source_fingerprint"],
     )
-    out = output_path(cfg)
     write_store(out, built.arrays, built.meta)
     vocab.save(vocab_path)
     manifest = {
         "feature_file": str(out),
+        "build_key": key,
         "schema_version": built.meta.schema_version,
         "created_at": built.meta.created_at,
         "source_fingerprint": built.meta.source_fingerprint,

@@ -55,6 +55,16 @@ def _weights_identity(name: str, path: Path) -> str:
     return f"{Path(name).name or name}-{h.hexdigest()[:12]}"
 
 
+def encoder_identity(name: str) -> str:
+    """The cache/build identity of an encoder without loading it (local dirs only; a hub
+    name is identified by its name)."""
+    try:
+        path = Path(resolve_encoder_path(name))
+    except UserError:
+        return name
+    return _weights_identity(name, path) if path.is_dir() else name
+
+
 @dataclass
 class TextEncoder:
     name: str

@@ -24,6 +24,7 @@ STAGES = {
     "compare": "print MLflow runs side by side",
     "diagnose": "checks that explain why a model learns nothing",
     "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
+    "experiments": "pretrained vs scratch at 5/20/100% labels, ablations, pooling (configs/experiments.yaml)",
 }
 
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-shards", type=int, help="number of user shards")
         if name == "compare":
             p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+            p.add_argument("--all-builds", action="store_true", help="also runs on older feature builds")
+        if name == "experiments":
+            p.add_argument("--only", help="comma-separated experiment names")
     return parser
 
 
@@ -107,11 +111,15 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
     elif stage == "compare":
         from pipeline.compare import compare
 
-        compare(cfg, fmt=args.format)
+        compare(cfg, fmt=args.format, all_builds=args.all_builds)
     elif stage == "diagnose":
         from pipeline.diagnose import diagnose
 
         diagnose(cfg)
+    elif stage == "experiments":
+        from pipeline.experiments import experiments
+
+        experiments(args.config or "configs/demo.yaml", args.overrides, args.only.split(",") if args.only else None)
     elif stage == "demo":
         from pipeline.demo import demo
 

@@ -258,3 +258,13 @@ def test_kdd_adapter_on_a_slice_of_the_real_files(tmp_path):
     assert meta.vocab["event_types"][:4] == ["message", "food_log", "weigh_in", "content_view"]
     assert {"access", "video", "problem"} <= set(meta.vocab["event_types"])
     assert a["conversation"]["embedding"].shape == (0, 0)  # no messages: no encoder needed
+
+
+def test_an_up_to_date_store_is_reused_and_a_changed_setting_rebuilds(tmp_path, tiny_encoder):
+    events = make_events(n_users=5, seed=11)
+    path, cfg = build_store(tmp_path, events, tiny_encoder)
+    stamp = path.stat().st_mtime_ns
+    again, _ = build_store(tmp_path, events, tiny_encoder)
+    assert again == path and path.stat().st_mtime_ns == stamp  # same inputs and settings: reused
+    build_store(tmp_path, events, tiny_encoder, "w", "labels.min_active_days=2")
+    assert path.stat().st_mtime_ns != stamp  # a label setting changed: rebuilt

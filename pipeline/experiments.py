@@ -1,0 +1,36 @@
+"""`make experiments`: pretrained vs scratch at 5/20/100% of the labelled training users,
+ablations without each encoder, CLS vs mean pooling (configs/experiments.yaml), each a
+train + evaluate run on the same feature build, then the comparison from MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline.compare import compare
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate
+from pipeline.train import train
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments.yaml"
+
+
+def experiment_configs(config_path: str, overrides: list[str], only: list[str] | None = None,
+                       spec: Path = EXPERIMENTS) -> dict[str, Config]:
+    runs = OmegaConf.to_container(OmegaConf.load(spec))
+    unknown = set(only or []) - set(runs)
+    if unknown:
+        raise UserError(f"{spec}: no experiment {sorted(unknown)}; choose from {', '.join(runs)}")
+    return {name: load_config(config_path, list(overrides) + list(extra))
+            for name, extra in runs.items() if not only or name in only}
+
+
+def experiments(config_path: str, overrides: list[str], only: list[str] | None = None) -> None:
+    configs = experiment_configs(config_path, overrides, only)
+    for i, (name, cfg) in enumerate(configs.items(), 1):
+        print(f"\n=== experiment {i}/{len(configs)}: {name} ===", flush=True)
+        result = train(cfg)
+        evaluate(cfg, result.run_dir)
+    compare(next(iter(configs.values())))
