@@ -24,7 +24,7 @@ STAGES = {
     "compare": "print MLflow runs side by side",
     "diagnose": "checks that explain why a model learns nothing",
     "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
-    "experiments": "pretrained vs scratch at 5/20/100% labels, ablations, pooling (configs/experiments.yaml)",
+    "experiments": "pretrained vs scratch at 5/20/100%% labels, ablations, pooling (configs/experiments.yaml)",
 }
 
 

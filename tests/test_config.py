@@ -34,3 +34,14 @@ def test_cli_show_config_and_missing_file(capsys):
     assert main(["train", "--config", "configs/missing.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "configs/missing.yaml" in err
+
+
+def test_every_shipped_config_loads_and_production_names_distilbert():
+    import glob
+
+    for path in glob.glob("configs/*.yaml"):
+        if path.endswith("experiments.yaml"):
+            continue
+        cfg = load_config(path)
+        assert cfg.name
+    assert load_config("configs/production.yaml").features.text_encoder == "distilbert-base-uncased"

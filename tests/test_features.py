@@ -268,3 +268,10 @@ def test_an_up_to_date_store_is_reused_and_a_changed_setting_rebuilds(tmp_path, 
     assert again == path and path.stat().st_mtime_ns == stamp  # same inputs and settings: reused
     build_store(tmp_path, events, tiny_encoder, "w", "labels.min_active_days=2")
     assert path.stat().st_mtime_ns != stamp  # a label setting changed: rebuilt
+
+
+def test_a_model_that_cannot_load_offline_says_how_to_point_at_a_local_copy():
+    from features.text_vectors import TextEncoder
+
+    with pytest.raises(UserError, match="local-dir .* features.text_encoder="):
+        TextEncoder.load("distilbert-base-uncased-not-on-this-machine")

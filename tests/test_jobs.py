@@ -1,0 +1,393 @@
+"""The scheduled jobs (DESIGN.md §9) on the tiny simulator (configs/test.yaml): crash and
+resume of a real process, skip and --force, the lock between two real processes, the
+champion under a failed evaluation, scores, backfill, `list`, `schedule --once`, rollback.
+
+One weekly retrain is built once for the module (`trained`) and shared; tests that would
+change it use other as-of dates or their own workdir."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from jobs import definitions
+from jobs.cli import main
+from jobs.definitions import Job, Step, retrain_config, stale_reason
+from jobs.runner import load_state, parse_day, state_path
+from jobs.schedule import serve
+from pipeline import registry
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/test.yaml"
+WEEK = "2026-02-09"  # the module's weekly retrain: a Monday with 5 simulated weeks before it
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_encoder_dir):
+    root = tmp_path_factory.mktemp("jobs")
+    overrides = [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db",
+                 f"features.text_encoder={tiny_encoder_dir}", "tracking.experiment=jobs", "train.epochs=1"]
+    return SimpleNamespace(root=root, overrides=overrides, cfg=load_config(CONFIG, overrides))
+
+
+def jobs(env, *args) -> int:
+    """`python -m jobs ...` in this process (the CLI's own main)."""
+    return main([*args, "--config", CONFIG, *env.overrides])
+
+
+def jobs_cmd(overrides, *args) -> list[str]:
+    return [sys.executable, "-m", "jobs", *args, "--config", CONFIG, *overrides]
+
+
+def state_of(env, job: str, day: str) -> dict:
+    return load_state(state_path(env.cfg, job, parse_day(day)))
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    """A real `python -m jobs run weekly-retrain` process, SIGKILLed as soon as its state
+    file shows the first step finished, then the same command again (in this process)."""
+    path = state_path(env.cfg, "weekly-retrain", parse_day(WEEK))
+    log = env.root / "killed.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(jobs_cmd(env.overrides, "run", "weekly-retrain", "--as-of", WEEK), cwd=REPO,
+                                stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        state = load_state(path)  # written atomically: never half a file
+        if state and state["steps"]["features"]["status"] == "finished":
+            break
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the features step did not finish in time"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    feature_file = Path(env.cfg.workdir) / "jobs" / "weekly-retrain" / WEEK / "features" / "features.h5"
+    at_kill, mtime = load_state(path), feature_file.stat().st_mtime_ns
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = jobs(env, "run", "weekly-retrain", "--as-of", WEEK)
+    return SimpleNamespace(killed_rc=proc.returncode, at_kill=at_kill, feature_file=feature_file, mtime=mtime,
+                           rc=rc, output=out.getvalue(), state=load_state(path))
+
+
+def test_killed_run_resumes_at_its_first_unfinished_step(trained, env):
+    assert trained.killed_rc == -signal.SIGKILL
+    at_kill = trained.at_kill
+    assert at_kill["status"] == "running" and at_kill["attempts"] == 1  # killed: nobody recorded an end
+    done_before = [s for s, r in at_kill["steps"].items() if r["status"] == "finished"]
+    first_unfinished = next(s for s, r in at_kill["steps"].items() if r["status"] != "finished")
+    assert done_before[0] == "features"
+
+    assert trained.rc == 0, trained.output
+    assert f"resuming at step '{first_unfinished}'" in trained.output
+    assert "step 1/4 features" not in trained.output  # not redone ...
+    assert trained.feature_file.stat().st_mtime_ns == trained.mtime  # ... and its output untouched
+    s = trained.state
+    assert s["status"] == "finished" and s["attempts"] == 2
+    assert all(s["steps"][name]["starts"] == 1 for name in done_before)
+    assert all(r["status"] == "finished" for r in s["steps"].values())
+    assert s["steps"]["evaluate"]["result"]["promoted"]  # the first model becomes champion
+    assert str(registry.champion_version(env.cfg).version) == s["steps"]["evaluate"]["result"]["version"]
+
+
+def test_finished_job_is_skipped_and_changes_nothing(trained, env, capsys):
+    path = state_path(env.cfg, "weekly-retrain", parse_day(WEEK))
+    before = path.read_bytes()
+    assert jobs(env, "run", "weekly-retrain", "--as-of", WEEK) == 0
+    assert f"weekly-retrain {WEEK}: already finished" in capsys.readouterr().out
+    assert path.read_bytes() == before
+    assert trained.feature_file.stat().st_mtime_ns == trained.mtime
+
+
+def eligible_users(cfg, as_of: pd.Timestamp) -> set[str]:
+    """Independently of the pipeline: program started and >= 1 event before as_of."""
+    users = pd.read_parquet(cfg.data.users)
+    events = pd.read_parquet(cfg.data.events, columns=["user_id", "ts"])
+    started = set(users.loc[users.program_start <= as_of, "user_id"])
+    return started & set(events.loc[events.ts < as_of, "user_id"])
+
+
+def test_nightly_scores_eligible_users_ranked_with_the_champion_and_force_reruns(trained, env, capsys):
+    day = "2026-01-20"  # programs start until 01-25: some users are not eligible yet
+    as_of = pd.Timestamp(day, tz="UTC")
+    assert jobs(env, "run", "nightly-score", "--as-of", day) == 0
+    out = Path(env.cfg.workdir) / "scores" / f"scores-{day}.parquet"
+    df = pd.read_parquet(out)
+    expected = eligible_users(env.cfg, as_of)
+    assert 0 < len(expected) < pd.read_parquet(env.cfg.data.users).shape[0]
+    assert set(df.user_id) == expected and len(df) == len(expected)  # raw ids, one row each
+    assert sorted(df["rank"]) == list(range(1, len(df) + 1))
+    by_rank = df.sort_values("rank")
+    assert by_rank.risk.is_monotonic_decreasing  # rank 1 = highest risk
+    assert df.risk.between(0, 1).all()
+    assert (df.as_of == as_of).all()
+    champion = registry.champion_version(env.cfg)
+    assert set(df.model_version) == {str(champion.version)} and set(df.run_id) == {champion.run_id}
+    assert state_of(env, "nightly-score", day)["steps"]["score"]["result"]["users"] == len(df)
+
+    mtime = out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert jobs(env, "run", "nightly-score", "--as-of", day) == 0
+    assert "already finished" in capsys.readouterr().out and out.stat().st_mtime_ns == mtime
+    assert jobs(env, "run", "nightly-score", "--as-of", day, "--force") == 0
+    assert out.stat().st_mtime_ns != mtime
+    s = state_of(env, "nightly-score", day)
+    assert s["status"] == "finished" and s["attempts"] == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(out), df)  # same inputs, same scores
+
+
+def test_failed_score_write_leaves_no_partial_file(trained, env, monkeypatch):
+    import pyarrow.parquet as pq
+
+    real = pq.write_table
+
+    def disk_full(table, where, *a, **k):
+        if Path(where).name.startswith(".scores-"):
+            Path(where).write_bytes(b"PAR1 half a file")
+            raise OSError("No space left on device")
+        return real(table, where, *a, **k)
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    day = "2026-01-21"
+    assert jobs(env, "run", "nightly-score", "--as-of", day) == 1
+    scores = Path(env.cfg.workdir) / "scores"
+    assert not (scores / f"scores-{day}.parquet").exists()
+    assert not list(scores.glob(f".scores-{day}*"))  # no temporary left behind either
+    s = state_of(env, "nightly-score", day)
+    assert s["status"] == "failed" and s["steps"]["score"]["status"] == "failed"
+    assert "No space left on device" in s["error"]
+
+
+def test_failed_evaluation_never_moves_the_champion_and_a_rerun_resumes(trained, env, monkeypatch, capsys):
+    import mlflow
+
+    import pipeline.evaluate as E
+
+    before = registry.champion_version(env.cfg)
+    client = mlflow.MlflowClient(env.cfg.tracking.uri)
+    versions = len(client.search_model_versions(f"name='{env.cfg.tracking.model_name}'"))
+
+    def unavailable(*a, **k):  # metrics computed, then MLflow fails: just before the gate
+        raise RuntimeError("tracking server unavailable")
+
+    monkeypatch.setattr(E, "_log", unavailable)
+    day = "2026-02-16"
+    assert jobs(env, "run", "weekly-retrain", "--as-of", day) == 1
+    after = registry.champion_version(env.cfg)
+    assert (str(after.version), after.run_id) == (str(before.version), before.run_id)
+    assert len(client.search_model_versions(f"name='{env.cfg.tracking.model_name}'")) == versions
+    s = state_of(env, "weekly-retrain", day)
+    assert s["status"] == "failed" and "tracking server unavailable" in s["error"]
+    assert [r["status"] for r in s["steps"].values()] == ["finished", "finished", "finished", "failed"]
+
+    monkeypatch.undo()  # the server is back: the rerun only evaluates
+    capsys.readouterr()
+    assert jobs(env, "run", "weekly-retrain", "--as-of", day) == 0
+    assert "resuming at step 'evaluate'" in capsys.readouterr().out
+    s = state_of(env, "weekly-retrain", day)
+    assert s["status"] == "finished" and [r["starts"] for r in s["steps"].values()] == [1, 1, 1, 2]
+    gate = s["steps"]["evaluate"]["result"]
+    assert gate["champion_before"] == str(before.version)
+    now = str(registry.champion_version(env.cfg).version)
+    assert now == (gate["version"] if gate["promoted"] else str(before.version))
+
+
+def test_pretrain_runs_again_only_when_the_encoders_are_stale(trained, env, tmp_path):
+    import json
+
+    from features.dataset import model_config_for
+    from features.store import read_meta
+    from models.checkpoint import save_encoder
+    from models.encoders import ENCODERS
+
+    as_of = parse_day(WEEK)
+    rcfg = retrain_config(env.cfg, as_of)
+    pdir = tmp_path / "pretrain"  # encoders that fit this week's store, apart from the shared ones
+    rcfg.pretrain.dir = str(pdir)
+    mcfg = model_config_for(rcfg.model, read_meta(trained.feature_file))
+    for stream in ("conversation", "food", "events"):
+        save_encoder(ENCODERS[stream](mcfg), mcfg, pdir / f"{stream}.pt")
+    stamp = pdir / definitions.PRETRAIN_STAMP
+    stamp.write_text(json.dumps({"as_of": as_of.isoformat()}))
+    assert stale_reason(rcfg, as_of) is None
+    assert stale_reason(rcfg, as_of + timedelta(days=28)) is None
+    assert "29 days old" in stale_reason(rcfg, as_of + timedelta(days=29))
+    assert "after this as-of" in stale_reason(rcfg, as_of - timedelta(days=7))  # a backfill must not see the future
+
+    food = torch.load(pdir / "food.pt", weights_only=True)
+    food["config"]["n_foods"] -= 1  # as if the vocabulary had grown since pretraining
+    torch.save(food, pdir / "food.pt")
+    assert "food encoder no longer fits" in stale_reason(rcfg, as_of)
+    stamp.unlink()
+    assert "unknown which data" in stale_reason(rcfg, as_of)
+    (pdir / "events.pt").unlink()
+    assert stale_reason(rcfg, as_of).startswith("no pretrained events encoder")
+
+
+def recording_job(name: str, calls: list, fail_on: str | None = None) -> Job:
+    def step(label):
+        def run(ctx):
+            if ctx.day == fail_on:
+                raise RuntimeError(f"disk on fire at {ctx.day}")
+            calls.append((label, ctx.day))
+            return {"ok": True}
+        return run
+    cron = "weekly_retrain_cron" if name == "weekly-retrain" else "nightly_score_cron"
+    return Job(name, "records its calls", cron, (Step("first", step("first")), Step("second", step("second"))))
+
+
+def test_backfill_runs_one_as_of_per_scheduled_date_in_order(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", calls))
+    monkeypatch.setitem(definitions.JOBS, "nightly-score", recording_job("nightly-score", calls))
+    env = SimpleNamespace(overrides=[f"workdir={tmp_path}/w"])
+    mondays = ["2026-01-05", "2026-01-12", "2026-01-19", "2026-01-26"]
+    assert jobs(env, "run", "weekly-retrain", "--from", "2026-01-01", "--to", "2026-01-31") == 0
+    assert calls == [(step, d) for d in mondays for step in ("first", "second")]
+    calls.clear()
+    assert jobs(env, "run", "weekly-retrain", "--from", "2026-01-05", "--to", "2026-01-26") == 0  # idempotent
+    assert calls == [] and capsys.readouterr().out.count("already finished") == 4
+
+    assert jobs(env, "run", "nightly-score", "--from", "2026-01-30", "--to", "2026-02-02") == 0
+    assert [d for s, d in calls if s == "first"] == ["2026-01-30", "2026-01-31", "2026-02-01", "2026-02-02"]
+
+    calls.clear()  # the cron expression comes from the config: Wednesdays here
+    wed = SimpleNamespace(overrides=[f"workdir={tmp_path}/wed", "jobs.weekly_retrain_cron=0 3 * * 3"])
+    assert jobs(wed, "run", "weekly-retrain", "--from", "2026-01-01", "--to", "2026-01-15") == 0
+    assert [d for s, d in calls if s == "first"] == ["2026-01-07", "2026-01-14"]
+
+    calls.clear()  # a failure stops the backfill: later dates never run on top of it
+    monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", calls, "2026-02-09"))
+    assert jobs(env, "run", "weekly-retrain", "--from", "2026-02-01", "--to", "2026-02-28") == 1
+    assert [d for s, d in calls if s == "first"] == ["2026-02-02"]
+    cfg = load_config(CONFIG, env.overrides)
+    assert load_state(state_path(cfg, "weekly-retrain", parse_day("2026-02-09")))["status"] == "failed"
+    assert load_state(state_path(cfg, "weekly-retrain", parse_day("2026-02-16"))) is None
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from jobs import runner
+from jobs.definitions import Job, Step
+from pipeline.config import load_config
+
+cfg = load_config("configs/test.yaml", [f"workdir={sys.argv[1]}"])
+release = Path(sys.argv[2])
+
+def hold(ctx):
+    while not release.exists():
+        time.sleep(0.05)
+
+runner.run(cfg, Job("weekly-retrain", "holds the lock", "weekly_retrain_cron", (Step("features", hold),)),
+           [runner.parse_day("2026-02-09")])
+"""
+
+
+def snapshot(root: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+def test_second_run_exits_at_once_while_the_first_holds_the_lock(tmp_path):
+    workdir, release = tmp_path / "w", tmp_path / "release"
+    cfg = load_config(CONFIG, [f"workdir={workdir}"])
+    path = state_path(cfg, "weekly-retrain", parse_day("2026-02-09"))
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir), str(release)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((s := load_state(path)) and s["steps"]["features"]["status"] == "running"):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        before = snapshot(workdir)
+        t0 = time.monotonic()
+        second = subprocess.run(jobs_cmd([f"workdir={workdir}"], "run", "weekly-retrain", "--as-of", "2026-02-09"),
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+        assert first.poll() is None  # the first still held the lock throughout
+        assert second.returncode == 3, second.stderr
+        assert "weekly-retrain is already running" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+        assert took < 30  # at once: no waiting for the lock, no pipeline work
+        assert snapshot(workdir) == before  # nothing changed
+    finally:
+        release.touch()
+        first.wait(timeout=60)
+    assert first.returncode == 0 and load_state(path)["status"] == "finished"
+    env = SimpleNamespace(overrides=[f"workdir={workdir}"])
+    assert jobs(env, "run", "weekly-retrain", "--as-of", "2026-02-09") == 0  # released: runs (and skips)
+
+
+def test_list_shows_schedules_and_last_runs(trained, env, tmp_path, monkeypatch, capsys):
+    capsys.readouterr()
+    assert jobs(env, "list") == 0
+    out = capsys.readouterr().out
+    assert "weekly-retrain  cron '0 3 * * 1' (UTC)  next due" in out and "nightly-score  cron '0 2 * * *'" in out
+    assert f"  {WEEK}  finished  steps 4/4  attempts 2" in out and "promoted, version" in out
+
+    monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", [], "2026-02-09"))
+    other = SimpleNamespace(overrides=[f"workdir={tmp_path}/w"])
+    assert jobs(other, "run", "weekly-retrain", "--as-of", "2026-02-09") == 1
+    capsys.readouterr()
+    assert jobs(other, "list") == 0
+    out = capsys.readouterr().out
+    assert "2026-02-09  failed    steps 0/2  attempts 1" in out and "step first: RuntimeError: disk on fire" in out
+    assert "nightly-score" in out and "no runs yet" in out
+
+
+def test_schedule_runs_due_jobs_in_scheduled_order(tmp_path):
+    cfg = load_config(CONFIG, [f"workdir={tmp_path}/w"])
+    launched: list = []
+
+    def launcher(cmd):
+        launched.append((cmd[4], cmd[cmd.index("--as-of") + 1]))
+        return 0
+
+    serve(cfg, CONFIG, [], once=True, now=parse_day("2026-02-16") + timedelta(hours=3, minutes=30), launcher=launcher)
+    assert launched == [("nightly-score", "2026-02-16"), ("weekly-retrain", "2026-02-16")]  # 02:00, then 03:00
+    launched.clear()  # Monday 02:30: the retrain due is last week's
+    serve(cfg, CONFIG, [], once=True, now=parse_day("2026-02-16") + timedelta(hours=2, minutes=30), launcher=launcher)
+    assert launched == [("weekly-retrain", "2026-02-09"), ("nightly-score", "2026-02-16")]
+
+
+def test_schedule_once_runs_a_due_job_as_a_subprocess(trained, env):
+    weekly_before = state_of(env, "weekly-retrain", WEEK)
+    # Tuesday 02:30: the nightly score of 2026-02-10 is due; the retrain of Monday is done.
+    assert jobs(env, "schedule", "--once", "--now", "2026-02-10T02:30") == 0
+    s = state_of(env, "nightly-score", "2026-02-10")
+    assert s["status"] == "finished" and s["pid"] != os.getpid()  # ran in its own process
+    assert Path(s["steps"]["score"]["result"]["scores"]).exists()
+    assert state_of(env, "weekly-retrain", WEEK) == weekly_before  # finished: not due, not run
+
+
+def test_rollback_points_the_champion_back(trained, env, capsys):
+    first = trained.state["steps"]["evaluate"]["result"]["version"]
+    assert jobs(env, "rollback", "--version", first) == 0
+    assert str(registry.champion_version(env.cfg).version) == first
+    assert jobs(env, "rollback", "--version", "999") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model 'engagement-test' has no version 999") and "\n" not in err
+
+
+def test_shipped_crontab_runs_every_job_on_the_configured_schedule():
+    from jobs.definitions import JOBS
+    from pipeline.config import JobsConfig
+
+    lines = [ln.split() for ln in (REPO / "jobs" / "crontab").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#") and "=" not in ln.split()[0]]
+    schedule = {ln[ln.index("run") + 1]: " ".join(ln[:5]) for ln in lines}
+    assert schedule == {name: getattr(JobsConfig(), job.cron_key) for name, job in JOBS.items()}
+    assert all("--as-of" in ln and "jobs" in ln for ln in lines)
