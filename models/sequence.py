@@ -55,6 +55,10 @@ class SequenceEncoder(nn.Module):
             block.self_attn._reset_parameters()
             block.linear1.reset_parameters()
             block.linear2.reset_parameters()
+            # Dropout on the attention probabilities is separate (model.attention_dropout,
+            # default 0): on CPU its Bernoulli draws over (B, heads, T, T) cost more than the
+            # attention itself, and at 0 PyTorch can take its fused attention kernel.
+            block.self_attn.dropout = config.attention_dropout
         self.ln_f = nn.LayerNorm(config.d_model)  # pre-norm stacks need a final norm
 
     def _prepend_cls(

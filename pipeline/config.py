@@ -88,7 +88,8 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     d_ff: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.1  # residual and feed-forward dropout
+    attention_dropout: float = 0.0  # on attention probabilities
     pooling: str = "cls"  # "cls" or "mean"
     streams: list[str] = field(default_factory=lambda: ["conversation", "food", "events"])
     max_len_conversation: int = 64
@@ -171,6 +172,9 @@ class JobsConfig:
     nightly_score_cron: str = "0 2 * * *"  # every day 02:00
     pretrain_max_age_days: int = 28
     scores_dir: str = ""  # default: <workdir>/scores
+    # How long a job waits for another job that is writing the shared inputs (validated
+    # events, message-vector cache, vocabularies) before it gives up.
+    shared_lock_timeout_s: float = 3600.0
 
 
 @dataclass

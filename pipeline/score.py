@@ -60,8 +60,11 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
     champion = registry.champion_version(cfg)
     if champion is None:
         raise UserError(f"no '{registry.CHAMPION}' version of model {cfg.tracking.model_name!r} in "
-                        f"{tracking.tracking_uri(cfg)}; run `make train` and `make evaluate` first")
-    scfg = scoring_config(cfg, as_of)
+                        f"{tracking.tracking_uri(cfg)}; train and evaluate one first (`make train evaluate`, "
+                        "or `python -m jobs run weekly-retrain --as-of DATE`)")
+    # Validate (or simulate) once, in the main workdir; the scoring build reads the result.
+    vdir = ensure_validated(cfg)
+    scfg = scoring_config(replace(cfg, data=replace(cfg.data, source="files", events=str(vdir))), as_of)
     path = features_stage(scfg)
     instant = int(to_utc(as_of).timestamp())
     model, _ = load_model(registry.download_model(cfg, champion.run_id))
@@ -72,7 +75,7 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
     ids, _, p = loop.predict(model, loop.loader(data.subset(rows), 256, collate), next(model.parameters()).device)
     keys = data.user_key[ids]
     # Back from pseudonyms to the ids coaches use, through the same keyed hash.
-    users = pq.read_table(ensure_validated(cfg) / EVENTS, columns=[C.USER_ID])[C.USER_ID].unique().to_numpy(
+    users = pq.read_table(vdir / EVENTS, columns=[C.USER_ID])[C.USER_ID].unique().to_numpy(
         zero_copy_only=False)
     raw = pd.Series(users, index=pseudonyms(users, cfg.features.pseudonym_key))
     risk = 1.0 - p.astype(np.float64)
