@@ -136,11 +136,20 @@ class FeatureDataset(Dataset):
         item["presence"] = presence
         return item
 
-    def _meal_foods(self, a: dict, lo: int, hi: int) -> list[np.ndarray]:
-        m = self.model.max_foods_per_meal
+    def _meal_foods(self, a: dict, lo: int, hi: int) -> np.ndarray:
+        """(n meals, m) food ids of meals lo..hi, left-aligned, 0 = padding; at most
+        max_foods_per_meal per meal. One slice and one gather for all meals: a loop per
+        meal was most of the loader's time."""
         offsets = a["meal_offsets"][lo : hi + 1]
-        foods = a["food_ids"]
-        return [self._clamp(foods[offsets[j] : min(offsets[j + 1], offsets[j] + m)], self.model.n_foods) for j in range(hi - lo)]
+        counts = np.minimum(np.diff(offsets), self.model.max_foods_per_meal)  # (n,)
+        m = int(counts.max()) if len(counts) else 0
+        if not m:
+            return np.zeros((len(counts), 0), np.int64)
+        foods = a["food_ids"][offsets[0] : offsets[-1]]  # these meals' foods, contiguous
+        slot = np.arange(m)  # (m,)
+        valid = slot[None, :] < counts[:, None]  # (n, m)
+        rows = np.where(valid, offsets[:-1, None] - offsets[0] + slot[None, :], 0)  # (n, m) into foods
+        return self._clamp(np.where(valid, foods[rows], 0), self.model.n_foods)
 
     @staticmethod
     def _clamp(ids: np.ndarray, size: int) -> np.ndarray:
@@ -166,7 +175,7 @@ def collate(items: list[dict]) -> dict:
             E = items[0][s]["embedding"].shape[1]
             out["embedding"] = np.zeros((B, T, E), np.float32)
         if s == "food":
-            M = max([1] + [len(f) for it in items for f in it[s]["foods"]])
+            M = max([1] + [it[s]["foods"].shape[1] for it in items])
             out["food_ids"] = np.zeros((B, T, M), np.int64)
         for b, it in enumerate(items):
             n = lengths[b]
@@ -175,8 +184,8 @@ def collate(items: list[dict]) -> dict:
             if s == "conversation":
                 out["embedding"][b, :n] = it[s]["embedding"]
             if s == "food":
-                for j, f in enumerate(it[s]["foods"]):
-                    out["food_ids"][b, j, : len(f)] = f
+                f = it[s]["foods"]  # (n, m)
+                out["food_ids"][b, :n, : f.shape[1]] = f
         mask = np.arange(T)[None, :] >= np.array(lengths)[:, None]  # (B, T) True = padding
         batch[s] = {k: torch.from_numpy(v) for k, v in out.items()} | {"padding_mask": torch.from_numpy(mask)}
     return batch
