@@ -113,11 +113,13 @@ def read_supplied_labels(df: pd.DataFrame, user_index: pd.Index, path: str) -> S
     return SuppliedLabels(row[ok].astype(np.int32), secs, label[ok].to_numpy().astype(np.int8), rejected)
 
 
-def assign_splits(user_split: np.ndarray, ex_user: np.ndarray, ex_as_of: np.ndarray, label: np.ndarray, oot_cutoffs: int) -> np.ndarray:
-    """User split per example, except the latest `oot_cutoffs` labelled as_of dates, which
+def assign_splits(user_split: np.ndarray, ex_user: np.ndarray, ex_as_of: np.ndarray, label: np.ndarray,
+                  oot_cutoffs: int, labelled_dates: np.ndarray) -> np.ndarray:
+    """User split per example, except the latest `oot_cutoffs` of the labelled as_of dates
+    (of the whole data, not of one shard, so every shard draws the same boundary), which
     form the out-of-time test set for every user."""
     split = user_split[ex_user].astype(np.int8)
-    labelled = np.unique(ex_as_of[label != UNLABELLED])
+    labelled = np.unique(labelled_dates)
     if oot_cutoffs > 0 and len(labelled) > oot_cutoffs:
         oot_from = labelled[-oot_cutoffs]
         split[(ex_as_of >= oot_from) & (label != UNLABELLED)] = SPLITS.index("oot")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,26 +154,34 @@ class VectorCache:
                 continue
             self.keys = np.concatenate([self.keys, keys])
             self.vectors = vecs if not len(self.vectors) else np.concatenate([self.vectors, vecs])
-        self._index = pd.Index(self.keys)
+        self._index = self._make_index()
+
+    def _make_index(self) -> pd.Index:
+        # Segments written side by side may hold the same text twice: index first copies.
+        _, first = np.unique(self.keys, return_index=True)
+        self._rows = np.sort(first)
+        return pd.Index(self.keys[self._rows])
 
     def lookup(self, digests: np.ndarray) -> np.ndarray:
         """Row in the cache per digest, -1 where absent."""
         if not len(self.keys):
             return np.full(len(digests), -1)
-        return self._index.get_indexer(digests)
+        pos = self._index.get_indexer(digests)
+        return np.where(pos < 0, -1, self._rows[np.maximum(pos, 0)])
 
     def add(self, digests: np.ndarray, vectors: np.ndarray) -> None:
         if not len(digests):
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        n = len(list(self.dir.glob("seg-*.h5")))
-        with atomic_path(self.dir / f"seg-{n:06d}.h5") as tmp, h5py.File(tmp, "w") as f:
+        # A unique name per segment: shard builds running side by side share this cache.
+        name = f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
+        with atomic_path(self.dir / name) as tmp, h5py.File(tmp, "w") as f:
             f["keys"] = digests
             f["vectors"] = vectors.astype(np.float16)
         self.keys = np.concatenate([self.keys, digests])
         vecs = vectors.astype(np.float16)
         self.vectors = vecs if not len(self.vectors) else np.concatenate([self.vectors, vecs])
-        self._index = pd.Index(self.keys)
+        self._index = self._make_index()
 
 
 def embed_messages(

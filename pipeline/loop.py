@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
 from features.io import atomic_path
+from pipeline.devices import resolve_device
 
 
 def seed_everything(seed: int) -> None:
@@ -130,10 +131,21 @@ def init_distributed(device_name: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        if use_cuda:  # NCCL's collectives run on the current device: one GPU per rank
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def rank_device(d: Dist, device_name: str) -> torch.device:
+    """This rank's device: under torchrun with device auto/cuda, GPU `LOCAL_RANK` of its
+    machine (every rank on cuda:0 would share one GPU); otherwise `resolve_device`."""
+    if d.enabled and device_name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", d.local_rank)
+    return resolve_device(device_name)
 
 
 def gather_arrays(d: Dist, *arrays: np.ndarray) -> list[np.ndarray]:

@@ -21,7 +21,7 @@ from models.checkpoint import save_encoder
 from models.encoders import ENCODERS
 from pipeline import loop, tracking
 from pipeline.config import Config, save_config, to_dict
-from pipeline.devices import autocast, resolve_device
+from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.objectives import OBJECTIVES, JointObjective
 from pipeline.paths import Paths
@@ -54,7 +54,7 @@ def latest_windows(data: FeatureDataset, idx: np.ndarray, per_user: int) -> np.n
 def pretrain(cfg: Config) -> PretrainResult:
     pc = cfg.pretrain
     d = loop.init_distributed(cfg.train.device)
-    device = resolve_device(cfg.train.device)
+    device = loop.rank_device(d, cfg.train.device)
     files = feature_files(cfg)
     meta = read_meta(files[0])
     mcfg = model_config_for(cfg.model, meta)
@@ -111,7 +111,8 @@ def pretrain(cfg: Config) -> PretrainResult:
             epoch = state["epoch"]
             g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
             sampler = loop.EpochOrder(len(train_set), pc.seed, epoch, pc.batch_size, state["batch"], d.rank, d.world)
-            bar = tqdm(loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers), total=per_epoch,
+            batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda")
+            bar = tqdm(batches, total=per_epoch,
                        initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)
             running = {s: [] for s in streams}
             counts = {s: np.zeros(objectives[s].vocab, np.int64) for s in streams if s != "conversation"}

@@ -21,7 +21,7 @@ from features.store import SPLITS, read_meta
 from models.engagement import EngagementModel
 from pipeline import loop, tracking
 from pipeline.config import Config, ModelConfig, save_config, to_dict
-from pipeline.devices import autocast, resolve_device
+from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 
@@ -55,6 +55,17 @@ def feature_files(cfg: Config) -> list[Path]:
     shards = sorted(paths.features.glob("features-*-of-*.h5"))
     if not shards:
         raise UserError(f"no feature file under {paths.features}; run `make features CONFIG=...` first")
+    # Training on part of a shard set, or on shards of two builds, would pass silently.
+    counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in shards}
+    expected = sorted(paths.shard_feature_file(i, n) for n in counts for i in range(n))
+    sources = {read_meta(p).source_fingerprint for p in shards}
+    if len(counts) > 1 or shards != expected or len(sources) > 1:
+        missing = ", ".join(p.name for p in expected if p not in shards) or "none"
+        raise UserError(
+            f"{paths.features}: the shard files {[p.name for p in shards]} are not one complete build "
+            f"(missing: {missing}; source fingerprints: {len(sources)}); build every shard with the same "
+            "features.num_shards from the same events (features.shard=0..N-1), and delete stale shard files"
+        )
     return shards
 
 
@@ -88,8 +99,7 @@ def build_model(cfg: Config, mcfg: ModelConfig, device: torch.device) -> Engagem
 def train(cfg: Config) -> TrainResult:
     tc = cfg.train
     d = loop.init_distributed(tc.device)
-    device = resolve_device(tc.device) if not d.enabled or tc.device != "auto" or not torch.cuda.is_available() \
-        else torch.device("cuda", d.local_rank)
+    device = loop.rank_device(d, tc.device)
     files = feature_files(cfg)
     name = run_name(cfg)
     run_dir = Paths.of(cfg).runs / name
@@ -113,7 +123,7 @@ def train(cfg: Config) -> TrainResult:
     loop.seed_everything(tc.seed)
     model = build_model(cfg, mcfg, device)
     model.set_output_bias(float(train_set.labels().mean()))
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if d.enabled else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)
     per_epoch = loop.batches_per_epoch(len(train_set), tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)

@@ -1,0 +1,301 @@
+"""Scale-out paths (DESIGN.md §11): training and pretraining through torchrun with two CPU
+processes on gloo, a feature build split into user shards that equals the unsharded build,
+and the GPU path (bf16 autocast on CUDA only, never on CPU).
+
+Each torchrun test takes about 30 s on two busy cores (two interpreters importing torch,
+transformers and MLflow), under the ~60 s at which a test is marked `slow`."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from features import validate as V
+from features.dataset import FeatureDataset, collate, model_config_for
+from features.stage import features_stage
+from features.store import STREAMS, load_arrays, read_meta
+from features.text_vectors import TextEncoder
+from features.vocab import pseudonyms, shard_of
+from models.engagement import EngagementModel
+from pipeline import loop
+from pipeline.config import load_config
+from pipeline.devices import autocast
+from pipeline.errors import UserError
+from pipeline.paths import Paths
+from pipeline.train import BEST, LAST, feature_files
+from tests.model_factories import random_batch, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Loaded (via PYTHONPATH) into each torchrun worker: records the example id of every item
+# that rank reads, so the test can see which examples each process trained on.
+READ_PROBE = textwrap.dedent("""
+    import os
+    if os.environ.get("RANK") is not None and os.environ.get("SCALE_READ_LOG"):
+        from features import dataset as _dataset
+
+        _log = open(os.path.join(os.environ["SCALE_READ_LOG"], f"rank{os.environ['RANK']}.txt"), "a", buffering=1)
+        _getitem = _dataset.FeatureDataset.__getitem__
+
+        def _logged_getitem(self, i):
+            item = _getitem(self, i)
+            _log.write(f"{item['example']}\\n")
+            return item
+
+        _dataset.FeatureDataset.__getitem__ = _logged_getitem
+""")
+
+
+# -- data order ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 10, 11, 57])
+def test_epoch_order_gives_ranks_disjoint_shares_covering_the_epoch(n):
+    for epoch in (0, 1):
+        ranks = [loop.EpochOrder(n, seed=3, epoch=epoch, batch_size=4, rank=r, world=WORLD).order for r in range(WORLD)]
+        assert len({len(o) for o in ranks}) == 1  # the same number of batches on every rank
+        assert not set(ranks[0]) & set(ranks[1])
+        union = set(np.concatenate(ranks).tolist())
+        assert union <= set(range(n)) and n - len(union) <= WORLD - 1
+        whole = loop.EpochOrder(n, seed=3, epoch=epoch, batch_size=4).order
+        assert np.array_equal(np.sort(np.concatenate(ranks)), np.sort(whole[: len(union)]))
+        resumed = loop.EpochOrder(n, seed=3, epoch=epoch, batch_size=4, start_batch=1, rank=1, world=WORLD).order
+        assert np.array_equal(resumed, ranks[1][4:])  # a resume replays the rest of this rank's share
+        assert loop.batches_per_epoch(n, 4, WORLD) == -(-len(ranks[0]) // 4)
+
+
+# -- torchrun + DDP -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddp_workdir(sim_store_files, tmp_path_factory):
+    """A fresh workdir holding a copy of the tiny simulator store (built with the tiny
+    encoder), plus a folder with the read probe."""
+    path, _ = sim_store_files
+    root = tmp_path_factory.mktemp("ddp")
+    shutil.copytree(path.parent, root / "w" / "features")
+    (root / "probe").mkdir()
+    (root / "probe" / "sitecustomize.py").write_text(READ_PROBE)
+    return root
+
+
+def torchrun(stage: str, root: Path, db: Path, *overrides: str, read_log: Path | None = None):
+    exe = Path(sys.executable).with_name("torchrun")
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if read_log is not None:
+        read_log.mkdir()
+        env["PYTHONPATH"] = os.pathsep.join([str(root / "probe"), str(ROOT), env.get("PYTHONPATH", "")])
+        env["SCALE_READ_LOG"] = str(read_log)
+    cmd = [*launcher, "--standalone", f"--nproc_per_node={WORLD}", "-m", "pipeline", stage,
+           "--config", "configs/test.yaml", f"workdir={root / 'w'}", f"tracking.uri=sqlite:///{db}", *overrides]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
+    return run
+
+
+def only_run(db: Path):
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # rank 1 created none
+    return client, runs[0]
+
+
+def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_workdir, tiny_encoder_dir):
+    root, db, reads = ddp_workdir, ddp_workdir / "train.db", ddp_workdir / "reads"
+    epochs, bs = 4, 8
+    torchrun("train", root, db, "train.init=scratch", f"train.epochs={epochs}", f"train.batch_size={bs}",
+             "train.lr=3e-3", "train.patience=100", "train.run_name=ddp", f"features.text_encoder={tiny_encoder_dir}",
+             read_log=reads)
+
+    # Each rank read exactly its EpochOrder share of the training examples, epoch by epoch.
+    cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}"])
+    files = feature_files(cfg)
+    data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
+    train_idx = data.select(["train"])
+    n = len(train_idx)
+    read = {r: np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1) for r in range(WORLD)}
+    for r in range(WORLD):
+        expected = np.concatenate([train_idx[loop.EpochOrder(n, cfg.train.seed, e, bs, 0, r, WORLD).order]
+                                   for e in range(epochs)])
+        assert np.array_equal(read[r][np.isin(read[r], train_idx)], expected)
+    per_rank = n // WORLD
+    for e in range(epochs):
+        shares = [set(read[r][np.isin(read[r], train_idx)][e * per_rank : (e + 1) * per_rank].tolist()) for r in range(WORLD)]
+        assert not shares[0] & shares[1] and len(shares[0] | shares[1]) >= n - (WORLD - 1)
+
+    # One MLflow run (rank 0's), loss falling over epochs, one checkpoint of each kind.
+    client, run = only_run(db)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == str(WORLD)
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == epochs and losses[-1] < losses[0]
+    run_dir = Paths.of(cfg).runs / "ddp"
+    assert sorted(Paths.of(cfg).runs.rglob("*.pt")) == [run_dir / BEST, run_dir / LAST]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/best.pt"]
+    state = torch.load(run_dir / LAST, weights_only=True)
+    # Steps count one rank's batches: each process trained on half of every epoch.
+    assert state["step"] == epochs * loop.batches_per_epoch(n, bs, WORLD) < epochs * loop.batches_per_epoch(n, bs)
+    assert state["run_id"] == run.info.run_id
+
+
+def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, tiny_encoder_dir):
+    root, db = ddp_workdir, ddp_workdir / "pretrain.db"
+    torchrun("pretrain", root, db, f"features.text_encoder={tiny_encoder_dir}")
+    client, run = only_run(db)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pretrain"
+    assert {"heldout_nsp_accuracy", "heldout_food_top1", "heldout_event_top1"} <= set(run.data.metrics)
+    out = root / "w" / "pretrain"
+    assert sorted(p.name for p in out.glob("*.pt")) == ["conversation.pt", "events.pt", "food.pt", "last.pt"]
+    arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "encoders"))
+    assert arts == ["encoders/conversation.pt", "encoders/events.pt", "encoders/food.pt"]
+    cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}"])
+    model = EngagementModel(model_config_for(cfg.model, read_meta(feature_files(cfg)[0])))
+    for s in STREAMS:
+        model.load_encoder(s, out / f"{s}.pt")  # the encoders rank 0 saved load into the model
+
+
+# -- sharded feature build ----------------------------------------------------------------
+
+
+def _keyed(data: FeatureDataset) -> dict:
+    keys = list(zip(data.user_key.tolist(), data.examples["as_of"].tolist()))
+    assert len(set(keys)) == len(keys)
+    return {k: i for i, k in enumerate(keys)}
+
+
+def test_three_shards_hold_exactly_the_examples_and_tensors_of_one_build(sim_store_files, tiny_encoder, tmp_path):
+    path, sim_cfg = sim_store_files
+    validated = Paths.of(sim_cfg).validated  # the same validated events for every build
+    common = ["data.source=files", f"data.events={validated}", f"data.foods={sim_cfg.data.foods}"]
+    whole_cfg = load_config("configs/test.yaml", [f"workdir={tmp_path / 'whole'}", *common])
+    whole_file = features_stage(whole_cfg, encoder=tiny_encoder)
+    shard_cfgs = [load_config("configs/test.yaml", [f"workdir={tmp_path / 'sharded'}", *common,
+                                                    f"features.shard={i}", "features.num_shards=3"]) for i in range(3)]
+    shard_files = [features_stage(c, encoder=tiny_encoder) for c in shard_cfgs]
+    assert feature_files(shard_cfgs[0]) == shard_files  # training reads the shard set
+    assert [f.name for f in shard_files] == [f"features-{i:03d}-of-003.h5" for i in range(3)]
+    partial = load_config("configs/test.yaml", [f"workdir={tmp_path / 'partial'}"])
+    Paths.of(partial).features.mkdir(parents=True)
+    for f in shard_files[:2]:
+        shutil.copy(f, Paths.of(partial).features / f.name)
+    with pytest.raises(UserError, match="missing: features-002-of-003.h5"):
+        feature_files(partial)  # never trains on part of a shard set
+
+    # Each user lands in exactly one shard: the one its hashed id names.
+    raw_ids = np.unique(pq.read_table(validated / V.EVENTS, columns=["user_id"])["user_id"].to_numpy(zero_copy_only=False))
+    expected_shard = dict(zip(pseudonyms(raw_ids, whole_cfg.features.pseudonym_key).tolist(), shard_of(raw_ids, 3)))
+    whole_users = set(load_arrays(whole_file, ("users",))[0]["users"]["key"].tolist())
+    seen = []
+    for i, f in enumerate(shard_files):
+        meta = read_meta(f)
+        assert (meta.shard, meta.num_shards) == (i, 3)
+        keys = load_arrays(f, ("users",))[0]["users"]["key"].tolist()
+        assert keys and all(expected_shard[k] == i for k in keys)
+        seen += keys
+    assert len(seen) == len(set(seen)) and set(seen) == whole_users
+
+    # Global facts agree, so one model config fits every shard.
+    metas = [read_meta(f) for f in [whole_file, *shard_files]]
+    assert all(m.sizes() == metas[0].sizes() and m.vocab == metas[0].vocab for m in metas)
+    assert all(m.extra["calendar"] == metas[0].extra["calendar"] for m in metas)
+
+    mcfg = model_config_for(whole_cfg.model, metas[0])
+    whole, sharded = FeatureDataset(whole_file, mcfg), FeatureDataset(shard_files, mcfg)
+    kw, ks = _keyed(whole), _keyed(sharded)
+    assert kw.keys() == ks.keys() and len(kw) > 100
+    order = sorted(kw)
+    iw, is_ = np.array([kw[k] for k in order]), np.array([ks[k] for k in order])
+    for field in ("label", "split"):
+        assert np.array_equal(whole.examples[field][iw], sharded.examples[field][is_]), field
+    for lo in range(0, len(order), 32):
+        a = collate([whole[int(i)] for i in iw[lo : lo + 32]])
+        b = collate([sharded[int(i)] for i in is_[lo : lo + 32]])
+        for k in ("label", "presence"):
+            assert torch.equal(a[k], b[k]), k
+        for s in STREAMS:
+            assert a[s].keys() == b[s].keys()
+            for k, t in a[s].items():
+                if k == "embedding":  # encoded in other batches: equal up to float16 rounding
+                    torch.testing.assert_close(t, b[s][k], atol=1e-3, rtol=1e-3)
+                else:
+                    assert torch.equal(t, b[s][k]), (s, k)
+
+
+# -- devices --------------------------------------------------------------------------------
+
+
+def test_cpu_autocast_never_enables_bf16():
+    device = torch.device("cpu")
+    model = EngagementModel(tiny_config()).eval()
+    batch = random_batch(model.config, B=5, T=6)
+    with autocast(device):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+        assert (torch.randn(4, 8) @ torch.randn(8, 3)).dtype == torch.float32
+        logits, loss = model(batch, batch["label"])
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_training_step_runs_under_bf16_autocast_on_cuda():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = EngagementModel(tiny_config()).to(device)
+    optimizer = loop.make_optimizer(model, 1e-3, 0.01)
+    batch = loop.to_device(random_batch(model.config, B=13, T=7), device)
+    before = [p.detach().clone() for p in model.parameters()]
+    with autocast(device):
+        assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        logits, loss = model(batch, batch["label"])
+    assert logits.shape == (13,) and logits.dtype == torch.bfloat16  # the head's Linear ran in bf16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the loss is computed in fp32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_messages_encode_on_cuda_like_on_cpu(tiny_encoder_dir, tmp_path):
+    from features.text_vectors import embed_messages
+
+    cpu, gpu = TextEncoder.load(str(tiny_encoder_dir), "cpu"), TextEncoder.load(str(tiny_encoder_dir), "cuda")
+    assert gpu.device.type == "cuda"
+    texts = ["hi", "logged my lunch today, feeling good", "ok", "weigh-in done", "hi", "a much longer message " * 5]
+    want = cpu.encode(texts, batch_size=2, progress=False)
+    got = gpu.encode(texts, batch_size=2, progress=False)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)  # bf16 on CUDA
+    unsorted = gpu.encode(texts, batch_size=2, sort=False, progress=False)
+    np.testing.assert_allclose(unsorted, got, atol=5e-2, rtol=5e-2)  # input order either way
+    vectors, stats = embed_messages(texts, gpu, tmp_path / "cache", "k", batch_size=2)
+    assert stats["unique"] == 5 and vectors.shape == (6, gpu.dim) and np.array_equal(vectors[0], vectors[4])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_train_and_pretrain_stages_run_on_cuda(sim_store_files, tmp_path):
+    from pipeline.pretrain import pretrain
+    from pipeline.train import train
+
+    path, _ = sim_store_files
+    shutil.copytree(path.parent, tmp_path / "w" / "features")
+    cfg = load_config("configs/test.yaml", [f"workdir={tmp_path / 'w'}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                                            "train.device=cuda", "train.epochs=1"])
+    pre = pretrain(cfg)
+    assert set(pre.checkpoints) == set(STREAMS) and all(p.exists() for p in pre.checkpoints.values())
+    result = train(cfg)  # fine-tunes the encoders just pretrained, pinned batches, bf16 autocast
+    assert np.isfinite(result.val_roc_auc) and result.checkpoint.exists()
