@@ -148,6 +148,7 @@ class PerItemReads(FeatureDataset):
         self.files = [Path(path)]
         self.model = model
         self.indices = np.asarray(indices)
+        self.aggregates = None  # the hybrid's inputs are not part of this comparison
         with h5py.File(self.files[0], "r") as f:
             self.file_of = np.zeros(len(f["examples"]["as_of"]), dtype=np.int64)
 

@@ -6,6 +6,7 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
 `collate` pads them into the batch contract below. Padding masks are bool, True = padding.
 
     label (B,) f32 | presence (B, 3) f32 | example (B,) i64
+    aggregates (B, F) f32, signed log1p: only with model.aggregates (the hybrid)
     conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
     food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
     events:       type_id, day, content, dt_bucket, recency, position (B,T) i64;
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from features import timebuckets as tb
+from features.aggregates import aggregate_features, load_aggregate_inputs
 from features.labels import unit_hash
 from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, read_meta
 from pipeline.config import ModelConfig
@@ -47,6 +49,24 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     return replace(model, **meta.sizes(), **extra)
 
 
+def _aggregates(files: list[Path], names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The baselines' aggregate features of every example of `files` (in `load_examples`
+    order), signed-log1p scaled. With `names` (a trained model's), columns are matched by
+    name, 0 where a store lacks one, so a store whose event vocabulary has grown since
+    training still feeds the model the columns it was trained on."""
+    parts = [aggregate_features(*load_aggregate_inputs(f)) for f in files]
+    names = list(names) or parts[0][1]
+    cols = []
+    for X, have in parts:
+        pos = {n: j for j, n in enumerate(have)}
+        out = np.zeros((len(X), len(names)), np.float32)
+        for k, n in enumerate(names):
+            if n in pos:
+                out[:, k] = X[:, pos[n]]
+        cols.append(out)
+    return signed_log1p(np.concatenate(cols)), names
+
+
 def load_examples(files: list[Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Examples of one or more feature files concatenated (global row = position here),
     the pseudonymised user key of each, and the file index of each."""
@@ -68,6 +88,10 @@ class FeatureDataset(Dataset):
         self.examples, self.user_key, self.file_of = load_examples(self.files)
         self.indices = np.arange(len(self.file_of)) if indices is None else np.asarray(indices)
         self._arrays: list | None = None  # loaded lazily, once per process
+        self.aggregates: np.ndarray | None = None  # (n_examples, F), with model.aggregates
+        if model.aggregates:  # the hybrid; `self.model` then names the columns for the model
+            self.aggregates, names = _aggregates(self.files, model.aggregate_names)
+            self.model = replace(model, aggregate_names=names)
 
     def select(self, splits=SPLITS, labelled: bool = True, user_fraction: float = 1.0, salt: str = "fraction") -> np.ndarray:
         """Global example rows in `splits`; optionally only labelled ones and only a hashed
@@ -103,6 +127,8 @@ class FeatureDataset(Dataset):
         e = {k: v[g] for k, v in self.examples.items()}
         as_of = e["as_of"]
         item = {"label": float(e["label"]), "example": g}
+        if self.aggregates is not None:
+            item["aggregates"] = self.aggregates[g]
         presence = []
         for s in STREAMS:
             lo, hi = int(e[f"{s}_start"]), int(e[f"{s}_end"])
@@ -166,6 +192,8 @@ def collate(items: list[dict]) -> dict:
         "example": torch.tensor([it["example"] for it in items], dtype=torch.int64),
         "presence": torch.tensor([it["presence"] for it in items], dtype=torch.float32),
     }
+    if "aggregates" in items[0]:
+        batch["aggregates"] = torch.from_numpy(np.stack([it["aggregates"] for it in items]))  # (B, F)
     for s in STREAMS:
         lengths = [len(it[s]["position"]) for it in items]
         T = max(1, max(lengths))

@@ -23,6 +23,7 @@ class EngagementModel(nn.Module):
     parameters).
 
     fusion input = [cls_stream for enabled streams] + [presence flag of each enabled stream]
+    (+ [projected aggregate features] with `config.aggregates`, the hybrid)
     -> LayerNorm -> Linear -> GELU -> Dropout -> Linear -> logit.
     """
 
@@ -47,9 +48,16 @@ class EngagementModel(nn.Module):
         self.encoders = nn.ModuleDict({s: ENCODERS[s](config) for s in self.streams})
         self._freeze_pretraining_only()
         S, D, H = len(self.streams), config.d_model, config.fusion_hidden
+        # The hybrid: aggregate features (already signed-log1p) -> (B, D), beside the states.
+        self.aggregate_proj = None
+        if config.aggregates:
+            if not config.aggregate_names:
+                raise ValueError("model.aggregates=true needs aggregate_names (filled from the feature store)")
+            self.aggregate_proj = nn.Sequential(nn.Linear(len(config.aggregate_names), D), nn.GELU())
+        A = D if config.aggregates else 0
         self.head = nn.Sequential(
-            nn.LayerNorm(S * D + S),
-            nn.Linear(S * D + S, H),
+            nn.LayerNorm(S * D + S + A),
+            nn.Linear(S * D + S + A, H),
             nn.GELU(),
             nn.Dropout(config.dropout),
             nn.Linear(H, 1),
@@ -61,7 +69,8 @@ class EngagementModel(nn.Module):
         """Args:
             batch: the collated batch (see features' collate): per enabled stream a dict of
                 batch-first (B, T, ...) tensors with `padding_mask` (B, T) bool, True =
-                padding; `presence` (B, 3) float32, 1 where the stream has >= 1 item.
+                padding; `presence` (B, 3) float32, 1 where the stream has >= 1 item;
+                `aggregates` (B, F) float32 with `config.aggregates`.
             labels: optional (B,) float32 in {0, 1}, 1 = engaged next week.
 
         Returns:
@@ -70,7 +79,10 @@ class EngagementModel(nn.Module):
         """
         states = [self.encoders[s](batch[s])[0] for s in self.streams]  # S x (B, D)
         presence = batch["presence"].index_select(1, self.presence_index)  # (B, 3) -> (B, S)
-        x = torch.cat(states + [presence], dim=-1)  # (B, S*D + S)
+        parts = states + [presence]
+        if self.aggregate_proj is not None:
+            parts.append(self.aggregate_proj(batch["aggregates"]))  # (B, F) -> (B, D)
+        x = torch.cat(parts, dim=-1)  # (B, S*D + S [+ D])
         logits = self.head(x).squeeze(-1)  # (B, 1) -> (B,)
         loss = None
         if labels is not None:

@@ -97,7 +97,13 @@ class ModelConfig:
     max_len_events: int = 128
     max_foods_per_meal: int = 8
     fusion_hidden: int = 64
-    # Filled from the feature store at build time (vocabulary sizes and text width).
+    # A hybrid: also feed the baselines' aggregate features (features/aggregates.py, signed
+    # log1p) to the fusion head, beside the [CLS] states.
+    aggregates: bool = False
+    # Filled at build time: the aggregate feature names the model was trained on (from the
+    # first dataset that computes them; later stores are matched by name), then vocabulary
+    # sizes and text width from the feature store.
+    aggregate_names: list[str] = field(default_factory=list)
     text_dim: int = 0
     n_event_types: int = 0
     n_foods: int = 0

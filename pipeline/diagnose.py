@@ -40,6 +40,7 @@ def diagnose(cfg: Config, n_batches: int = 8, batch_size: int = 32) -> list[Chec
     files = feature_files(cfg)
     mcfg = model_config_for(cfg.model, read_meta(files[0]))
     data = FeatureDataset(files, mcfg)
+    mcfg = data.model  # with the hybrid's aggregate columns
     rows = data.select(["train"])
     if len(rows) < 2 * batch_size:
         raise UserError(f"{files[0]}: only {len(rows)} labelled train examples; diagnose needs {2 * batch_size}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     device = loop.rank_device(d, cfg.train.device)
     files = feature_files(cfg)
     meta = read_meta(files[0])
-    mcfg = model_config_for(cfg.model, meta)
+    mcfg = replace(model_config_for(cfg.model, meta), aggregates=False)  # encoders only
     out = Paths.of(cfg).pretrain
     data = FeatureDataset(files, mcfg)
     streams = [s for s in pc.objectives if s in OBJECTIVES]

@@ -44,7 +44,8 @@ def run_name(cfg: Config) -> str:
         return cfg.train.run_name
     streams = "all" if len(cfg.model.streams) == 3 else "+".join(cfg.model.streams)
     frozen = "-frozen" if cfg.train.freeze_encoders else ""
-    return f"{cfg.train.init}{frozen}-{round(cfg.train.label_fraction * 100)}pct-{streams}-{cfg.model.pooling}"
+    hybrid = "+aggregates" if cfg.model.aggregates else ""
+    return f"{cfg.train.init}{frozen}-{round(cfg.train.label_fraction * 100)}pct-{streams}{hybrid}-{cfg.model.pooling}"
 
 
 def feature_files(cfg: Config) -> list[Path]:
@@ -114,6 +115,7 @@ def train(cfg: Config) -> TrainResult:
     meta = read_meta(files[0])
     mcfg = model_config_for(cfg.model, meta)
     data = FeatureDataset(files, mcfg)
+    mcfg = data.model  # with the hybrid's aggregate columns, saved with the model
     train_idx = data.select(["train"], user_fraction=tc.label_fraction)
     val_idx = data.select(["val"])
     if not len(train_idx) or not len(val_idx):
@@ -151,7 +153,8 @@ def train(cfg: Config) -> TrainResult:
 
     data_input = {"path": str(files[0]), "digest": meta.source_fingerprint}
     tags = {"kind": "model", "init": tc.init, "label_fraction": str(tc.label_fraction),
-            "streams": "+".join(model.streams), "pooling": cfg.model.pooling, "world_size": str(d.world)}
+            "streams": "+".join(model.streams), "pooling": cfg.model.pooling,
+            "aggregates": str(cfg.model.aggregates), "world_size": str(d.world)}
     with tracking.stage_run(cfg, "train", name, tags, resume_run_id=state["run_id"], data=data_input) as run_id:
         state["run_id"] = run_id
         val_loader = loop.loader(val_set, tc.batch_size * 2, collate,

@@ -189,3 +189,58 @@ def test_mlflow_server_on_loopback_round_trip(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert np.isfinite(back.data.metrics["test_roc_auc"])
+
+
+# -- the hybrid: sequence model + the baselines' aggregate features ----------------------------
+
+
+def test_hybrid_reads_the_baselines_aggregates_and_keeps_the_founding_bug_checks(sim_store):
+    from dataclasses import replace
+
+    from features.aggregates import aggregate_features, load_aggregate_inputs
+    from features.dataset import FeatureDataset, collate, signed_log1p
+    from models.engagement import EngagementModel
+    from pipeline import diagnostics as diag
+
+    path, _, mcfg = sim_store
+    data = FeatureDataset(path, replace(mcfg, aggregates=True))
+    X, names = aggregate_features(*load_aggregate_inputs(path))
+    assert data.model.aggregate_names == names
+    rows = data.select(["train"])[:16]
+    sub = data.subset(rows)
+    batch = collate([sub[j] for j in range(len(rows))])
+    assert batch["aggregates"].shape == (len(rows), len(names))
+    assert np.allclose(batch["aggregates"].numpy(), signed_log1p(X[rows]))
+
+    torch.manual_seed(0)
+    model = EngagementModel(replace(data.model, dropout=0.0)).eval()
+    logits, _ = model(batch)
+    changed = dict(batch, aggregates=batch["aggregates"] + 1.0)
+    assert not torch.allclose(model(changed)[0], logits)  # the head uses them
+    halves = [diag.select(batch, range(0, 8)), diag.select(batch, range(8, 16))]
+    assert diag.batch_independence_check(lambda: EngagementModel(replace(data.model, dropout=0.0)), halves).passed
+
+    # A model trained on other columns gets its own columns by name, 0 where a store lacks one.
+    wanted = [names[3], "count_not_in_this_store_7d", names[0]]
+    other = FeatureDataset(path, replace(mcfg, aggregates=True, aggregate_names=wanted))
+    a = other.subset(rows)[0]["aggregates"]
+    assert np.allclose(a, [signed_log1p(X[rows[0], 3]), 0.0, signed_log1p(X[rows[0], 0])])
+
+
+def test_hybrid_trains_saves_its_columns_and_scores_alike(cfg):
+    from features.dataset import FeatureDataset, collate
+    from pipeline.train import feature_files
+
+    cfg.model.aggregates = True
+    result = train(cfg)
+    assert "+aggregates" in result.run_dir.name
+    model, ckpt = load_model(result.checkpoint)
+    assert ckpt["model_config"]["aggregates"] and len(ckpt["model_config"]["aggregate_names"]) > 10
+    saved = pd.read_parquet(result.run_dir / "predictions.parquet")
+    # A fresh dataset from the model's own config (as scoring builds it) gives the same risk.
+    data = FeatureDataset(feature_files(cfg), model.config)
+    rows = saved["example"].to_numpy()[:32]
+    sub = data.subset(rows)
+    with torch.no_grad():
+        logits, _ = model(collate([sub[j] for j in range(len(rows))]))
+    assert np.allclose(torch.sigmoid(logits).numpy(), saved["p_engaged"].to_numpy()[:32], atol=1e-4)
