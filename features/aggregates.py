@@ -44,6 +44,21 @@ def load_aggregate_inputs(path) -> tuple[dict[str, dict[str, np.ndarray]], Store
     return arrays, read_meta(path)
 
 
+def aggregates_of(files, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """`aggregate_features` of every example of one or more feature files (shards), in file
+    order. Columns are `names` (default: the first file's), matched by name in each file
+    and 0 where a file lacks one, so a store whose event vocabulary has grown since a model
+    was trained still gives that model the columns it was trained on."""
+    parts = [aggregate_features(*load_aggregate_inputs(f)) for f in files]
+    names = list(names or parts[0][1])
+    cols = []
+    for X, have in parts:
+        pos = {n: j for j, n in enumerate(have)}
+        take = np.array([pos.get(n, -1) for n in names], dtype=np.int64)  # -1: not in this file
+        cols.append(np.where(take >= 0, X[:, np.maximum(take, 0)], 0.0).astype(np.float32))
+    return np.concatenate(cols), names
+
+
 def _token(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "_", name.lower())
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from features import timebuckets as tb
-from features.aggregates import aggregate_features, load_aggregate_inputs
+from features.aggregates import aggregates_of
 from features.labels import unit_hash
 from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, read_meta
 from pipeline.config import ModelConfig
@@ -47,24 +47,6 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     """The model config with vocabulary sizes and text width taken from the store."""
     extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"]}
     return replace(model, **meta.sizes(), **extra)
-
-
-def _aggregates(files: list[Path], names: list[str]) -> tuple[np.ndarray, list[str]]:
-    """The baselines' aggregate features of every example of `files` (in `load_examples`
-    order), signed-log1p scaled. With `names` (a trained model's), columns are matched by
-    name, 0 where a store lacks one, so a store whose event vocabulary has grown since
-    training still feeds the model the columns it was trained on."""
-    parts = [aggregate_features(*load_aggregate_inputs(f)) for f in files]
-    names = list(names) or parts[0][1]
-    cols = []
-    for X, have in parts:
-        pos = {n: j for j, n in enumerate(have)}
-        out = np.zeros((len(X), len(names)), np.float32)
-        for k, n in enumerate(names):
-            if n in pos:
-                out[:, k] = X[:, pos[n]]
-        cols.append(out)
-    return signed_log1p(np.concatenate(cols)), names
 
 
 def load_examples(files: list[Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -90,7 +72,8 @@ class FeatureDataset(Dataset):
         self._arrays: list | None = None  # loaded lazily, once per process
         self.aggregates: np.ndarray | None = None  # (n_examples, F), with model.aggregates
         if model.aggregates:  # the hybrid; `self.model` then names the columns for the model
-            self.aggregates, names = _aggregates(self.files, model.aggregate_names)
+            X, names = aggregates_of(self.files, model.aggregate_names)
+            self.aggregates = signed_log1p(X)
             self.model = replace(model, aggregate_names=names)
 
     def select(self, splits=SPLITS, labelled: bool = True, user_fraction: float = 1.0, salt: str = "fraction") -> np.ndarray:

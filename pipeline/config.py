@@ -100,10 +100,10 @@ class ModelConfig:
     # A hybrid: also feed the baselines' aggregate features (features/aggregates.py, signed
     # log1p) to the fusion head, beside the [CLS] states.
     aggregates: bool = False
-    # Filled at build time: the aggregate feature names the model was trained on (from the
-    # first dataset that computes them; later stores are matched by name), then vocabulary
-    # sizes and text width from the feature store.
+    # Filled by the first FeatureDataset that computes them: the aggregate columns the model
+    # is trained on (later stores are matched by name).
     aggregate_names: list[str] = field(default_factory=list)
+    # Filled from the feature store at build time (vocabulary sizes and text width).
     text_dim: int = 0
     n_event_types: int = 0
     n_foods: int = 0

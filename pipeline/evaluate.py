@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from features import contract as C
-from features.aggregates import aggregate_features, load_aggregate_inputs
+from features.aggregates import aggregates_of
 from features.dataset import load_examples
 from features.normalise import parse_timestamps
 from features.store import SPLITS, UNLABELLED, read_meta
@@ -52,9 +52,7 @@ def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict
         df = pd.read_parquet(cache)
         if set(cfg.eval.baselines) <= set(df.columns):
             return {b: df[b].to_numpy() for b in cfg.eval.baselines}
-    parts = [load_aggregate_inputs(f) for f in files]
-    features = [aggregate_features(a, m) for a, m in parts]
-    X, names = np.concatenate([x for x, _ in features]), features[0][1]
+    X, names = aggregates_of(files)
     fitted = fit_baselines(X, examples["label"], examples["split"], names, cfg.eval.baselines,
                            seed=cfg.train.seed, min_active_days=cfg.labels.min_active_days, threads=1)
     labelled = examples["label"] != UNLABELLED
