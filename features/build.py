@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from features import contract as C
 from features import labels as L
 from features import timebuckets as tb
-from features.normalise import parse_timestamps, to_utc
+from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
 from features.vocab import Vocab, content_buckets, pseudonyms, shard_of
 from pipeline.config import Config, to_dict
@@ -210,7 +210,9 @@ def _examples(events, etype, user_ids, user_row, ts, program_start, streams, cal
         s = L.read_supplied_labels(supplied, pd.Index(user_ids), labels_path)
         ex_user, ex_as_of, label = s.user_row, s.as_of, s.label
         label_stats["rejected_label_rows"] = s.rejected
+        dates = s.dates  # the labelled as_of dates: the whole table's, before any shard filter
     else:
+        dates = calendar[calendar + lc.horizon_days * L.DAY <= data_end]
         grid_user = np.repeat(np.arange(len(user_ids), dtype=np.int32), len(calendar))
         grid_as_of = np.tile(calendar, len(user_ids))
         ex_user, ex_as_of, label = grid_user, grid_as_of, None
@@ -230,10 +232,6 @@ def _examples(events, etype, user_ids, user_row, ts, program_start, streams, cal
     order = np.lexsort((ex_as_of, ex_user))
     ex_user, ex_as_of, label = ex_user[order], ex_as_of[order], label[order]
     examples = {"user_row": ex_user, "as_of": ex_as_of, "label": label}
-    if supplied is not None:  # the table's dates, before any shard filter
-        dates = (parse_timestamps(supplied[C.AS_OF])[0].dropna().astype("int64") // 10**6).to_numpy()
-    else:
-        dates = calendar[calendar + lc.horizon_days * L.DAY <= data_end]
     examples["split"] = L.assign_splits(L.user_splits(user_ids, lc), ex_user, ex_as_of, label, lc.oot_cutoffs, dates)
     for name, s in streams.items():
         keys = ev_keys if name == "events" else L.row_keys(s["_user"], s["ts"])

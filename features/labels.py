@@ -89,6 +89,7 @@ class SuppliedLabels:
     as_of: np.ndarray
     label: np.ndarray
     rejected: dict[str, int]
+    dates: np.ndarray  # every parseable as_of of the table (s), whatever the user: shards agree
 
 
 def read_supplied_labels(df: pd.DataFrame, user_index: pd.Index, path: str) -> SuppliedLabels:
@@ -110,7 +111,8 @@ def read_supplied_labels(df: pd.DataFrame, user_index: pd.Index, path: str) -> S
         "unknown_user": int((unknown & ~bad_ts & ~bad_label).sum()),
     }
     secs = (as_of[ok].astype("int64") // 10**6).to_numpy()  # datetime64[us] -> s
-    return SuppliedLabels(row[ok].astype(np.int32), secs, label[ok].to_numpy().astype(np.int8), rejected)
+    dates = (as_of.dropna().astype("int64") // 10**6).to_numpy()
+    return SuppliedLabels(row[ok].astype(np.int32), secs, label[ok].to_numpy().astype(np.int8), rejected, dates)
 
 
 def assign_splits(user_split: np.ndarray, ex_user: np.ndarray, ex_as_of: np.ndarray, label: np.ndarray,
