@@ -32,10 +32,7 @@ def train_step(model, optimizer, batch: dict, device: torch.device) -> None:
     batch = loop.to_device(batch, device)
     with autocast(device):
         _, loss = model(batch, batch["label"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    loop.optimizer_step(loss, optimizer, model.parameters(), 1.0)
     if device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -85,6 +85,18 @@ def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0
     )
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float,
+                   scheduler=None) -> None:
+    """One update, the same for training, pretraining and the benchmarks: backward, gradient
+    clipping, the optimizer step, then the schedule's step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

@@ -120,11 +120,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             for batch in bar:
                 with autocast(device):
                     loss, results = net(loop.to_device(batch, device), g)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(objectives.parameters(), pc.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                loop.optimizer_step(loss, optimizer, objectives.parameters(), pc.grad_clip, scheduler)
                 for s in streams:
                     running[s].append(results[s][0].item())
                     if s in counts and results[s][1]["n"]:

@@ -172,11 +172,7 @@ def train(cfg: Config) -> TrainResult:
                 batch = loop.to_device(batch, device)
                 with autocast(device):
                     _, loss = net(batch, batch["label"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                loop.optimizer_step(loss, optimizer, model.parameters(), tc.grad_clip, scheduler)
                 recent = (recent + [loss.item()])[-50:]
                 state["loss_sum"] += recent[-1]
                 state["loss_n"] += 1
