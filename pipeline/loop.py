@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,25 @@ def init_distributed(device_name: str) -> Dist:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextmanager
+def distributed(device_name: str) -> Iterator[Dist]:
+    """`init_distributed` for the length of a stage, then leave the process group cleanly.
+
+    Ranks wait for each other at the end (rank 0 still writes checkpoints and logs after the
+    last collective), then destroy the group: a rank whose interpreter exits with the gloo
+    group still alive can abort ("terminate called without an active exception"). After an
+    error there is no barrier, since the failed rank would never reach it; torchrun stops
+    the others."""
+    d = init_distributed(device_name)
+    try:
+        yield d
+        if d.enabled:
+            dist.barrier()
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_device(d: Dist, device_name: str) -> torch.device:

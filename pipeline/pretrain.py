@@ -52,8 +52,12 @@ def latest_windows(data: FeatureDataset, idx: np.ndarray, per_user: int) -> np.n
 
 
 def pretrain(cfg: Config) -> PretrainResult:
+    with loop.distributed(cfg.train.device) as d:
+        return _pretrain(cfg, d)
+
+
+def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     pc = cfg.pretrain
-    d = loop.init_distributed(cfg.train.device)
     device = loop.rank_device(d, cfg.train.device)
     files = feature_files(cfg)
     meta = read_meta(files[0])

@@ -98,8 +98,12 @@ def build_model(cfg: Config, mcfg: ModelConfig, device: torch.device) -> Engagem
 
 
 def train(cfg: Config) -> TrainResult:
+    with loop.distributed(cfg.train.device) as d:
+        return _train(cfg, d)
+
+
+def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     tc = cfg.train
-    d = loop.init_distributed(tc.device)
     device = loop.rank_device(d, tc.device)
     files = feature_files(cfg)
     name = run_name(cfg)

@@ -37,10 +37,25 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Loaded (via PYTHONPATH) into each torchrun worker: records the example id of every item
-# that rank reads, so the test can see which examples each process trained on.
-READ_PROBE = textwrap.dedent("""
+# Loaded (via PYTHONPATH) into each torchrun worker. At exit it records whether the process
+# group was still alive: a gloo group left for interpreter shutdown can abort the rank
+# ("terminate called without an active exception", pytorch/pytorch#190489), which CI hit
+# once. With SCALE_READ_LOG it also records the example id of every item that rank reads,
+# so the test can see which examples each process trained on.
+PROBE = textwrap.dedent("""
+    import atexit
     import os
+
+    def _record_exit():
+        import sys
+        dist = sys.modules.get("torch.distributed")
+        alive = bool(dist is not None and dist.is_available() and dist.is_initialized())
+        with open(os.path.join(os.environ["SCALE_EXIT_LOG"], f"rank{os.environ['RANK']}.txt"), "w") as f:
+            f.write(f"group alive at exit: {alive}\\n")
+
+    if os.environ.get("RANK") is not None and os.environ.get("SCALE_EXIT_LOG"):
+        atexit.register(_record_exit)  # registered first, so it runs after every other handler
+
     if os.environ.get("RANK") is not None and os.environ.get("SCALE_READ_LOG"):
         from features import dataset as _dataset
 
@@ -85,23 +100,27 @@ def ddp_workdir(sim_store_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     shutil.copytree(path.parent, root / "w" / "features")
     (root / "probe").mkdir()
-    (root / "probe" / "sitecustomize.py").write_text(READ_PROBE)
+    (root / "probe" / "sitecustomize.py").write_text(PROBE)
     return root
 
 
 def torchrun(stage: str, root: Path, db: Path, *overrides: str, read_log: Path | None = None):
     exe = Path(sys.executable).with_name("torchrun")
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    exit_log = root / f"exit-{stage}"
+    exit_log.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALE_EXIT_LOG": str(exit_log),
+           "PYTHONPATH": os.pathsep.join([str(root / "probe"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("MLFLOW_TRACKING_URI", None)
     if read_log is not None:
         read_log.mkdir()
-        env["PYTHONPATH"] = os.pathsep.join([str(root / "probe"), str(ROOT), env.get("PYTHONPATH", "")])
         env["SCALE_READ_LOG"] = str(read_log)
     cmd = [*launcher, "--standalone", f"--nproc_per_node={WORLD}", "-m", "pipeline", stage,
            "--config", "configs/test.yaml", f"workdir={root / 'w'}", f"tracking.uri=sqlite:///{db}", *overrides]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
+    for r in range(WORLD):  # every rank left the process group before its interpreter shut down
+        assert (exit_log / f"rank{r}.txt").read_text() == "group alive at exit: False\n", r
     return run
 
 
