@@ -7,18 +7,20 @@ import pandas as pd
 
 START = pd.Timestamp("2026-01-05", tz="UTC")  # a Monday
 TYPES = ["message", "food_log", "weigh_in", "content_view", "water_log"]
+NO_MEALS = [t for t in TYPES if t != "food_log"]
 
 
 def make_events(n_users: int = 12, weeks: int = 6, seed: int = 0, per_user=(5, 60)) -> pd.DataFrame:
     """Random events of every type over `weeks` weeks; user u0 gets only coach messages,
-    user u1 a single event, user u2 no meals."""
+    user u1 a single event (in the first week, so it has examples), user u2 no meals."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
         n = 1 if u == 1 else int(rng.integers(*per_user))
         for _ in range(n):
-            ts = START + pd.Timedelta(seconds=int(rng.integers(0, weeks * 7 * 86400)))
-            et = "message" if u == 0 else str(rng.choice(TYPES[1:4] if u == 2 else TYPES))
+            seconds = int(rng.integers(0, weeks * 7 * 86400))
+            ts = START + pd.Timedelta(seconds=seconds % (5 * 86400) if u == 1 else seconds)
+            et = "message" if u == 0 else str(rng.choice(NO_MEALS if u == 2 else TYPES))
             r = {"user_id": f"u{u}", "ts": ts, "event_type": et}
             if et == "message":
                 r |= {"sender": "coach" if u == 0 else str(rng.choice(["user", "coach"])),

@@ -11,19 +11,10 @@ from features import timebuckets as tb
 from features.dataset import FeatureDataset, collate, model_config_for
 from features.labels import DAY
 from features.stage import features_stage
-from features.store import load_arrays, read_meta
+from features.store import STREAMS, load_arrays, read_meta
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from tests.event_factories import START, build_store, make_events
-
-
-def example_tensors(path, cfg, user_key: bytes, as_of: int) -> dict:
-    meta = read_meta(path)
-    ds = FeatureDataset(path, model_config_for(cfg.model, meta))
-    keys = ds.user_key
-    hit = np.flatnonzero((keys == user_key) & (ds.examples["as_of"] == as_of))
-    assert len(hit) == 1
-    return collate([ds[int(hit[0])]])
 
 
 def flat(batch: dict) -> dict:
@@ -49,40 +40,73 @@ def test_dt_bucket_edges():
     assert len(tb.describe()) == tb.N_DT_BUCKETS
 
 
-def test_leakage_changing_everything_after_as_of_leaves_inputs_unchanged(tmp_path, tiny_encoder):
+def tensors_at(path, cfg, as_of: int) -> dict:
+    """{user key: flattened tensors} of every example at `as_of`, each collated alone (so
+    padding never depends on the other examples)."""
+    meta = read_meta(path)
+    ds = FeatureDataset(path, model_config_for(cfg.model, meta))
+    rows = np.flatnonzero(ds.examples["as_of"] == as_of)
+    return {bytes(ds.user_key[i]): flat(collate([ds[int(i)]])) for i in rows}
+
+
+def rewrite_the_future(events: pd.DataFrame, cut: pd.Timestamp) -> pd.DataFrame:
+    """Every event at or after `cut` changed, a third of them deleted, and new events added:
+    new foods, a new meal, new event types and content, new users who appear only then (and sort first, so every user row shifts)."""
+    future = (events.ts >= cut).to_numpy()
+    out = events.copy()
+    f = pd.Series(future, index=out.index)
+    msg, weigh, meals, views, other = (f & (out.event_type == t) for t in
+                                       ("message", "weigh_in", "food_log", "content_view", "water_log"))
+    out.loc[f, "ts"] = out.loc[f, "ts"] + pd.Timedelta(hours=5)  # moved, still after the cut
+    out.loc[msg, "text"] = [f"a brand new future message {i}" for i in range(msg.sum())]
+    out.loc[msg, "sender"] = out.loc[msg, "sender"].map({"user": "coach", "coach": "user"})
+    out.loc[weigh, "value"] = out.loc[weigh, "value"] + 30.0
+    out.loc[meals, "food_ids"] = pd.Series([[999, 1000 + i % 3] for i in range(meals.sum())], index=out.index[meals])
+    out.loc[meals, "meal"] = "brunch"
+    out.loc[views, "content_id"] = "c-only-later"
+    out.loc[other, "event_type"] = "brand_new_type"
+    out = out.drop(out.index[future][::3])  # and delete a third of them
+    at_cut = [  # exactly at as_of counts as the future too
+        {"user_id": u, "ts": cut, "event_type": "food_log", "food_ids": [4242], "meal": "supper"}
+        for u in events.user_id.unique()
+    ]
+    newcomers = [
+        {"user_id": f"a-newcomer-{k}", "ts": cut + pd.Timedelta(days=d, hours=k), "event_type": t,
+         **({"food_ids": [777, 101], "meal": "lunch"} if t == "food_log" else {}),
+         **({"sender": "user", "text": "hi, I am new here"} if t == "message" else {})}
+        for k in range(3) for d in range(3) for t in ("food_log", "message", "sleep_log")
+    ]
+    return pd.concat([out, pd.DataFrame(at_cut + newcomers)], ignore_index=True)
+
+
+def test_leakage_changing_everything_at_or_after_as_of_leaves_every_example_unchanged(tmp_path, tiny_encoder):
+    """DESIGN.md §3: for every user at once, events at or after as_of are changed, moved,
+    deleted or added (with foods, meals, event types, content and users that only exist
+    later, which must not renumber any vocabulary), or all deleted; every example at that
+    as_of keeps exactly the same tensors. Only labels (and splits) may differ."""
     events = make_events(n_users=10, weeks=6, seed=1)
-    path, cfg = build_store(tmp_path, events, tiny_encoder, "a")
-    a, _ = load_arrays(path)
-    ex = a["examples"]
-    rng = np.random.default_rng(0)
-    for i in rng.choice(np.flatnonzero(ex["label"] >= 0), size=3, replace=False):
-        user_key, as_of = a["users"]["key"][ex["user_row"][i]], int(ex["as_of"][i])
-        before = example_tensors(path, cfg, user_key, as_of)
-        cut = pd.Timestamp(as_of, unit="s", tz="UTC")
-        user = _user_of(events, user_key, cfg)
-        later = events[(events.user_id == user) & (events.ts >= cut)]
-        changed = events.drop(later.index[::2])  # delete half the future events...
-        rest = changed.index.isin(later.index)
-        changed.loc[rest, "ts"] = changed.loc[rest, "ts"] + pd.Timedelta(hours=5)  # ...move the others
-        changed.loc[rest & (changed.event_type == "message"), "text"] = "a brand new future message"
-        changed.loc[rest & (changed.event_type == "weigh_in"), "value"] = 150.0
-        extra = pd.DataFrame({"user_id": [user] * 2, "ts": [cut, cut + pd.Timedelta(days=1)],
-                              "event_type": ["brand_new_type", "food_log"], "food_ids": [None, [999, 1]],
-                              "meal": [None, "lunch"]})
-        changed = pd.concat([changed, extra], ignore_index=True)
-        path2, _ = build_store(tmp_path, changed, tiny_encoder, f"b{i}")
-        after = example_tensors(path2, cfg, user_key, as_of)
-        fa, fb = flat(before), flat(after)
-        assert fa.keys() == fb.keys()
-        for k in fa:
-            assert torch.equal(fa[k], fb[k]), f"{k} changed for example {i}"
-
-
-def _user_of(events, key, cfg):
-    from features.vocab import pseudonyms
-
-    ids = events.user_id.unique()
-    return ids[pseudonyms(ids, cfg.features.pseudonym_key) == key][0]
+    scoring = "labels.include_unlabelled=true"  # an as_of stays an example when the log ends there
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "a", scoring)
+    as_ofs = np.unique(load_arrays(path, ("examples",))[0]["examples"]["as_of"])
+    as_of = int(as_ofs[len(as_ofs) // 2])
+    cut = pd.Timestamp(as_of, unit="s", tz="UTC")
+    before = tensors_at(path, cfg, as_of)
+    assert len(before) >= 8  # nearly every user is an example at this as_of
+    variants = {
+        "rewritten": (rewrite_the_future(events, cut), ()),
+        "deleted": (events[events.ts < cut], (f"data.until={cut.isoformat()}",)),
+    }
+    for name, (changed, extra) in variants.items():
+        path2, _ = build_store(tmp_path, changed, tiny_encoder, name, scoring, *extra)
+        report = json.loads((tmp_path / name / "validated" / "validation.json").read_text())
+        assert report["quarantined"] == 0 and report["accepted"] == len(changed)  # every change arrived
+        after = tensors_at(path2, cfg, as_of)
+        assert after.keys() == before.keys(), name  # the same users, no newcomer
+        for user, fa in before.items():
+            fb = after[user]
+            assert fa.keys() == fb.keys()
+            for k in fa:
+                assert torch.equal(fa[k], fb[k]), f"{name}: {k} changed for user {user!r} at as_of {cut}"
 
 
 def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
@@ -139,14 +163,38 @@ def test_edge_users_coach_only_single_event_no_meals(tmp_path, tiny_encoder):
     ds = FeatureDataset(path, model_config_for(cfg.model, meta))
     rows = {uid: r for r, uid in enumerate(sorted(events.user_id.unique()))}
     ex = a["examples"]
-    coach_only = np.flatnonzero(ex["user_row"] == rows["u0"])
-    assert len(coach_only) and (ex["label"][coach_only] == 0).all()  # coach messages are not activity
-    batch = collate([ds[int(i)] for i in np.flatnonzero(np.isin(ex["user_row"], [rows["u0"], rows["u1"], rows["u2"]]))])
-    assert batch["food"]["padding_mask"].all(dim=1).any()  # someone with no meals: a fully padded row
-    assert batch["food"]["food_ids"].shape[1] >= 1 and batch["presence"].shape[1] == 3
-    for s in ("conversation", "food", "events"):
-        m = batch[s]["padding_mask"]
-        assert (batch[s]["position"][m] == 0).all() and (batch[s]["position"][~m] > 0).all()
+
+    def batch_of(uid: str) -> dict:  # every example of one user, in one batch
+        idx = np.flatnonzero(ex["user_row"] == rows[uid])
+        assert len(idx), f"{uid} has no examples"
+        return collate([ds[int(i)] for i in idx])
+
+    stream_no = {s: i for i, s in enumerate(STREAMS)}
+    # u0: only coach messages. Never engaged (coach messages are not activity), but its
+    # examples see those messages: a conversation of coach turns, no meals.
+    coach_only = batch_of("u0")
+    assert (coach_only["label"] == 0).all()
+    conv = coach_only["conversation"]
+    assert (~conv["padding_mask"]).any(dim=1).all()
+    assert (conv["sender"][~conv["padding_mask"]] == 2).all()  # 2 = coach
+    assert coach_only["food"]["padding_mask"].all()
+    # u1: one event in its whole history: every example has an events stream of length 1.
+    single = batch_of("u1")
+    assert single["events"]["padding_mask"].shape[1] == 1
+    assert (~single["events"]["padding_mask"]).sum(dim=1).tolist() == [1] * len(single["label"])
+    assert (single["events"]["position"] == 1).all()
+    assert single["presence"][:, stream_no["events"]].eq(1).all()
+    assert single["events"]["dt_bucket"].eq(tb.NO_PREVIOUS).all()  # no previous item
+    # u2: events but never a meal: a fully padded food stream (T >= 1) and presence 0.
+    no_meals = batch_of("u2")
+    assert no_meals["food"]["padding_mask"].all() and no_meals["food"]["food_ids"].shape[1] >= 1
+    assert no_meals["presence"][:, stream_no["food"]].eq(0).all()
+    assert no_meals["presence"][:, stream_no["events"]].eq(1).all()
+    for batch in (coach_only, single, no_meals):
+        assert batch["presence"].shape[1] == 3
+        for s in STREAMS:
+            m = batch[s]["padding_mask"]
+            assert (batch[s]["position"][m] == 0).all() and (batch[s]["position"][~m] > 0).all()
 
 
 def test_dataset_keeps_the_most_recent_items_and_derives_recency(tmp_path, tiny_encoder):
