@@ -6,7 +6,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A GPU user picks their own build, e.g. make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# A GPU user picks their own build, e.g.
+#   make install TORCH="torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cu126"
+# (--extra-index-url, not --index-url: the other packages still come from PyPI).
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 ARGS ?=
@@ -14,11 +16,20 @@ NPROC ?= 2
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
+TORCH_SPEC := $(VENV)/.torch-spec
 
-$(STAMP): pyproject.toml
+# Reinstall when pyproject.toml or the TORCH requirement changes, and only then.
+$(STAMP): pyproject.toml $(TORCH_SPEC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,demo]' $(TORCH)
 	@touch $@
+
+# Rewritten only when TORCH differs from the last install's, so its mtime says "changed".
+$(TORCH_SPEC): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH)' ]; then printf '%s' '$(TORCH)' > $@; fi
+
+FORCE:
 
 .PHONY: help install demo demo-kdd test test-full lint simulate validate features pretrain \
         train evaluate experiments compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui \
