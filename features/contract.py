@@ -46,6 +46,8 @@ LABEL = "label"
 REASONS = {
     "missing_user_id": "user_id is missing or empty",
     "unknown_user": "user_id is not in the users table",
+    "epoch_not_seconds": "ts is an epoch number too large for seconds (>= 1e11, after the year 5000): "
+    "milliseconds or finer? The contract takes epoch seconds: divide by 1000, or use ISO-8601",
     "bad_timestamp": "ts is missing, unparseable, or before 1990",
     "future_timestamp": "ts lies further in the future than data.max_future_days",
     "missing_event_type": "event_type is missing or empty",

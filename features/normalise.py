@@ -11,7 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 EARLIEST_TS = pd.Timestamp("1990-01-01", tz="UTC")
-_INT_RE = r"^\s*\d+\s*$"
+# Epoch numbers at or above this are not seconds (they would fall after the year 5000):
+# milliseconds, microseconds or nanoseconds. They are rejected with their own reason
+# rather than read as a date thousands of years ahead.
+MAX_EPOCH_SECONDS = 1e11
+_DIGITS_RE = r"^[0-9]+$"
+_INT64_MAX = str(np.iinfo(np.int64).max)  # 19 digits
 
 
 def to_utc(value) -> pd.Timestamp:
@@ -41,32 +46,42 @@ def parse_timestamps(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
 
     Returns (datetime64[us, UTC] series with NaT where unparseable, bad mask). Rows that were
     missing to begin with are NaT and flagged bad too."""
+    out, bad, _ = parse_timestamps_and_units(col)
+    return out, bad
+
+
+def parse_timestamps_and_units(col: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """`parse_timestamps` plus a mask of the bad rows that are epoch numbers too large to be
+    seconds (>= MAX_EPOCH_SECONDS: most likely milliseconds), so validation can say so."""
+    not_seconds = np.zeros(len(col), dtype=bool)
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         out = col.dt.tz_convert("UTC")
     elif pd.api.types.is_datetime64_dtype(col):
         out = col.dt.tz_localize("UTC")
     elif pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        out = _from_epoch(col.astype("float64"))
+        out, not_seconds = _from_epoch(col.astype("float64"))
     else:
         s = clean_strings(col)
         numeric = pd.to_numeric(s, errors="coerce")
         is_num = numeric.notna().to_numpy()
         out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[us, UTC]")
         if is_num.any():
-            out[is_num] = _from_epoch(numeric[is_num].astype("float64"))
+            out[is_num], not_seconds[is_num] = _from_epoch(numeric[is_num].astype("float64"))
         rest = ~is_num & s.notna().to_numpy()
         if rest.any():
             parsed = pd.to_datetime(s[rest], format="ISO8601", utc=True, errors="coerce")
             out[rest] = parsed.astype("datetime64[us, UTC]")
     out = out.astype("datetime64[us, UTC]")
     bad = out.isna().to_numpy() | (out < EARLIEST_TS).to_numpy()
-    return out, bad
+    return out, bad, not_seconds
 
 
-def _from_epoch(seconds: pd.Series) -> pd.Series:
-    finite = np.isfinite(seconds.to_numpy()) & (seconds.abs() < 1e12).to_numpy()  # year < 33658
-    micro = (seconds.where(finite) * 1e6).round()
-    return pd.to_datetime(micro, unit="us", utc=True)
+def _from_epoch(seconds: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Epoch seconds -> UTC instants, NaT where not finite or too large to be seconds."""
+    v = seconds.to_numpy()
+    not_seconds = np.isfinite(v) & (np.abs(v) >= MAX_EPOCH_SECONDS)
+    micro = (seconds.where(np.isfinite(v) & ~not_seconds) * 1e6).round()
+    return pd.to_datetime(micro, unit="us", utc=True), not_seconds
 
 
 def parse_food_ids(col: pd.Series) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
@@ -106,19 +121,28 @@ def _mostly_strings(col: pd.Series) -> bool:
 
 
 def _as_non_negative_ints(flat: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Food ids -> (int64 values, bad mask: not an integer in [0, 2**63)). Never raises: an
+    id too large for int64 is a bad id like any other, not a crash."""
     t = flat.type
-    if pa.types.is_integer(t):
+    if pa.types.is_integer(t):  # uint64 beyond int64 wraps negative, so it is flagged too
         v = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         return np.where(v < 0, 0, v), v < 0
     if pa.types.is_floating(t):
         v = pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False)
-        ok = np.isfinite(v) & (v >= 0) & (np.floor(v) == v)
+        ok = np.isfinite(v) & (v >= 0) & (v < 2.0**63) & (np.floor(v) == v)
         return np.where(ok, v, 0).astype(np.int64), ~ok
     s = pc.cast(flat, pa.string()) if not pa.types.is_string(t) else flat
-    ok = pc.fill_null(pc.match_substring_regex(s, _INT_RE), False).to_numpy(zero_copy_only=False)
+    # Digits only, leading zeros dropped ("0" stays "0"), then at most int64's 19 digits
+    # compared as text: the cast below can then never overflow.
+    digits = pc.utf8_ltrim(pc.utf8_trim_whitespace(s), characters="0")
+    digits = pc.if_else(pc.equal(digits, ""), pc.utf8_trim_whitespace(s), digits)
+    n = pc.utf8_length(digits)
+    fits = pc.or_(pc.less(n, len(_INT64_MAX)), pc.and_(pc.equal(n, len(_INT64_MAX)), pc.less_equal(digits, _INT64_MAX)))
+    ok = pc.fill_null(pc.and_(pc.match_substring_regex(digits, _DIGITS_RE), fits), False)
+    ok = ok.to_numpy(zero_copy_only=False)
     v = np.zeros(len(s), dtype=np.int64)
     if ok.any():
-        v[ok] = pc.cast(pc.utf8_trim_whitespace(s.filter(pa.array(ok))), pa.int64()).to_numpy()
+        v[ok] = pc.cast(digits.filter(pa.array(ok)), pa.int64()).to_numpy()
     return v, ~ok
 
 

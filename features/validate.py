@@ -20,14 +20,22 @@ import pyarrow.compute as pc
 
 from features import contract as C
 from features.io import (
+    SOURCE_FILE,
+    SOURCE_ROW,
     fingerprint,
     read_table,
     require_columns,
     write_parquet_atomic,
     write_text_atomic,
 )
-from features.normalise import clean_strings, parse_food_ids, parse_numbers, parse_timestamps
-from pipeline.config import Config, DataConfig, save_config
+from features.normalise import (
+    clean_strings,
+    parse_food_ids,
+    parse_numbers,
+    parse_timestamps,
+    parse_timestamps_and_units,
+)
+from pipeline.config import Config, DataConfig, to_yaml
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,12 +59,14 @@ def validate_events(
     now: pd.Timestamp | None = None,
 ) -> ValidationResult:
     """Check every row; returns accepted events, the quarantine and the counts."""
-    require_columns(raw, C.REQUIRED_COLUMNS, data.events, "events")
+    # The error lists the table's own columns, not the provenance read_table adds.
+    own = pd.DataFrame(columns=[c for c in raw.columns if c not in (SOURCE_FILE, SOURCE_ROW)])
+    require_columns(own, C.REQUIRED_COLUMNS, data.events, "events")
     n = len(raw)
     col = {c: raw[c] if c in raw.columns else pd.Series([None] * n, index=raw.index) for c in C.ALL_COLUMNS}
 
     user_id = clean_strings(col[C.USER_ID])
-    ts, bad_ts = parse_timestamps(col[C.TS])
+    ts, bad_ts, ts_not_seconds = parse_timestamps_and_units(col[C.TS])
     event_type = clean_strings(col[C.EVENT_TYPE], lower=True)
     sender = clean_strings(col[C.SENDER], lower=True)
     text = clean_strings(col[C.TEXT])
@@ -73,6 +83,7 @@ def validate_events(
     checks: list[tuple[str, np.ndarray]] = [
         ("missing_user_id", user_id.isna().to_numpy()),
         ("unknown_user", _unknown_users(user_id, users)),
+        ("epoch_not_seconds", ts_not_seconds),
         ("bad_timestamp", bad_ts),
         ("future_timestamp", (ts > now + pd.Timedelta(days=data.max_future_days)).fillna(False).to_numpy()),
         ("missing_event_type", event_type.isna().to_numpy()),
@@ -131,9 +142,22 @@ def validate_events(
         "event_types": {k: int(v) for k, v in events[C.EVENT_TYPE].value_counts().items()},
         "ts_min": str(events[C.TS].min()) if len(events) else None,
         "ts_max": str(events[C.TS].max()) if len(events) else None,
+        "settings": validation_settings(data),
     }
     assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
     return ValidationResult(table, quarantine, report)
+
+
+def validation_settings(data: DataConfig) -> dict:
+    """The settings that decide which rows are accepted. validation.json records them, and
+    validated events are reused only under the same settings (and the same input files)."""
+    allowed = data.allowed_event_types
+    return {
+        "allowed_event_types": sorted({a.strip().lower() for a in allowed}) if allowed else None,
+        "max_future_days": float(data.max_future_days),
+        "min_weight_kg": float(data.min_weight_kg),
+        "max_weight_kg": float(data.max_weight_kg),
+    }
 
 
 def _unknown_users(user_id: pd.Series, users: pd.DataFrame | None) -> np.ndarray:
@@ -153,8 +177,8 @@ def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFram
     input can be written to Parquet."""
     out = rejected.copy()
     for c in out.columns:
-        if out[c].dtype == object:
-            out[c] = out[c].map(lambda v: None if v is None else str(v)).astype("string")
+        if out[c].dtype == object:  # str() of each value in pandas' C loop; None stays missing
+            out[c] = out[c].astype("string")
     out[C.QUARANTINE_REASON] = pd.Series(reasons, index=out.index, dtype="string")
     return out.reset_index(drop=True)
 
@@ -180,7 +204,6 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     started = time.perf_counter()
     sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
     raw = read_table(cfg.data.events, "events", provenance=True)
-    require_columns(raw, C.REQUIRED_COLUMNS, cfg.data.events, "events")
     users = normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
     # Extra columns (here the provenance) pass through to the quarantine untouched.
     result = validate_events(raw, cfg.data, users, now)
@@ -203,7 +226,7 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     elif (out / USERS).exists():
         (out / USERS).unlink()
     write_text_atomic(json.dumps(report, indent=2), out / REPORT)
-    save_config(cfg, out)
+    write_text_atomic(to_yaml(cfg), out / "config.yaml")  # atomic: shards may validate side by side
     log.info(
         "validated %s: %d rows in = %d accepted + %d duplicates + %d quarantined %s (%.1fs) -> %s",
         cfg.data.events, report["rows_in"], report["accepted"], report["duplicates"],
