@@ -22,8 +22,9 @@ from features import labels as L
 from features import timebuckets as tb
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
-from features.vocab import Vocab, content_buckets, pseudonyms, shard_of
-from pipeline.config import Config, to_dict
+from features.vocab import Vocab, content_buckets, pseudonyms, sender_ids, shard_of
+from pipeline.config import Config, FeatureConfig, to_dict
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,25 @@ class Built:
     summary: dict
 
 
+def check_shards(fc: FeatureConfig) -> None:
+    """A one-line error unless the shard settings name one shard of a real partition
+    (0 <= shard < num_shards) or no sharding at all (shard unset, num_shards 1)."""
+    shard, n = fc.shard, fc.num_shards
+    if n is None or n < 1:
+        raise UserError(f"features.num_shards={n}: the number of shards must be at least 1 (--num-shards N)")
+    if shard is None:
+        if n != 1:
+            raise UserError(f"features.num_shards={n} without features.shard: add --shard I (features.shard=I) "
+                            f"with 0 <= I < {n} to build shard I, or drop --num-shards for one unsharded build")
+        return
+    if n == 1 and shard != 0:
+        raise UserError(f"features.shard={shard} needs features.num_shards > {shard} (it is 1): add --num-shards N "
+                        "(features.num_shards=N), the number of shards in the build")
+    if not 0 <= shard < n:
+        raise UserError(f"features.shard={shard} is not a shard of features.num_shards={n}: "
+                        f"use --shard 0..{n - 1}")
+
+
 def _ts_seconds(col: pa.ChunkedArray) -> np.ndarray:
     return pc.cast(col, pa.int64()).to_numpy() // 1_000_000  # timestamp[us] -> s (floor)
 
@@ -64,6 +84,7 @@ def build_features(
     """Build every array of the store from normalised, (user_id, ts)-sorted events."""
     timer = Timer()
     fc, lc = cfg.features, cfg.labels
+    check_shards(fc)
     with timer.step("prepare"):
         ts_all = _ts_seconds(events[C.TS])
         first_ts, data_end = int(ts_all.min()), (int(ts_all.max()) // L.DAY + 1) * L.DAY
@@ -197,7 +218,7 @@ def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tu
     texts = events[C.TEXT].take(pa.array(sel)).to_pylist()
     return {
         "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
-        "sender": np.where(sender == C.SENDER_USER, 1, 2).astype(np.int8),
+        "sender": sender_ids(sender),
         "msg_no": np.minimum(np.arange(len(u)) - first_of_user + 1, max_msg_no),
         "dt_bucket": tb.dt_buckets(ts[sel], starts),
     }, texts

@@ -13,13 +13,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features import validate as V
-from features.build import build_features
+from features.build import build_features, check_shards
 from features.io import fingerprint, read_table, write_text_atomic
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
-from pipeline.config import Config, save_config, to_dict
+from pipeline.config import Config, to_dict, to_yaml
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.sources import ensure_raw
@@ -29,11 +29,16 @@ log = logging.getLogger(__name__)
 
 def ensure_validated(cfg: Config) -> Path:
     """The folder of validated events for `data.events`: the input itself when it already
-    is one, the cached <workdir>/validated when its source fingerprint still matches,
-    else a fresh validation."""
+    is one, the cached <workdir>/validated when it was validated from the same files (same
+    fingerprint) under the same validation settings, else a fresh validation."""
     ensure_raw(cfg)
+    settings = V.validation_settings(cfg.data)
     given = Path(cfg.data.events)
     if given.is_dir() and (given / V.REPORT).exists():
+        used = json.loads((given / V.REPORT).read_text()).get("settings")
+        if used != settings:  # the raw rows are not here: it can only be used as it is
+            log.warning("%s was validated with %s, not this config's %s; using it as it is (validate the "
+                        "raw events again to apply the new settings)", given, used, settings)
         return given
     out = Paths.of(cfg).validated
     report = out / V.REPORT
@@ -42,27 +47,41 @@ def ensure_validated(cfg: Config) -> Path:
         sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
         same_source = old.get("source") == {"events": cfg.data.events, "users": cfg.data.users}
         if same_source and old.get("source_fingerprint") == fingerprint(sources):
-            log.info("validated events are up to date: %s", out)
-            return out
+            if old.get("settings") == settings:
+                log.info("validated events are up to date: %s", out)
+                return out
+            log.info("validation settings changed (%s -> %s): validating again", old.get("settings"), settings)
     return V.validate_stage(cfg, out)
 
 
 def output_path(cfg: Config) -> Path:
+    check_shards(cfg.features)
     paths = Paths.of(cfg)
     if cfg.features.shard is None:
         return paths.feature_file
     return paths.shard_feature_file(cfg.features.shard, cfg.features.num_shards)
 
 
+def config_copy(out: Path, cfg: Config) -> Path:
+    """Where a build saves its resolved config: `config.yaml` beside an unsharded store; one
+    file per shard beside a shard's store (`features-001-of-004.config.yaml`): shards run
+    side by side and their configs differ (features.shard)."""
+    return out.parent / "config.yaml" if cfg.features.shard is None else out.with_name(f"{out.stem}.config.yaml")
+
+
 def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
-    """Everything a feature file depends on: inputs, label/feature settings, the encoder's
-    weights. The same key means the existing file is what a rebuild would write."""
+    """Everything a feature file depends on: inputs (raw events and users, how validation
+    treated them, the food catalog that numbers the foods, supplied labels), label/feature
+    settings, the encoder's weights. The same key means the existing file is what a rebuild
+    would write."""
     from features.text_vectors import encoder_identity
 
     d = to_dict(cfg)
     feats = {k: v for k, v in d["features"].items() if k not in ("text_batch_size", "text_device")}
-    parts = [SCHEMA_VERSION, report["source_fingerprint"], d["labels"], feats, d["data"]["until"],
+    validation = {k: report.get(k) for k in ("settings", "accepted", "duplicates", "quarantined", "reasons")}
+    parts = [SCHEMA_VERSION, report["source_fingerprint"], validation, d["labels"], feats, d["data"]["until"],
              fingerprint([cfg.data.labels]) if cfg.data.labels else None,
+             fingerprint([cfg.data.foods]) if cfg.data.foods else None,
              encoder.identity if encoder else encoder_identity(cfg.features.text_encoder)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -81,6 +100,7 @@ def _up_to_date(out: Path, key: str) -> bool:
 def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     """Build <workdir>/features/features.h5 (or a shard file) from `data.events`; a file
     already built from the same inputs and settings is reused as is."""
+    check_shards(cfg.features)  # before any work
     paths = Paths.of(cfg)
     vdir = ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
@@ -124,7 +144,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
         **built.summary,
     }
     write_text_atomic(json.dumps(manifest, indent=2), out.with_suffix(".json"))
-    save_config(cfg, out.parent)
+    write_text_atomic(to_yaml(cfg), config_copy(out, cfg))
     print_summary(manifest)
     return out
 

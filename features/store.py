@@ -20,7 +20,9 @@ import numpy as np
 from features.io import atomic_path
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 1
+# 2: the vocabularies attribute holds the senders too (sizes() reads it); a version-1 file
+# lacks it, so readers ask for a rebuild instead of failing on a missing key.
+SCHEMA_VERSION = 2
 
 STREAMS = ("conversation", "food", "events")
 SPLITS = ("train", "val", "test", "oot")  # split codes 0..3; oot = out-of-time test
@@ -58,7 +60,9 @@ class StoreMeta:
     text_encoder: str
     text_dim: int
     dt_edges: list[float]
-    vocab: dict[str, list[Any]]  # event_types, senders, meals, foods (raw ids), index = id - 2
+    # event_types, meals, foods (raw ids): id = index + 2 (0 padding, 1 unknown);
+    # senders (closed, see features/vocab.py): id = index + 1 (0 padding)
+    vocab: dict[str, list[Any]]
     config: dict[str, Any]
     content_buckets: int
     shard: int | None = None
@@ -72,7 +76,7 @@ class StoreMeta:
             "n_event_types": len(self.vocab["event_types"]) + 2,
             "n_foods": len(self.vocab["foods"]) + 2,
             "n_meals": len(self.vocab["meals"]) + 2,
-            "n_senders": 3,  # pad, user, coach
+            "n_senders": len(self.vocab["senders"]) + 1,  # pad, user, coach
             "n_dt_buckets": len(self.dt_edges) + 3,
             "n_content": self.content_buckets + 2,
         }

@@ -3,7 +3,11 @@
 Ids: 0 = padding, 1 = unknown, 2.. = tokens in vocabulary order. Vocabularies are
 append-only and persisted next to the feature file, so a token keeps its id across
 rebuilds and a model trained on last week's build reads this week's correctly; a token a
-model has never seen maps to 1 (unknown)."""
+model has never seen maps to 1 (unknown).
+
+Senders are the exception: a closed vocabulary fixed by the contract (validation admits no
+other sender), so they need no unknown id: 0 = padding, 1.. = `contract.SENDERS` in order
+(1 user, 2 coach)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from features.io import read_table, write_text_atomic
 
 PAD, UNKNOWN, FIRST = 0, 1, 2
 KINDS = ("event_types", "meals", "foods")
+FIRST_SENDER = 1  # sender ids: 0 padding, then contract.SENDERS in order
 
 
 class Vocab:
@@ -41,7 +46,8 @@ class Vocab:
         write_text_atomic(json.dumps(self.tokens), path)
 
     def as_dict(self) -> dict[str, list]:
-        return {k: list(v) for k, v in self.tokens.items()}
+        """Every vocabulary, as stored in the feature file's attributes."""
+        return {k: list(v) for k, v in self.tokens.items()} | {"senders": list(C.SENDERS)}
 
     def _append(self, kind: str, tokens: list) -> None:
         known = set(self.tokens[kind])
@@ -68,6 +74,15 @@ class Vocab:
         index = pd.Index(self.tokens[kind])
         pos = index.get_indexer(pd.Index(values))
         return np.where(pos < 0, UNKNOWN, pos + FIRST).astype(np.int32)
+
+
+def sender_ids(senders: np.ndarray) -> np.ndarray:
+    """Vectorised sender -> id (1 user, 2 coach). Messages are validated, so any other
+    sender here is a bug upstream, not data to guess about."""
+    pos = pd.Index(C.SENDERS).get_indexer(pd.Index(senders))
+    if (pos < 0).any():
+        raise ValueError(f"senders outside the contract {C.SENDERS}: {sorted(set(senders[pos < 0]), key=str)[:5]}")
+    return (pos + FIRST_SENDER).astype(np.int8)
 
 
 def _by_first_seen(tokens: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> list:

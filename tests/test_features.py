@@ -114,6 +114,7 @@ def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
     path, cfg = build_store(tmp_path, events, tiny_encoder)
     a, meta = load_arrays(path)
     types = ["<pad>", "<unk>"] + meta.vocab["event_types"]
+    assert meta.vocab["senders"] == ["user", "coach"] and meta.sizes()["n_senders"] == 3
     foods = meta.vocab["foods"]
     for row, uid in enumerate(sorted(events.user_id.unique())):
         src = events[events.user_id == uid].sort_values("ts", kind="stable")
@@ -129,7 +130,8 @@ def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
         lo, hi = a["conversation"]["user_offsets"][row : row + 2]
         msgs = src[src.event_type == "message"]
         assert a["conversation"]["msg_no"][lo:hi].tolist() == list(range(1, len(msgs) + 1))
-        assert a["conversation"]["sender"][lo:hi].tolist() == [1 if s == "user" else 2 for s in msgs.sender]
+        senders = ["<pad>"] + meta.vocab["senders"]  # the stored vocabulary decodes the ids
+        assert [senders[s] for s in a["conversation"]["sender"][lo:hi]] == msgs.sender.tolist()
         want = tiny_encoder.encode(msgs.text.tolist(), progress=False)
         np.testing.assert_allclose(a["conversation"]["embedding"][lo:hi], want, atol=2e-3)
     with h5py.File(path) as f:  # no raw text and no raw user id anywhere in the file
@@ -323,3 +325,73 @@ def test_a_model_that_cannot_load_offline_says_how_to_point_at_a_local_copy():
 
     with pytest.raises(UserError, match="local-dir .* features.text_encoder="):
         TextEncoder.load("distilbert-base-uncased-not-on-this-machine")
+
+
+def test_changed_validation_settings_validate_again_and_rebuild(tmp_path, tiny_encoder):
+    heavy = pd.DataFrame({"user_id": ["u3"], "ts": [START + pd.Timedelta(days=3)], "event_type": ["weigh_in"],
+                          "value": [900.0]})
+    events = pd.concat([make_events(n_users=5, seed=12), heavy], ignore_index=True)
+    path, _ = build_store(tmp_path, events, tiny_encoder)
+    report_file = tmp_path / "w" / "validated" / "validation.json"
+    report = json.loads(report_file.read_text())
+    assert report["reasons"] == {"weigh_in_impossible_value": 1} and report["settings"]["max_weight_kg"] == 400
+    stamp = path.stat().st_mtime_ns
+
+    build_store(tmp_path, events, tiny_encoder, "w", "data.max_weight_kg=1000")  # same files, new limit
+    report = json.loads(report_file.read_text())
+    assert report["quarantined"] == 0 and report["settings"]["max_weight_kg"] == 1000
+    assert path.stat().st_mtime_ns != stamp  # rebuilt from the new validation
+    assert 900.0 in load_arrays(path, ("events",))[0]["events"]["value"]
+
+    stamp = path.stat().st_mtime_ns
+    allowed = "data.allowed_event_types=[message,food_log,weigh_in,content_view]"
+    build_store(tmp_path, events, tiny_encoder, "w", "data.max_weight_kg=1000", allowed)
+    report = json.loads(report_file.read_text())
+    assert report["reasons"] == {"unknown_event_type": int((events.event_type == "water_log").sum())}
+    assert path.stat().st_mtime_ns != stamp
+    a, meta = load_arrays(path, ("events",))
+    water = meta.vocab["event_types"].index("water_log") + 2  # still in the append-only vocabulary
+    assert water not in a["events"]["type_id"]  # but no such event in the store any more
+
+
+def test_a_changed_food_catalog_rebuilds(tmp_path, tiny_encoder):
+    events = make_events(n_users=4, seed=13)
+    catalog = tmp_path / "foods.csv"
+    catalog.write_text("food_id,name,category\n" + "".join(f"{i},food {i},x\n" for i in range(100, 130)))
+    path, _ = build_store(tmp_path, events, tiny_encoder, "w", f"data.foods={catalog}")
+    stamp = path.stat().st_mtime_ns
+    catalog.write_text(catalog.read_text() + "5000,kale,vegetable\n")  # a new food in the catalog
+    build_store(tmp_path, events, tiny_encoder, "w", f"data.foods={catalog}")
+    assert path.stat().st_mtime_ns != stamp and 5000 in read_meta(path).vocab["foods"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--shard", "2", "--num-shards", "1"], "features.shard=2 needs features.num_shards > 2"),
+        (["--shard", "1"], "add --num-shards N"),
+        (["--num-shards", "3"], "without features.shard: add --shard I"),
+        (["--num-shards", "0"], "must be at least 1"),
+        (["--shard", "3", "--num-shards", "3"], "use --shard 0..2"),
+        (["--shard", "-1", "--num-shards", "3"], "use --shard 0..2"),
+    ],
+)
+def test_shard_arguments_are_checked_before_any_work(tmp_path, capsys, args, expected):
+    from pipeline.cli import main
+
+    rc = main(["features", "--config", "configs/test.yaml", f"workdir={tmp_path / 'w'}", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "w").exists()  # nothing validated, no empty store
+
+
+def test_each_shard_saves_its_own_config_and_never_the_shared_one(tmp_path, tiny_encoder):
+    events = make_events(n_users=6, seed=14)
+    path, _ = build_store(tmp_path, events, tiny_encoder, "w", "features.shard=1", "features.num_shards=2")
+    folder = path.parent
+    assert path.name == "features-001-of-002.h5"
+    saved = load_config(folder / "features-001-of-002.config.yaml")
+    assert (saved.features.shard, saved.features.num_shards) == (1, 2)
+    assert not (folder / "config.yaml").exists()  # shards side by side never write one shared file
+    whole, _ = build_store(tmp_path, events, tiny_encoder, "w")
+    assert load_config(whole.parent / "config.yaml").features.shard is None
