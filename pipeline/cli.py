@@ -2,6 +2,7 @@
 
 Each stage is an importable function (the tests call the same functions); this module
 only parses arguments, resolves the config, and turns `UserError` into one line + exit 2.
+`diagnose` exits 1 when any of its checks fails.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ STAGES = {
     "train": "train the engagement model",
     "evaluate": "evaluate the latest model and the baselines; register and gate the champion",
     "compare": "print MLflow runs side by side",
-    "diagnose": "checks that explain why a model learns nothing",
+    "diagnose": "checks that explain why a model learns nothing; exits 1 if any check fails",
     "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
     "experiments": "pretrained vs scratch at 5/20/100%% labels, ablations, pooling (configs/experiments.yaml)",
 }
@@ -80,7 +81,8 @@ def resolve(args: argparse.Namespace) -> Config:
     return load_config(config, overrides)
 
 
-def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
+def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
+    """Run one stage; an int is the exit status (diagnose: 1 when a check fails)."""
     # Imports are local so `--help` and `--show-config` stay fast.
     if stage == "simulate":
         from pipeline.simulator.run import simulate_to_dir
@@ -113,9 +115,9 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> None:
 
         compare(cfg, fmt=args.format, all_builds=args.all_builds)
     elif stage == "diagnose":
-        from pipeline.diagnose import diagnose
+        from pipeline.diagnose import diagnose, exit_code
 
-        diagnose(cfg)
+        return exit_code(diagnose(cfg))
     elif stage == "experiments":
         from pipeline.experiments import experiments
 
@@ -146,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_config:
             print(to_yaml(cfg), end="")
             return 0
-        run_stage(args.stage, cfg, args)
+        status = run_stage(args.stage, cfg, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

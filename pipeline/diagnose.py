@@ -1,6 +1,8 @@
 """`make diagnose`: when a model "learns nothing", say why (the tool the seed's author
 needed). Runs the model checks of pipeline/diagnostics.py on real batches of the feature
-store, plus facts about the data itself, and prints one verdict per check."""
+store, plus facts about the data itself, and prints one verdict per check: PASS, WARN (a
+trade-off worth a look, such as truncated sequences) or FAIL (something is broken).
+`python -m pipeline diagnose` exits 1 when any check fails (`exit_code`), 0 otherwise."""
 
 from __future__ import annotations
 
@@ -15,28 +17,62 @@ from pipeline.diagnostics import CheckResult, run_diagnostics
 from pipeline.errors import UserError
 from pipeline.train import feature_files
 
+# Share of examples cut to max_len above which the truncation check warns.
+TRUNCATION_WARN = 0.10
+
+
+def stream_checks(n: np.ndarray, stream: str, max_len: int) -> list[CheckResult]:
+    """Two checks on the item counts n (one per example) of a stream: the share of empty
+    streams (FAIL when most are empty), and the share cut to max_len (WARN above
+    TRUNCATION_WARN: the model sees only the latest max_len items of those examples)."""
+    empty, cut = float((n == 0).mean()), float((n > max_len).mean())
+    longest = int(n.max()) if len(n) else 0
+    p95 = int(np.ceil(np.quantile(n, 0.95))) if len(n) else 0
+    key = f"model.max_len_{stream}"
+    truncation = (
+        f"{cut:.1%} of examples have more than {key}={max_len} {stream} items and the model "
+        f"sees only their latest {max_len} (95th percentile {p95}, longest {longest})"
+    )
+    if cut > TRUNCATION_WARN:
+        truncation += (
+            f"; over {TRUNCATION_WARN:.0%}: {key}={p95} would keep 95% of "
+            "examples whole (attention cost grows with its square)"
+        )
+    return [
+        CheckResult(
+            f"data: {stream} stream", empty < 0.5,
+            f"{empty:.1%} of examples have no {stream} items"
+            + ("; most examples are empty: this stream can barely help" if empty >= 0.5 else ""),
+            {"empty": empty},
+        ),
+        CheckResult(
+            f"data: {stream} truncation", True, truncation,
+            {"cut": cut, "p95": p95, "longest": longest}, warn=cut > TRUNCATION_WARN,
+        ),
+    ]
+
 
 def data_checks(data: FeatureDataset, rows: np.ndarray, streams: list[str]) -> list[CheckResult]:
-    """Share of examples with an empty stream, and how many are cut to max_len."""
+    """Per stream: share of examples with no items, share cut to max_len; then the labels."""
     ex = data.examples
     out = []
     for s in streams:
-        n = ex[f"{s}_end"][rows] - ex[f"{s}_start"][rows]
-        max_len = getattr(data.model, f"max_len_{s}")
-        empty, cut = float((n == 0).mean()), float((n > max_len).mean())
-        out.append(CheckResult(
-            f"data: {s} stream", empty < 0.5,
-            f"{empty:.1%} of examples have no {s} items; {cut:.1%} have more than max_len={max_len} "
-            f"and see only the latest (longest: {int(n.max()) if len(n) else 0})"
-            + ("; most examples are empty: this stream can barely help" if empty >= 0.5 else ""),
-        ))
+        n = ex[f"{s}_end"][rows] - ex[f"{s}_start"][rows]  # (N,) items per example
+        out += stream_checks(n, s, getattr(data.model, f"max_len_{s}"))
     labels = ex["label"][rows]
     out.append(CheckResult("data: labels", 0.02 < labels.mean() < 0.98,
                            f"{len(rows):,} train examples, engaged rate {labels.mean():.3f}"))
     return out
 
 
-def diagnose(cfg: Config, n_batches: int = 8, batch_size: int = 32) -> list[CheckResult]:
+def exit_code(results: list[CheckResult]) -> int:
+    """1 when any check fails, else 0 (warnings do not fail the command)."""
+    return int(any(not r.passed for r in results))
+
+
+def diagnose(
+    cfg: Config, n_batches: int = 8, batch_size: int = 32, overfit_steps: int = 200, leak_steps: int = 300
+) -> list[CheckResult]:
     files = feature_files(cfg)
     mcfg = model_config_for(cfg.model, read_meta(files[0]))
     data = FeatureDataset(files, mcfg)
@@ -47,18 +83,26 @@ def diagnose(cfg: Config, n_batches: int = 8, batch_size: int = 32) -> list[Chec
     rng = np.random.default_rng(cfg.train.seed)
     picked = rng.choice(rows, size=min(len(rows), n_batches * batch_size), replace=False)
     batches = [collate([data[int(i)] for i in picked[j : j + batch_size]]) for j in range(0, len(picked), batch_size)]
+    prevalence = float(data.examples["label"][rows].mean())  # as train.py sets the output bias
 
     def factory() -> EngagementModel:
         torch.manual_seed(cfg.train.seed)
-        return EngagementModel(mcfg)
+        model = EngagementModel(mcfg)
+        model.set_output_bias(prevalence)
+        return model
 
     streams = [s for s in STREAMS if s in mcfg.streams]
     leak = "conversation" if "conversation" in streams else streams[0]
-    results = data_checks(data, rows, streams) + run_diagnostics(factory, batches, leak_stream=leak)
+    results = data_checks(data, rows, streams) + run_diagnostics(
+        factory, batches, leak_stream=leak, leak_steps=leak_steps, overfit_steps=overfit_steps,
+        start_prevalence=prevalence,
+    )
     width = max(len(r.name) for r in results)
     print(f"diagnose {files[0]} ({len(batches)} batches of {batch_size} train examples, streams {'+'.join(streams)})")
     for r in results:
-        print(f"  {'PASS' if r.passed else 'FAIL'}  {r.name:<{width}}  {r.detail}")
+        print(f"  {r.verdict}  {r.name:<{width}}  {r.detail}")
     failed = [r.name for r in results if not r.passed]
-    print("verdict: " + ("every check passed" if not failed else "look at: " + ", ".join(failed)))
+    warned = [r.name for r in results if r.passed and r.warn]
+    verdict = "every check passed" if not failed else "look at: " + ", ".join(failed)
+    print("verdict: " + verdict + (f" (warnings: {', '.join(warned)})" if warned else ""))
     return results
