@@ -6,6 +6,8 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
 `collate` pads them into the batch contract below. Padding masks are bool, True = padding.
 
     label (B,) f32 | presence (B, 3) f32 | example (B,) i64
+    user (B,) i64: equal for examples of one user (a hash of the pseudonymised key, the same
+                   in every build and shard; pretraining keeps a user's rows apart by it)
     aggregates (B, F) f32, signed log1p: only with model.aggregates (the hybrid)
     conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
     food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
@@ -16,6 +18,7 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +52,14 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     return replace(model, **meta.sizes(), **extra)
 
 
+def user_numbers(user_key: np.ndarray) -> np.ndarray:
+    """(n,) int64 per pseudonymised user key: equal keys, equal numbers (a 63-bit hash, so it
+    depends on no other user: a rebuild with more users or a shard split keeps every number)."""
+    uniques, inverse = np.unique(user_key, return_inverse=True)
+    numbers = [int.from_bytes(hashlib.blake2b(bytes(k), digest_size=8).digest(), "little") >> 1 for k in uniques]
+    return np.asarray(numbers, dtype=np.int64)[inverse.reshape(-1)]
+
+
 def load_examples(files: list[Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Examples of one or more feature files concatenated (global row = position here),
     the pseudonymised user key of each, and the file index of each."""
@@ -68,6 +79,7 @@ class FeatureDataset(Dataset):
         self.model = model
         self.meta = read_meta(self.files[0])
         self.examples, self.user_key, self.file_of = load_examples(self.files)
+        self.user_number = user_numbers(self.user_key)  # (n_examples,) int64, see `collate`
         self.indices = np.arange(len(self.file_of)) if indices is None else np.asarray(indices)
         self._arrays: list | None = None  # loaded lazily, once per process
         self.aggregates: np.ndarray | None = None  # (n_examples, F), with model.aggregates
@@ -109,7 +121,7 @@ class FeatureDataset(Dataset):
         arrays = self._load()[self.file_of[g]]
         e = {k: v[g] for k, v in self.examples.items()}
         as_of = e["as_of"]
-        item = {"label": float(e["label"]), "example": g}
+        item = {"label": float(e["label"]), "example": g, "user": int(self.user_number[g])}
         if self.aggregates is not None:
             item["aggregates"] = self.aggregates[g]
         presence = []
@@ -173,6 +185,7 @@ def collate(items: list[dict]) -> dict:
     batch: dict = {
         "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
         "example": torch.tensor([it["example"] for it in items], dtype=torch.int64),
+        "user": torch.tensor([it["user"] for it in items], dtype=torch.int64),
         "presence": torch.tensor([it["presence"] for it in items], dtype=torch.float32),
     }
     if "aggregates" in items[0]:

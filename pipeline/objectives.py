@@ -1,6 +1,7 @@
 """Pretraining objectives (DESIGN.md §6). Each takes its encoder as a constructor argument
-(the encoders know nothing of how they are trained), corrupts a collated stream dict, and
-returns `(loss, stats)` where stats hold the numbers held-out evaluation aggregates.
+(the encoders know nothing of how they are trained), takes a whole collated batch
+(features/dataset.py), corrupts its own stream of it, and returns `(loss, stats)` where
+stats hold the numbers held-out evaluation aggregates.
 
 Shapes: B batch, T items, M foods per meal, D model width, V vocabulary size.
 """
@@ -14,23 +15,21 @@ from torch import nn
 from models.encoders import ConversationEncoder, EventEncoder, FoodEncoder
 
 
-def derangement(n: int, g: torch.Generator) -> torch.Tensor:
-    """A uniformly random cyclic permutation (Sattolo): perm[i] != i for every i, n >= 2."""
-    perm = torch.arange(n)
-    for i in range(n - 1, 0, -1):
-        j = int(torch.randint(0, i, (1,), generator=g))
-        perm[i], perm[j] = perm[j].clone(), perm[i].clone()
-    return perm
-
-
 class ConversationNegativeSampling(nn.Module):
     """Cut each conversation at a random message k; with probability 1/2 replace everything
-    after k by the continuation of another user's conversation (never the user's own);
-    predict "real continuation" from [CLS] with BCE.
+    after k by the continuation of another user's conversation (never the user's own, even
+    when a user has several windows in the batch); predict "real continuation" from [CLS]
+    with BCE.
 
-    Nothing but content can give a swap away: the spliced items continue the message
-    numbers and positions, the first spliced item keeps the original's dt bucket, recency
-    is blanked for every row (real or not), and both kinds get the same split marks."""
+    Only content (message vectors and senders) can give a swap away. A fake keeps the
+    original's length n and timeline: exactly n - k donor messages replace messages k..n-1,
+    and padding, positions, message numbers and dt buckets stay the original's; recency is
+    blanked for every row (real or not), and both kinds get the same split marks. The cut k
+    is drawn before the coin, and only among cuts some other user in the batch can continue
+    (its conversation has n - k messages after a cut of its own), so a row's length and cut
+    say nothing about its target; a row no other user can continue takes no part."""
+
+    stream = "conversation"
 
     def __init__(self, encoder: ConversationEncoder, min_messages: int = 4):
         super().__init__()
@@ -38,47 +37,45 @@ class ConversationNegativeSampling(nn.Module):
         self.min_messages = min_messages
         self.head = nn.Linear(encoder.norm.normalized_shape[0], 1)
 
-    def corrupt(self, conv: dict, g: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new stream dict, split (B, T) long 0 none/1 before/2 after, target (B,)
-        float 1 = real, used (B,) bool rows long enough to take part)."""
+    def corrupt(self, conv: dict, user: torch.Tensor, g: torch.Generator
+                ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """conv: the conversation stream dict; user (B,) long, equal for rows of one user.
+        Returns (new stream dict, split (B, T) long 0 none/1 before/2 after, target (B,)
+        float 1 = real, used (B,) bool rows that take part)."""
         lengths = (~conv["padding_mask"]).sum(1)  # (B,)
-        used = lengths >= self.min_messages
-        rows = torch.nonzero(used).flatten()
-        out = {k: v.clone() for k, v in conv.items()}
         B, T = conv["padding_mask"].shape
+        out = {k: v.clone() for k, v in conv.items()}
         split = torch.zeros(B, T, dtype=torch.long)
         target = torch.ones(B)
-        fake = torch.zeros(B, dtype=torch.bool)
-        if len(rows) >= 2:
-            fake[rows] = torch.rand(len(rows), generator=g) < 0.5
-            donor = torch.full((B,), -1, dtype=torch.long)
-            donor[rows] = rows[derangement(len(rows), g)]
-        for b in rows.tolist():
+        used = torch.zeros(B, dtype=torch.bool)
+        for b in torch.nonzero(lengths >= self.min_messages).flatten().tolist():
             n = int(lengths[b])
-            k = int(torch.randint(1, n, (1,), generator=g))  # keep items [0, k), >= 1 on each side
+            others = user != user[b]  # (B,) rows that may donate
+            # the longest continuation another user offers: a donor keeps >= 1 message before its cut
+            longest = int(lengths[others].max()) - 1 if others.any() else 0
+            lo = max(1, n - longest)  # smallest cut whose continuation (n - k items) is on offer
+            if lo > n - 1:
+                continue  # no cut could be faked: the row would always be real
+            k = lo + int(torch.randint(0, n - lo, (1,), generator=g))  # keep [0, k), >= 1 on each side
+            used[b] = True
             split[b, :k], split[b, k:n] = 1, 2
-            if not fake[b]:
-                continue
-            d = int(donor[b])
-            nd = int(lengths[d])
-            kd = int(torch.randint(1, nd, (1,), generator=g))  # donor's continuation starts here
-            m = min(T - k, nd - kd)  # continuation length that fits
-            for key in ("embedding", "sender", "dt_bucket"):
-                out[key][b, k : k + m] = conv[key][d, kd : kd + m]
-                out[key][b, k + m :] = 0
-            out["dt_bucket"][b, k] = conv["dt_bucket"][b, k]  # the gap at the cut stays the original's
-            n_new = k + m
-            out["msg_no"][b, k:n_new] = conv["msg_no"][b, k - 1] + torch.arange(1, m + 1)
-            out["msg_no"][b, n_new:] = 0
-            out["padding_mask"][b] = torch.arange(T) >= n_new
-            out["position"][b] = torch.where(out["padding_mask"][b], 0, n_new - torch.arange(T))
-            split[b, k:n_new], split[b, n_new:] = 2, 0  # marks follow the new length
+            if float(torch.rand(1, generator=g)) < 0.5:
+                continue  # real
+            m = n - k  # the continuation's length: the original's, so nothing but content changes
+            donors = torch.nonzero(others & (lengths >= m + 1)).flatten()
+            d = int(donors[torch.randint(0, len(donors), (1,), generator=g)])
+            kd = 1 + int(torch.randint(0, int(lengths[d]) - m, (1,), generator=g))  # kd in [1, nd - m]
+            for key in ("embedding", "sender"):  # a message is its vector and its author
+                out[key][b, k:n] = conv[key][d, kd : kd + m]
             target[b] = 0.0
         out["recency"] = torch.zeros_like(out["recency"])  # would date the donor's messages
         return out, split, target, used
 
-    def forward(self, conv: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        conv, split, target, used = self.corrupt({k: v.cpu() for k, v in conv.items()}, g)
+    def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch: a collated batch (features/dataset.py); uses its conversation stream and
+        `user` (B,) long."""
+        conv, split, target, used = self.corrupt({k: v.cpu() for k, v in batch[self.stream].items()},
+                                                 batch["user"].cpu(), g)
         device = self.head.weight.device
         conv = {k: v.to(device) for k, v in conv.items()}
         cls, _ = self.encoder(conv, split=split.to(device))  # (B, D)
@@ -113,6 +110,8 @@ class MaskedFood(nn.Module):
     """Mask one food of some meals (never padding) and predict it over the food vocabulary,
     with the output tied to the encoder's food embedding."""
 
+    stream = "food"
+
     def __init__(self, encoder: FoodEncoder, mask_prob: float = 0.15):
         super().__init__()
         self.encoder = encoder
@@ -137,8 +136,9 @@ class MaskedFood(nn.Module):
         out["food_ids"][where[:, 0], where[:, 1], slot] = self.encoder.mask_id
         return out, where, target
 
-    def forward(self, food: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        food_c, where, target = self.corrupt({k: v.cpu() for k, v in food.items()}, g)
+    def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch: a collated batch (features/dataset.py); uses its food stream."""
+        food_c, where, target = self.corrupt({k: v.cpu() for k, v in batch[self.stream].items()}, g)
         device = self.head.bias.device
         _, items = self.encoder({k: v.to(device) for k, v in food_c.items()})  # (B, T, D)
         h = items[where[:, 0].to(device), where[:, 1].to(device)]  # (N, D)
@@ -154,6 +154,8 @@ class MaskedFood(nn.Module):
 class MaskedEvents(nn.Module):
     """Mask a share of event types (and the fields that would give the type away: content
     and value) and predict them, output tied to the encoder's type embedding."""
+
+    stream = "events"
 
     def __init__(self, encoder: EventEncoder, mask_prob: float = 0.15):
         super().__init__()
@@ -172,7 +174,9 @@ class MaskedEvents(nn.Module):
             out[k][pick] = 0.0
         return out, pick
 
-    def forward(self, ev: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch: a collated batch (features/dataset.py); uses its event stream."""
+        ev = batch[self.stream]
         ev_c, pick = self.corrupt({k: v.cpu() for k, v in ev.items()}, g)
         device = self.head.bias.device
         _, items = self.encoder({k: v.to(device) for k, v in ev_c.items()})  # (B, T, D)
@@ -196,7 +200,7 @@ class JointObjective(nn.Module):
         self.weights = dict(weights)
 
     def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        results = {s: obj(batch[s], g) for s, obj in self.objectives.items()}
+        results = {s: obj(batch, g) for s, obj in self.objectives.items()}
         loss = sum(self.weights.get(s, 1.0) * r[0] for s, r in results.items())
         return loss, results
 

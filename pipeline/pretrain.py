@@ -161,7 +161,7 @@ def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train
     agg: dict = {s: {"n": 0, "correct": 0, "top1": 0, "top10": 0, "scores": [], "targets": []} for s in objectives}
     for batch in loop.loader(data, batch_size, collate):
         for s, obj in objectives.items():
-            loss, st = obj(batch[s], g)
+            loss, st = obj(batch, g)
             if not st["n"]:
                 continue
             a = agg[s]

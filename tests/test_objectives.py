@@ -1,0 +1,255 @@
+"""Pretraining objectives on hand-made batches and on simulator data: negative sampling
+that only content can give away, masking that never hits padding, tied output layers, and
+held-out metrics that beat their baselines."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from features.dataset import FeatureDataset, collate
+from models.encoders import ConversationEncoder, EventEncoder, FoodEncoder
+from pipeline.objectives import ConversationNegativeSampling, MaskedEvents, MaskedFood
+from pipeline.pretrain import evaluate_objectives, latest_windows
+from tests.model_factories import random_batch, tiny_config
+
+
+def _conv_batch(lengths, users=None, T=10, E=4, first_msg_no=1, max_msg_no=40):
+    """A collated-like batch whose message vectors say where they came from: (row + 1,
+    position + 1, 0, 0); message numbers count from `first_msg_no`, capped like the store's."""
+    B = len(lengths)
+    emb = torch.zeros(B, T, E)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        emb[b, :n, 0] = b + 1
+        emb[b, :n, 1] = torch.arange(n) + 1
+        mask[b, :n] = False
+    pos = torch.where(mask, 0, torch.tensor(lengths)[:, None] - torch.arange(T))
+    ints = lambda v: torch.where(mask, 0, v)  # noqa: E731
+    msg_no = torch.clamp(torch.arange(first_msg_no, first_msg_no + T), max=max_msg_no).repeat(B, 1)
+    conv = {"embedding": emb, "sender": ints(torch.randint(1, 3, (B, T), generator=torch.Generator().manual_seed(0))),
+            "msg_no": ints(msg_no), "dt_bucket": ints((torch.arange(T) % 7 + 2).repeat(B, 1)),
+            "recency": ints(torch.full((B, T), 7)), "position": pos, "padding_mask": mask}
+    user = torch.arange(B) if users is None else torch.tensor(users)
+    return {"conversation": conv, "user": user}
+
+
+def _ns(E=4, **cfg):
+    return ConversationNegativeSampling(ConversationEncoder(tiny_config(text_dim=E, **cfg)), min_messages=4)
+
+
+@pytest.mark.parametrize("lengths,users", [([6, 5], [0, 1]), ([8, 2, 7, 9, 3, 10], [4, 4, 5, 6, 5, 7])])
+def test_negatives_never_come_from_the_same_user_and_split_marks_sit_after_k(lengths, users):
+    obj = _ns()
+    batch = _conv_batch(lengths, users)
+    conv, user = batch["conversation"], batch["user"]
+    seen_fake = 0
+    for seed in range(60):
+        out, split, target, used = obj.corrupt(conv, user, torch.Generator().manual_seed(seed))
+        for b in range(len(lengths)):
+            if not used[b]:
+                assert split[b].eq(0).all() and target[b] == 1
+                continue
+            n = lengths[b]
+            k = int((split[b] == 1).sum())
+            assert 1 <= k < n and split[b, :k].eq(1).all() and split[b, k:n].eq(2).all()
+            assert split[b, n:].eq(0).all()
+            source = out["embedding"][b, :n, 0].long() - 1  # the row each message came from
+            assert source[:k].eq(b).all()  # before the cut: always the user's own messages
+            if target[b] == 0:
+                seen_fake += 1
+                assert (user[source[k:]] != user[b]).all()  # never the user's own continuation
+            else:
+                assert torch.equal(out["embedding"][b], conv["embedding"][b])
+        assert out["recency"].eq(0).all()  # blanked for real and fake alike
+    assert seen_fake > 10
+
+
+def test_two_windows_of_one_user_are_never_each_others_negatives():
+    obj = _ns()
+    # Rows 0 and 1 are one user (overlapping windows), rows 2 and 3 two others.
+    batch = _conv_batch([9, 10, 8, 10], users=[3, 3, 8, 9])
+    fakes = {0: 0, 1: 0}
+    for seed in range(100):
+        out, split, target, used = obj.corrupt(batch["conversation"], batch["user"], torch.Generator().manual_seed(seed))
+        for b in (0, 1):
+            k = int((split[b] == 1).sum())
+            donors = set(out["embedding"][b, k:10, 0].long().sub(1).tolist()) - {-1}
+            if target[b] == 0:
+                fakes[b] += 1
+                assert donors <= {2, 3}, (seed, b, donors)
+    assert min(fakes.values()) > 20
+
+    # Two windows of one user alone: no continuation can be faked, so neither row takes part
+    # (a row that could only ever be real would teach the head that its length means real).
+    alone = _conv_batch([9, 10], users=[3, 3])
+    for seed in range(20):
+        _, split, target, used = obj.corrupt(alone["conversation"], alone["user"], torch.Generator().manual_seed(seed))
+        assert not used.any() and split.eq(0).all()
+    # Two different users: each is the other's only donor.
+    pair = _conv_batch([9, 10], users=[3, 4])
+    seen = 0
+    for seed in range(40):
+        out, split, target, used = obj.corrupt(pair["conversation"], pair["user"], torch.Generator().manual_seed(seed))
+        assert used.all()
+        for b in torch.nonzero(target == 0).flatten().tolist():
+            k = int((split[b] == 1).sum())
+            seen += 1
+            assert out["embedding"][b, k : [9, 10][b], 0].eq(2 - b).all()
+    assert seen > 10
+
+
+def test_fakes_keep_the_original_length_and_timeline():
+    """Only content may change: a fake has exactly n - k donor messages, one contiguous run
+    of another user's conversation after a cut of its own, and the original's padding,
+    positions, message numbers and dt buckets."""
+    obj = _ns()
+    batch = _conv_batch([10] * 6)  # every row full length
+    conv = batch["conversation"]
+    fakes = 0
+    for seed in range(40):
+        out, split, target, used = obj.corrupt(conv, batch["user"], torch.Generator().manual_seed(seed))
+        assert used.all()
+        for key in ("padding_mask", "position", "msg_no", "dt_bucket"):
+            assert torch.equal(out[key], conv[key]), key
+        for b in torch.nonzero(target == 0).flatten().tolist():
+            fakes += 1
+            k = int((split[b] == 1).sum())
+            assert (split[b] > 0).sum() == 10
+            donor = out["embedding"][b, k:, 0]
+            assert donor.eq(donor[0]).all() and donor[0] != b + 1  # one other row
+            at = out["embedding"][b, k:, 1]  # the donor's positions, 1-based
+            assert at[0] >= 2 and (at.diff() == 1).all()  # a contiguous continuation after its own cut
+    assert fakes > 50
+
+
+def test_length_and_cut_say_nothing_about_the_target():
+    """Over many batches of mixed lengths, the visible length (max position) and the cut k
+    are independent of real/fake: a chi-square test of target x (length, k) finds nothing."""
+    obj = _ns()
+    g = torch.Generator().manual_seed(0)
+    cells: dict = {}
+    for _ in range(300):
+        lengths = torch.randint(1, 11, (12,), generator=g).tolist()
+        batch = _conv_batch(lengths)
+        out, split, target, used = obj.corrupt(batch["conversation"], batch["user"], g)
+        n, k = out["position"].max(1).values, (split == 1).sum(1)
+        for b in torch.nonzero(used).flatten().tolist():
+            cell = cells.setdefault((int(n[b]), int(k[b])), [0, 0])
+            cell[int(target[b])] += 1
+    table = np.array([c for c in cells.values() if sum(c) >= 10]).T  # (2 targets, cells)
+    assert table.sum() > 2000 and 0.45 < table[0].sum() / table.sum() < 0.55
+    assert chi2_contingency(table).pvalue > 1e-3, table
+
+
+def test_message_numbers_stay_within_the_cap():
+    """Long-tenure users' message numbers sit at the store's cap (features.max_msg_no); a
+    fake must not count past it (the embedding has no row there)."""
+    obj = _ns(max_msg_no=40)
+    batch = _conv_batch([10] * 4, first_msg_no=35, max_msg_no=40)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        out, *_ = obj.corrupt(batch["conversation"], batch["user"], g)
+        assert out["msg_no"].max() <= 40 and torch.equal(out["msg_no"], batch["conversation"]["msg_no"])
+        loss, stats = obj(batch, g)  # the encoder looks every message number up
+        assert torch.isfinite(loss) and stats["n"] == 4
+
+
+def test_masking_never_hits_padding():
+    cfg = tiny_config()
+    batch = random_batch(cfg, B=13, T=7, seed=3)
+    food = MaskedFood(FoodEncoder(cfg))
+    ev = MaskedEvents(EventEncoder(cfg), mask_prob=0.5)
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        out, where, target = food.corrupt(batch["food"], g)
+        assert (target > 0).all() and not batch["food"]["padding_mask"][where[:, 0], where[:, 1]].any()
+        masked = out["food_ids"] == food.encoder.mask_id
+        assert masked.sum() == len(where)  # one food per chosen meal, nothing else changed
+        assert torch.equal(torch.where(masked, batch["food"]["food_ids"], out["food_ids"]), batch["food"]["food_ids"])
+        out, pick = ev.corrupt(batch["events"], g)
+        assert not (pick & batch["events"]["padding_mask"]).any()
+        assert (out["type_id"][pick] == ev.encoder.mask_id).all() and (out["has_value"][pick] == 0).all()
+
+
+@pytest.mark.parametrize("objective,table,ids", [(MaskedFood, "food_embedding", "food_ids"),
+                                                 (MaskedEvents, "type_embedding", "type_id")])
+def test_masked_prediction_is_tied_to_the_input_embedding(objective, table, ids):
+    cfg = tiny_config(n_foods=60, n_event_types=20)
+    obj = objective({"food_ids": FoodEncoder, "type_id": EventEncoder}[ids](cfg))
+    weight = getattr(obj.encoder, table).weight  # (V + 1, D), the last row is [MASK]
+    V = obj.vocab
+    own = [n for n, p in obj.named_parameters() if not n.startswith("encoder.") and p.ndim == 2 and V in p.shape]
+    assert not own, f"the head has a (V, D) output matrix of its own: {own}"
+    batch = random_batch(cfg, B=8, T=6, seed=1)
+    batch[obj.stream][ids] = batch[obj.stream][ids].clamp(max=V // 2)  # ids above V // 2 never appear as inputs
+    loss, stats = obj(batch, torch.Generator().manual_seed(0))
+    assert stats["n"] > 0
+    loss.backward()
+    unseen = weight.grad[V // 2 + 1 : V]  # reachable only through the output layer
+    assert (unseen.abs().sum(1) > 0).all()
+
+
+def test_negative_sampling_learns_from_content_on_held_out_users():
+    """When message vectors carry the writer (a direction per user), the objective learns to
+    spot another user's continuation on users it never saw, with fresh corruptions every step
+    (nothing to memorise); length and cut carry no signal (test above)."""
+    E, T = 8, 10
+
+    def users(B, g):
+        u = torch.nn.functional.normalize(torch.randn(B, 1, E, generator=g), dim=-1)  # (B, 1, E)
+        batch = _conv_batch(torch.randint(5, T + 1, (B,), generator=g).tolist(), T=T, E=E)
+        conv = batch["conversation"]
+        conv["embedding"] = (3.0 * u + 0.3 * torch.randn(B, T, E, generator=g)) * (~conv["padding_mask"])[..., None]
+        return batch
+
+    torch.manual_seed(0)
+    obj = _ns(E=E, d_model=16, n_layers=1, d_ff=32, dropout=0.0)
+    held_out = [users(64, torch.Generator().manual_seed(10_000 + i)) for i in range(2)]
+
+    def accuracy() -> tuple[float, float]:
+        obj.eval()
+        g, correct, n, losses = torch.Generator().manual_seed(7), 0, 0, []
+        with torch.no_grad():
+            for batch in held_out:
+                loss, st = obj(batch, g)
+                correct, n, losses = correct + st["correct"], n + st["n"], losses + [loss.item()]
+        obj.train()
+        return correct / n, float(np.mean(losses))
+
+    before = accuracy()
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(0)
+    for step in range(60):
+        loss, _ = obj(users(32, data), torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy()
+    assert after[0] > 0.65 and after[1] < 0.62, (before, after)  # chance: 0.5 and ln 2 = 0.693
+
+
+def test_masked_objectives_beat_their_baselines_on_held_out_users(sim_store):
+    """Trained with fresh corruptions every step on training users, measured by the stage's
+    own evaluation on validation and test users beside the popularity baselines."""
+    path, _, mcfg = sim_store
+    data = FeatureDataset(path, mcfg)
+    train = latest_windows(data, data.select(["train"], labelled=False), 4)
+    held_out = data.subset(latest_windows(data, data.select(["val", "test"], labelled=False), 4))
+    batches = [collate([data[int(i)] for i in train[j : j + 16]]) for j in range(0, len(train), 16)]
+    objectives = torch.nn.ModuleDict({"food": MaskedFood(FoodEncoder(mcfg)), "events": MaskedEvents(EventEncoder(mcfg))})
+    counts = {}
+    for name, obj in objectives.items():
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+        counts[name] = np.zeros(obj.vocab, np.int64)
+        for step in range(120):
+            loss, stats = obj(batches[step % len(batches)], torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            counts[name] += np.bincount(stats["targets"].numpy(), minlength=obj.vocab)
+    runs = [evaluate_objectives(objectives, held_out, 32, counts, seed) for seed in range(4)]
+    m = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+    assert m["heldout_food_top10"] > m["baseline_food_top10"] + 0.03, m
+    assert m["heldout_event_top1"] > m["baseline_event_top1"] + 0.05, m
