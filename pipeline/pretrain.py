@@ -29,6 +29,9 @@ from pipeline.train import feature_files
 
 log = logging.getLogger(__name__)
 LAST, DONE = "last.pt", "done.json"
+# The held-out metric of each objective, as the progress bar names it
+HELD_OUT = {"heldout_nsp_accuracy": "val_nsp_acc", "heldout_food_top10": "val_food_top10",
+            "heldout_event_top1": "val_event_top1"}
 
 
 @dataclass
@@ -49,6 +52,16 @@ def latest_windows(data: FeatureDataset, idx: np.ndarray, per_user: int) -> np.n
     first = np.r_[True, users_sorted[1:] != users_sorted[:-1]]
     rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
     return np.sort(idx[order[rank < per_user]])
+
+
+def run_fingerprint(cfg: Config, files: list[Path], world: int) -> str:
+    """Identity of a pretraining run (done.json is reused and last.pt resumed only when it
+    matches): the pretrain and model configs, the feature files, and the number of ranks,
+    since batch_size is per rank and the data order is sharded over ranks."""
+    d = to_dict(cfg)
+    metas = [read_meta(f) for f in files]
+    blob = [d["pretrain"], d["model"], [(m.source_fingerprint, m.created_at) for m in metas], {"world_size": world}]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def pretrain(cfg: Config) -> PretrainResult:
@@ -74,9 +87,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         print(f"pretrain: no {', '.join(empty)} items in this data; skipping those objectives")
     if not streams:
         raise UserError("pretrain: no objective has data; set pretrain.objectives")
-    fingerprint = hashlib.sha256(json.dumps(
-        [to_dict(cfg)["pretrain"], to_dict(cfg)["model"], [(m.source_fingerprint, m.created_at) for m in map(read_meta, files)]],
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fingerprint = run_fingerprint(cfg, files, d.world)
     checkpoints = {s: out / f"{s}.pt" for s in streams}
     done = out / DONE
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
@@ -97,13 +108,16 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     per_epoch = loop.batches_per_epoch(len(train_set), pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
     state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
-    if (out / LAST).exists():
-        saved = loop.load_state(out / LAST)
-        if saved["fingerprint"] == fingerprint:
-            objectives.load_state_dict(saved["objectives"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = {k: saved[k] for k in state}
+    # Another run's checkpoint is left alone: loading it would also restore its RNG state.
+    last = out / LAST
+    if last.exists() and torch.load(last, map_location="cpu", weights_only=True)["fingerprint"] == fingerprint:
+        saved = loop.load_state(last)
+        objectives.load_state_dict(saved["objectives"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        if d.main:
+            print(f"pretrain: resuming from {last} at epoch {state['epoch'] + 1}")
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
         save_config(cfg, out)
@@ -121,6 +135,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             running = {s: [] for s in streams}
             counts = {s: np.zeros(objectives[s].vocab, np.int64) for s in streams if s != "conversation"}
             objectives.train()
+            shown = {name: f"{state['metrics'][k]:.3f}" for k, name in HELD_OUT.items() if k in state["metrics"]}
             for batch in bar:
                 with autocast(device):
                     loss, results = net(loop.to_device(batch, device), g)
@@ -130,7 +145,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
                     if s in counts and results[s][1]["n"]:
                         counts[s] += np.bincount(results[s][1]["targets"].numpy(), minlength=len(counts[s]))
                 state["batch"] += 1
-                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in streams})
+                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in streams} | shown)
             metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
             metrics |= evaluate_objectives(objectives, held_out, pc.batch_size, counts, pc.seed)
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -142,7 +157,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
                     save_encoder(objectives[s].encoder, mcfg, checkpoints[s], meta={"epoch": epoch, **metrics})
             state["epoch"], state["batch"] = epoch + 1, 0
             if d.main:
-                loop.save_state(out / LAST, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
+                loop.save_state(last, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), **state)
         if d.main:
             if run_id:
