@@ -1,4 +1,4 @@
-"""Scheduled jobs: `python -m jobs {run,list,schedule,rollback} [--config C] [key.sub=value ...]`.
+"""Scheduled jobs: `python -m jobs {run,list,schedule,rollback,promote} [--config C] [key.sub=value ...]`.
 
 Thin: the jobs, the runner and the scheduler are importable (jobs/definitions.py,
 jobs/runner.py, jobs/schedule.py); this module parses arguments and maps errors to exit codes.
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="run what is due now, then exit")
     p.add_argument("--now", help="ISO time to treat as now for the first round (replays, tests); default: the clock")
     p = add("rollback", "point the `champion` alias back at an earlier model version")
+    p.add_argument("--version", required=True, help="registered model version to make champion")
+    p = add("promote", "point the `champion` alias at a version by hand (when the gate could not compare it "
+                       "with the champion, e.g. after a change of text encoder)")
     p.add_argument("--version", required=True, help="registered model version to make champion")
     for p in sub.choices.values():  # after `job`: positionals are matched in order
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -106,7 +109,9 @@ def list_command(cfg: Config, limit: int) -> None:
 def _summary(results: dict) -> str:
     if "evaluate" in results:
         r = results["evaluate"]
-        return f"{'promoted' if r.get('promoted') else 'kept champion'}, version {r.get('version')} ({r.get('reason')})"
+        # `is True`: state files written before the fix hold the string "False"
+        promoted = r.get("promoted") is True or r.get("promoted") == "True"
+        return f"{'promoted' if promoted else 'kept champion'}, version {r.get('version')} ({r.get('reason')})"
     if "score" in results:
         r = results["score"]
         return f"{r.get('users')} users, model version {r.get('model_version')} -> {r.get('scores')}"
@@ -134,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.schedule import serve
 
             serve(cfg, args.config, args.overrides, once=args.once, now=parse_now(args.now))
-        elif args.command == "rollback":
-            from jobs.definitions import rollback_champion
+        elif args.command in ("rollback", "promote"):
+            from jobs.definitions import move_champion
 
-            before, after = rollback_champion(cfg, args.version)
+            before, after = move_champion(cfg, args.version)
             print(f"champion of {cfg.tracking.model_name}: version {before} -> {after}")
     except JobLocked as e:
         print(f"error: {e}", file=sys.stderr)

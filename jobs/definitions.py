@@ -199,8 +199,8 @@ def evaluate_step(ctx: Context) -> dict:
     d = evaluate(retrain_config(ctx.cfg, ctx.as_of)).decision
     if d is None:
         return {"promoted": False, "reason": "no MLflow run to register"}
-    return {"promoted": d.promoted, "version": str(d.version), "reason": d.reason, "candidate": d.candidate,
-            "champion_before": None if d.champion_version is None else str(d.champion_version)}
+    return {"promoted": d.promoted, "version": d.version, "reason": d.reason, "candidate": d.candidate,
+            "champion": d.champion, "champion_before": d.champion_version}  # plain JSON types (GateDecision)
 
 
 # --- nightly score -----------------------------------------------------------------------
@@ -245,18 +245,19 @@ def get_job(name: str) -> Job:
     return JOBS[name]
 
 
-def rollback_champion(cfg: Config, version: str) -> tuple[str | None, str]:
-    """Point `champion` back at `version` (the operator's undo); returns (before, after)."""
+def move_champion(cfg: Config, version: str) -> tuple[str | None, str]:
+    """Point `champion` at `version` by hand (`rollback` to undo a promotion, `promote` where
+    the gate could not compare); returns (before, after)."""
     from mlflow.exceptions import MlflowException
 
     from pipeline import registry, tracking
 
     before = registry.champion_version(cfg)
     try:
-        registry.rollback(cfg, str(version))
+        registry.set_champion(cfg, str(version))
     except MlflowException:
         name = cfg.tracking.model_name
         known = sorted(int(mv.version) for mv in tracking.client(cfg).search_model_versions(f"name='{name}'"))
         raise UserError(f"model {name!r} has no version {version} in {tracking.tracking_uri(cfg)}; "
                         f"its versions: {', '.join(map(str, known)) or 'none yet'}") from None
-    return (before.version if before else None), str(version)
+    return (str(before.version) if before else None), str(version)

@@ -13,9 +13,11 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from features.dataset import FeatureDataset, collate
+from features.store import StoreMeta, read_meta
 from pipeline import loop, tracking
-from pipeline.config import Config
+from pipeline.config import Config, ModelConfig
 from pipeline.metrics import binary_metrics
+from pipeline.train import load_model
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
@@ -30,6 +32,14 @@ class GateDecision:
     champion: float | None
     champion_version: str | None
     reason: str
+
+    def __post_init__(self) -> None:
+        # Plain Python types: numpy's bool_ becomes the truthy string "False" in JSON.
+        self.promoted = bool(self.promoted)
+        self.version = str(self.version)
+        self.candidate = float(self.candidate)
+        self.champion = None if self.champion is None else float(self.champion)
+        self.champion_version = None if self.champion_version is None else str(self.champion_version)
 
 
 def champion_version(cfg: Config):
@@ -59,10 +69,19 @@ def register(cfg: Config, run_id: str):
     return client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
 
 
+def misfit(model_config: ModelConfig, meta: StoreMeta) -> str | None:
+    """Why a saved model cannot read this feature store, or None. Vocabulary ids the model
+    has no row for read as unknown (FeatureDataset._clamp), but the message-vector width
+    and the number of dt buckets must be the ones it was trained with."""
+    store = meta.sizes()
+    keys = (["text_dim"] if "conversation" in model_config.streams else []) + ["n_dt_buckets"]
+    diffs = [f"{k} {getattr(model_config, k)} in the model, {store[k]} in the store"
+             for k in keys if getattr(model_config, k) != store[k]]
+    return "; ".join(diffs) or None
+
+
 def score_on(cfg: Config, model_path: Path, files: list[Path], rows: np.ndarray) -> np.ndarray:
     """p_engaged of a saved model on given example rows of these feature files."""
-    from pipeline.train import load_model
-
     model, ckpt = load_model(model_path)
     data = FeatureDataset(files, model.config).subset(rows)
     ids, _, p = loop.predict(model, loop.loader(data, 256, collate), next(model.parameters()).device)
@@ -73,43 +92,58 @@ def score_on(cfg: Config, model_path: Path, files: list[Path], rows: np.ndarray)
 def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.ndarray],
          labels: np.ndarray, candidate_p: dict[str, np.ndarray]) -> GateDecision:
     """Register the candidate; move `champion` to it only if it beats the current champion
-    on `tracking.promote_metric` (e.g. val_roc_auc) computed on the same examples."""
+    on `tracking.promote_metric` (e.g. val_roc_auc) computed on the same examples.
+
+    Never promotes without a finite champion figure: a champion that cannot read this
+    store (another text encoder's width) is kept and the operator told how to move it by
+    hand; any other failure while re-scoring it (out of memory, a corrupt checkpoint, an
+    unreachable store) propagates, so the job step fails and `champion` stays where it is.
+    The decision is logged to the candidate's run before the alias moves."""
     split, metric = cfg.tracking.promote_metric.split("_", 1)
     rows = split_rows[split]
     cand = binary_metrics(labels[rows], candidate_p[split])[metric]
     mv = register(cfg, run_id)
-    client = tracking.client(cfg)
     current = champion_version(cfg)
     higher_is_better = metric not in ("log_loss", "brier", "ece")
+    champ: float | None = None
     if current is None:
-        decision = GateDecision(True, mv.version, cand, None, None, "no champion yet")
+        promoted, reason = True, "no champion yet"
     elif not np.isfinite(cand):
-        decision = GateDecision(False, mv.version, cand, None, current.version,
-                                f"{cfg.tracking.promote_metric} is undefined on these examples (one class)")
+        promoted, reason = False, f"{cfg.tracking.promote_metric} is undefined on these examples (one class)"
     elif current.run_id == run_id:
-        decision = GateDecision(False, mv.version, cand, cand, current.version, "already the champion")
+        promoted, reason, champ = False, "already the champion", cand
     else:
-        try:
-            champ_p = score_on(cfg, download_model(cfg, current.run_id), files, rows)
-            champ = binary_metrics(labels[rows], champ_p)[metric]
-        except (ValueError, RuntimeError, KeyError) as e:  # e.g. a different text encoder width
-            champ, reason = float("nan"), f"champion cannot read these features ({str(e).splitlines()[0]})"
+        path = download_model(cfg, current.run_id)  # failures propagate: the gate fails, champion stays
+        why = misfit(load_model(path)[0].config, read_meta(files[0]))
+        if why:
+            promoted = False
+            reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
+                      f"({why}); to move it by hand: python -m jobs promote --version {mv.version}")
         else:
-            reason = "candidate is better" if (cand > champ if higher_is_better else cand < champ) else "champion is as good or better"
-        better = reason == "candidate is better" or np.isnan(champ)
-        decision = GateDecision(better, mv.version, cand, champ, current.version, reason)
-    if decision.promoted:
-        client.set_registered_model_alias(cfg.tracking.model_name, CHAMPION, mv.version)
+            champ = binary_metrics(labels[rows], score_on(cfg, path, files, rows))[metric]
+            if not np.isfinite(champ):
+                promoted = False
+                reason = (f"not promoted: the champion's {cfg.tracking.promote_metric} is undefined on these "
+                          f"examples; to move it by hand: python -m jobs promote --version {mv.version}")
+            else:
+                promoted = bool(cand > champ if higher_is_better else cand < champ)
+                reason = "candidate is better" if promoted else "champion is as good or better"
+    decision = GateDecision(promoted, mv.version, cand, champ, current.version if current else None, reason)
+    if reason.startswith("not promoted"):
+        log.warning("champion gate: %s", reason)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({"promoted": str(decision.promoted), "gate_reason": decision.reason,
-                         "model_version": mv.version, "champion_version_before": str(decision.champion_version)})
+                         "model_version": decision.version, "champion_version_before": str(decision.champion_version)})
         tracking.log_metrics({f"gate_candidate_{cfg.tracking.promote_metric}": cand,
                               f"gate_champion_{cfg.tracking.promote_metric}": decision.champion})
+    if decision.promoted:  # last: a failure above leaves the alias where it was
+        tracking.client(cfg).set_registered_model_alias(cfg.tracking.model_name, CHAMPION, decision.version)
     return decision
 
 
-def rollback(cfg: Config, version: str) -> None:
-    """Point `champion` at an earlier version (the operator's undo)."""
+def set_champion(cfg: Config, version: str) -> None:
+    """Point `champion` at any registered version by hand: the operator's undo (rollback)
+    or a move the gate refused to make (promote)."""
     client = tracking.client(cfg)
     client.get_model_version(cfg.tracking.model_name, version)  # raises if unknown
     client.set_registered_model_alias(cfg.tracking.model_name, CHAMPION, version)

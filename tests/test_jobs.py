@@ -1,6 +1,7 @@
 """The scheduled jobs (DESIGN.md §9) on the tiny simulator (configs/test.yaml): crash and
 resume of a real process, skip and --force, the lock between two real processes, the
-champion under a failed evaluation, scores, backfill, `list`, `schedule --once`, rollback.
+champion under a failed evaluation and a failed gate, scores, backfill, `list`, `schedule --once`,
+rollback and promote, file modes, the pseudonym key, and what reaches MLflow.
 
 One weekly retrain is built once for the module (`trained`) and shared; tests that would
 change it use other as-of dates or their own workdir."""
@@ -8,6 +9,7 @@ change it use other as-of dates or their own workdir."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +35,7 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/test.yaml"
 WEEK = "2026-02-09"  # the module's weekly retrain: a Monday with 5 simulated weeks before it
+LATER = "2026-02-16"  # another weekly retrain, after WEEK (its encoders are still fresh)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,7 @@ def test_failed_evaluation_never_moves_the_champion_and_a_rerun_resumes(trained,
         raise RuntimeError("tracking server unavailable")
 
     monkeypatch.setattr(E, "_log", unavailable)
-    day = "2026-02-16"
+    day = LATER
     assert jobs(env, "run", "weekly-retrain", "--as-of", day) == 1
     after = registry.champion_version(env.cfg)
     assert (str(after.version), after.run_id) == (str(before.version), before.run_id)
@@ -204,6 +207,49 @@ def test_failed_evaluation_never_moves_the_champion_and_a_rerun_resumes(trained,
     assert gate["champion_before"] == str(before.version)
     now = str(registry.champion_version(env.cfg).version)
     assert now == (gate["version"] if gate["promoted"] else str(before.version))
+
+
+def week_version(env, trained) -> str:
+    """Make WEEK's model the champion again (other tests may have promoted another)."""
+    version = trained.state["steps"]["evaluate"]["result"]["version"]
+    assert jobs(env, "rollback", "--version", version) == 0
+    return version
+
+
+def test_kept_champion_is_recorded_as_a_real_bool_and_listed_as_kept(trained, env, monkeypatch, capsys):
+    from features.dataset import load_examples
+
+    champion = week_version(env, trained)
+
+    def perfect(cfg, model_path, files, rows):  # the champion ranks every val example right
+        return load_examples(files)[0]["label"][rows].astype(float)
+
+    monkeypatch.setattr(registry, "score_on", perfect)
+    assert jobs(env, "run", "weekly-retrain", "--as-of", LATER, "--force") == 0
+    path = state_path(env.cfg, "weekly-retrain", parse_day(LATER))
+    gate = json.loads(path.read_text())["steps"]["evaluate"]["result"]
+    assert gate["promoted"] is False and gate["reason"] == "champion is as good or better"
+    assert gate["champion"] == 1.0 and gate["champion_before"] == champion
+    assert str(registry.champion_version(env.cfg).version) == champion
+    capsys.readouterr()
+    assert jobs(env, "list") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"  {LATER}  finished"))
+    assert "kept champion" in line and "promoted" not in line
+
+
+def test_a_failure_in_the_gate_fails_the_step_and_keeps_the_champion(trained, env, monkeypatch):
+    champion = week_version(env, trained)
+
+    def out_of_memory(*a, **k):  # re-scoring the champion fails for a reason unrelated to the model
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(registry, "score_on", out_of_memory)
+    assert jobs(env, "run", "weekly-retrain", "--as-of", LATER, "--force") == 1
+    current = registry.champion_version(env.cfg)
+    assert str(current.version) == champion and current.run_id == trained.state["steps"]["train"]["result"]["run_id"]
+    s = state_of(env, "weekly-retrain", LATER)
+    assert s["status"] == "failed" and s["steps"]["evaluate"]["status"] == "failed"
+    assert "CUDA out of memory" in s["error"]
 
 
 def test_pretrain_runs_again_only_when_the_encoders_are_stale(trained, env, tmp_path):
@@ -380,6 +426,21 @@ def test_rollback_points_the_champion_back(trained, env, capsys):
     assert jobs(env, "rollback", "--version", "999") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model 'engagement-test' has no version 999") and "\n" not in err
+
+
+def test_promote_moves_the_champion_by_hand(trained, env, capsys):
+    from pipeline import tracking
+
+    first = trained.state["steps"]["evaluate"]["result"]["version"]
+    run = tracking.client(env.cfg).create_run(tracking.setup(env.cfg))
+    mv = registry.register(env.cfg, run.info.run_id)  # a version the gate never saw
+    capsys.readouterr()
+    assert jobs(env, "promote", "--version", str(mv.version)) == 0
+    assert str(registry.champion_version(env.cfg).version) == str(mv.version)
+    assert "version" in capsys.readouterr().out
+    assert jobs(env, "promote", "--version", first) == 0  # and back, for the tests after this one
+    assert str(registry.champion_version(env.cfg).version) == first
+    assert jobs(env, "promote", "--version", "999") == 2
 
 
 def test_shipped_crontab_runs_every_job_on_the_configured_schedule():

@@ -76,36 +76,17 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert first.metrics["prevalence"]["test"]["roc_auc"] == 0.5
     assert first.metrics["oracle"]["test"]["roc_auc"] > 0.6  # the simulator's own probability
 
-    # A worse candidate: the same architecture with its head scrambled.
-    model, ckpt = load_model(good.checkpoint)
-    bad_dir = good.run_dir.parent / "bad"
-    bad_dir.mkdir()
-    for f in ("done.json", "predictions.parquet", "config.yaml"):
-        (bad_dir / f).write_bytes((good.run_dir / f).read_bytes())
-    preds = pd.read_parquet(bad_dir / "predictions.parquet")
-    preds["p_engaged"] = 1 - preds["p_engaged"]  # ranks reversed
-    preds.to_parquet(bad_dir / "predictions.parquet")
-    with torch.no_grad():
-        model.head[-1].weight.neg_()
-        model.head[-1].bias.neg_()
-    from pipeline.train import save_model
-
-    save_model(bad_dir / "best.pt", model, model.config, cfg, 0, 0.0)
-    tracking_uri = cfg.tracking.uri
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_name="bad") as run:
-        mlflow.set_tags({"kind": "model", "stage": "train"})
-        mlflow.log_artifact(str(bad_dir / "best.pt"), "model")
-    info = json.loads((bad_dir / "done.json").read_text()) | {"run_id": run.info.run_id}
-    (bad_dir / "done.json").write_text(json.dumps(info))
+    # A worse candidate: the same model with its ranks reversed.
+    bad_dir, bad_run_id = fake_run(cfg, good, "bad", reversed_model(good))
     second = evaluate(cfg, bad_dir)
     d = second.decision
-    assert not d.promoted and d.reason == "champion is as good or better"
+    assert d.promoted is False and d.reason == "champion is as good or better"
     assert d.champion == pytest.approx(first.metrics["model"]["val"]["roc_auc"], abs=1e-6)  # re-scored, same examples
     assert registry.champion_version(cfg).run_id == good.run_id
+    tracking_uri = cfg.tracking.uri
     client = mlflow.MlflowClient(tracking_uri)
-    tags = client.get_run(run.info.run_id).data.tags
-    assert tags["promoted"] == "False" and "gate_champion_val_roc_auc" in client.get_run(run.info.run_id).data.metrics
+    tags = client.get_run(bad_run_id).data.tags
+    assert tags["promoted"] == "False" and "gate_champion_val_roc_auc" in client.get_run(bad_run_id).data.metrics
 
     # Runs carry what DESIGN §8 asks for.
     r = client.get_run(good.run_id)
@@ -129,6 +110,96 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
         compare(cfg, fmt=fmt, out=out)
         assert "hgb" in out.getvalue()
     assert len(json.loads(_format(cfg, "json"))) == len(df)
+
+
+def reversed_model(result):
+    """The trained model with its output negated: p -> 1 - p, so ROC-AUC -> 1 - ROC-AUC."""
+    model, _ = load_model(result.checkpoint)
+    with torch.no_grad():
+        model.head[-1].weight.neg_()
+        model.head[-1].bias.neg_()
+    return model
+
+
+def fake_run(cfg, source, name: str, model, flip: bool = True) -> tuple:
+    """A finished run `name` beside `source` with `model` as its MLflow model and source's
+    predictions (ranks reversed with `flip`, to match a reversed model), as if trained."""
+    from pipeline import tracking
+    from pipeline.train import save_model
+
+    run_dir = source.run_dir.parent / name
+    run_dir.mkdir()
+    for f in ("done.json", "predictions.parquet", "config.yaml"):
+        (run_dir / f).write_bytes((source.run_dir / f).read_bytes())
+    if flip:
+        preds = pd.read_parquet(run_dir / "predictions.parquet")
+        preds["p_engaged"] = 1 - preds["p_engaged"]
+        preds.to_parquet(run_dir / "predictions.parquet")
+    save_model(run_dir / "best.pt", model, model.config, cfg, 0, 0.0)
+    tracking.setup(cfg)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags({"kind": "model", "stage": "train"})
+        mlflow.log_artifact(str(run_dir / "best.pt"), "model")
+    info = json.loads((run_dir / "done.json").read_text()) | {"run_id": run.info.run_id}
+    (run_dir / "done.json").write_text(json.dumps(info))
+    return run_dir, run.info.run_id
+
+
+def test_a_better_candidate_replaces_the_champion_after_the_decision_is_logged(cfg, monkeypatch):
+    cfg.train.run_name = "better"
+    cfg.train.epochs = 3
+    good = train(cfg)
+    worse_dir, worse_run_id = fake_run(cfg, good, "better-reversed", reversed_model(good))
+    real = registry.tracking.log_metrics
+
+    def unavailable(metrics, *a, **k):  # the tracking store fails as the gate logs its decision
+        if any(k.startswith("gate_") for k in metrics):
+            raise RuntimeError("tracking server unavailable")
+        return real(metrics, *a, **k)
+
+    monkeypatch.setattr(registry.tracking, "log_metrics", unavailable)
+    with pytest.raises(RuntimeError, match="tracking server unavailable"):
+        evaluate(cfg, worse_dir)
+    assert registry.champion_version(cfg) is None  # the alias moves last, after the decision is logged
+    monkeypatch.undo()
+    before = evaluate(cfg, worse_dir).decision
+    assert before.promoted is True and before.reason == "no champion yet"
+
+    d = evaluate(cfg, good.run_dir).decision
+    assert d.promoted is True and d.reason == "candidate is better" and d.champion_version == before.version
+    assert d.champion == pytest.approx(1 - d.candidate, abs=1e-6)  # the reversed model, re-scored on the same examples
+    champion = registry.champion_version(cfg)
+    assert (champion.run_id, str(champion.version)) == (good.run_id, d.version)
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(good.run_id)
+    assert run.data.tags["promoted"] == "True" and run.data.tags["champion_version_before"] == before.version
+    assert run.data.metrics["gate_candidate_val_roc_auc"] == pytest.approx(d.candidate)
+    assert run.data.metrics["gate_champion_val_roc_auc"] == pytest.approx(d.champion)
+
+
+def test_a_champion_that_cannot_read_the_features_is_kept_and_moved_only_by_hand(cfg):
+    from dataclasses import replace
+
+    from jobs.definitions import move_champion
+    from models.engagement import EngagementModel
+
+    cfg.train.run_name = "fits"
+    cfg.train.epochs = 1
+    fits = train(cfg)
+    mcfg = load_model(fits.checkpoint)[0].config
+    wide = EngagementModel(replace(mcfg, text_dim=mcfg.text_dim + 8))  # as if from another text encoder
+    _, wide_run_id = fake_run(cfg, fits, "fits-wide", wide, flip=False)
+    champion = str(registry.register(cfg, wide_run_id).version)  # the champion of an earlier store
+    move_champion(cfg, champion)
+
+    d = evaluate(cfg, fits.run_dir).decision
+    assert d.promoted is False and d.champion is None
+    assert d.reason.startswith(f"not promoted: champion version {champion} cannot be compared on these features")
+    assert "text_dim" in d.reason and d.reason.endswith(f"python -m jobs promote --version {d.version}")
+    assert str(registry.champion_version(cfg).version) == champion
+    tags = mlflow.MlflowClient(cfg.tracking.uri).get_run(fits.run_id).data.tags
+    assert tags["promoted"] == "False" and tags["gate_reason"] == d.reason
+    assert move_champion(cfg, d.version) == (champion, d.version)  # `python -m jobs promote --version N`
+    assert registry.champion_version(cfg).run_id == fits.run_id
 
 
 def _format(cfg, fmt):
