@@ -4,7 +4,6 @@ and plots to MLflow; then the champion gate (pipeline/registry.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.metrics import binary_metrics
 from pipeline.paths import Paths
-from pipeline.train import DONE, PREDICTIONS, feature_files, run_name
+from pipeline.train import DONE, PREDICTIONS, build_id, feature_files, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
@@ -37,11 +36,6 @@ class EvalResult:
     run_id: str | None
     metrics: dict[str, dict[str, dict]]  # model/baseline name -> split -> metrics
     decision: registry.GateDecision | None
-
-
-def build_id(files: list[Path]) -> str:
-    metas = [read_meta(f) for f in files]
-    return hashlib.sha256(json.dumps([(m.source_fingerprint, m.created_at) for m in metas]).encode()).hexdigest()[:12]
 
 
 def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict[str, np.ndarray]:
@@ -83,7 +77,13 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     run_dir = run_dir or Paths.of(cfg).runs / run_name(cfg)
     if not (run_dir / DONE).exists():
         raise UserError(f"{run_dir}: no finished training run; run `make train CONFIG=...` first")
-    run_id = json.loads((run_dir / DONE).read_text())["run_id"]
+    done = json.loads((run_dir / DONE).read_text())
+    run_id = done["run_id"]
+    # predictions.parquet names examples by row number in the build it was made on; a
+    # rebuilt store numbers them anew, and the gate would compare mismatched examples.
+    if done.get("build_id") != (current := build_id(files)):
+        raise UserError(f"{run_dir}: trained on feature build {done.get('build_id') or '(not recorded)'}, but "
+                        f"{files[0]} is build {current} (rebuilt since); run `make train` to retrain on it first")
     preds = pd.read_parquet(run_dir / PREDICTIONS)
     examples, user_key, _ = load_examples(files)
     labels = examples["label"]

@@ -70,13 +70,20 @@ def feature_files(cfg: Config) -> list[Path]:
     return shards
 
 
-def _fingerprint(cfg: Config, files: list[Path]) -> str:
-    """Identity of a training run: its config (minus bookkeeping) and its input files."""
+def build_id(files: list[Path]) -> str:
+    """Identity of one feature build (its sources and when it was written): a rebuild
+    renumbers examples, so predictions are only valid against the build they came from."""
+    metas = [read_meta(f) for f in files]
+    return hashlib.sha256(json.dumps([(m.source_fingerprint, m.created_at) for m in metas]).encode()).hexdigest()[:12]
+
+
+def _fingerprint(cfg: Config, files: list[Path], world: int) -> str:
+    """Identity of a training run: its config (minus bookkeeping), its feature build and the
+    number of DDP ranks (train.batch_size is per rank: another world size is another run)."""
     d = to_dict(cfg)
     d["train"].pop("checkpoint_every_steps", None)
     d["train"].pop("num_workers", None)
-    metas = [read_meta(f) for f in files]
-    blob = json.dumps([d, [(m.source_fingerprint, m.created_at) for m in metas]], sort_keys=True, default=str)
+    blob = json.dumps([d, build_id(files), world], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -108,7 +115,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     files = feature_files(cfg)
     name = run_name(cfg)
     run_dir = Paths.of(cfg).runs / name
-    fingerprint = _fingerprint(cfg, files)
+    fingerprint = _fingerprint(cfg, files, d.world)
     done = run_dir / DONE
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
         info = json.loads(done.read_text())
@@ -240,6 +247,6 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc})
     (result.run_dir / DONE).write_text(json.dumps({
         "fingerprint": fingerprint, "run_id": result.run_id, "best_epoch": result.best_epoch,
-        "val_roc_auc": result.val_roc_auc}))
+        "val_roc_auc": result.val_roc_auc, "build_id": build_id(data.files)}))  # evaluate checks build_id
     print(f"train: {result.run_dir.name} best val ROC-AUC {result.val_roc_auc:.4f} at epoch "
           f"{result.best_epoch + 1}; model {result.checkpoint}")

@@ -202,6 +202,54 @@ def test_a_champion_that_cannot_read_the_features_is_kept_and_moved_only_by_hand
     assert registry.champion_version(cfg).run_id == fits.run_id
 
 
+def test_a_run_from_another_world_size_is_neither_reused_nor_resumed(cfg, monkeypatch):
+    import pipeline.train as T
+    from pipeline import loop
+    from pipeline.train import feature_files
+
+    cfg.train.run_name = "world"
+    cfg.train.epochs = 1
+    assert not train(cfg).skipped
+    assert train(cfg).skipped  # the same world size: reused
+
+    class Retrains(Exception):
+        pass
+
+    def retrains(*a, **k):  # the first thing a run that is not reused does
+        raise Retrains
+
+    monkeypatch.setattr(T, "FeatureDataset", retrains)
+    with pytest.raises(Retrains):
+        T._train(cfg, loop.Dist(rank=0, world=2))  # batch_size is per rank: not the same run
+    saved = torch.load(T.Paths.of(cfg).runs / "world" / LAST, weights_only=True)
+    assert saved["fingerprint"] != T._fingerprint(cfg, feature_files(cfg), 2)  # last.pt is not resumed either
+
+
+def test_evaluate_refuses_predictions_of_another_feature_build(cfg, sim_store, tmp_path):
+    import shutil
+
+    import h5py
+
+    from pipeline.errors import UserError
+    from pipeline.paths import Paths
+
+    cfg.workdir = str(tmp_path / "w")  # a copy of the store, to rebuild without touching the shared one
+    store = Paths.of(cfg).feature_file
+    store.parent.mkdir(parents=True)
+    shutil.copy(sim_store[0], store)
+    cfg.train.run_name = "rebuilt"
+    cfg.train.epochs = 1
+    result = train(cfg)
+    with h5py.File(store, "r+") as f:  # rebuilt since: same sources, a new build
+        f.attrs["created_at"] = json.dumps("2030-01-01T00:00:00+00:00")
+    with pytest.raises(UserError, match=r"trained on feature build \w+, but .* run `make train`") as e:
+        evaluate(cfg, result.run_dir)
+    assert "\n" not in str(e.value)
+    assert registry.champion_version(cfg) is None  # nothing was gated
+    assert not train(cfg).skipped  # `make train` trains again on the new build
+    assert evaluate(cfg, result.run_dir).decision.promoted
+
+
 def _format(cfg, fmt):
     out = io.StringIO()
     compare(cfg, fmt=fmt, out=out)
