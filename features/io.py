@@ -134,10 +134,20 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str], path: str | Path, 
         )
 
 
+def _umask() -> int:
+    """The process umask. There is no getter: set it and restore it; a file another thread
+    creates in between gets the stricter 077, never a looser mode."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | Path):
     """Yield a temporary path beside `final`; rename it over `final` only if the block
-    succeeds. A crash never leaves a half-written file where a reader would take it."""
+    succeeds. A crash never leaves a half-written file where a reader would take it.
+    The file gets the mode a plain open() would give it (0666 less the umask), not
+    mkstemp's 0600: other users' tools (coaches' dashboards) read the score files."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -145,6 +155,7 @@ def atomic_path(final: str | Path):
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

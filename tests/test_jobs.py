@@ -138,6 +138,9 @@ def test_nightly_scores_eligible_users_ranked_with_the_champion_and_force_reruns
     assert by_rank.risk.is_monotonic_decreasing  # rank 1 = highest risk
     assert df.risk.between(0, 1).all()
     assert (df.as_of == as_of).all()
+    plain = out.parent / "plain"  # coaches' tools run as other users: the mode a plain open gives
+    plain.write_bytes(b"")
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     champion = registry.champion_version(env.cfg)
     assert set(df.model_version) == {str(champion.version)} and set(df.run_id) == {champion.run_id}
     assert state_of(env, "nightly-score", day)["steps"]["score"]["result"]["users"] == len(df)
@@ -173,6 +176,21 @@ def test_failed_score_write_leaves_no_partial_file(trained, env, monkeypatch):
     s = state_of(env, "nightly-score", day)
     assert s["status"] == "failed" and s["steps"]["score"]["status"] == "failed"
     assert "No space left on device" in s["error"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path, mask):
+    from features.io import write_parquet_atomic, write_text_atomic
+
+    old = os.umask(mask)
+    try:
+        text, table, plain = tmp_path / "a.json", tmp_path / "a.parquet", tmp_path / "plain"
+        write_text_atomic("{}", text)
+        write_parquet_atomic(pd.DataFrame({"risk": [0.5]}), table)
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in (text, table, plain)} == {0o666 & ~mask}
 
 
 def test_failed_evaluation_never_moves_the_champion_and_a_rerun_resumes(trained, env, monkeypatch, capsys):
