@@ -14,11 +14,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features import contract as C
 from features.dataset import FeatureDataset, collate
-from features.io import write_parquet_atomic
+from features.io import atomic_path
 from features.normalise import to_utc
 from features.stage import ensure_validated, features_stage
 from features.store import read_meta
@@ -88,19 +89,23 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
         "model_version": str(champion.version), "run_id": champion.run_id,
     }).sort_values("rank", kind="stable")[COLUMNS]
     out = Path(out) if out else default_output(cfg, as_of)
-    write_parquet_atomic(df, out)
-    _log(cfg, as_of, df, read_meta(path).source_fingerprint, path)
+    # Order: the complete file under a temporary name, then the MLflow run, then the rename.
+    # A full disk fails before anything is logged; a logging failure leaves no score file
+    # for coaches' tools without a run that accounts for it; nothing is ever half-written.
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        _log(cfg, as_of, df, read_meta(path).source_fingerprint, path, out)
     print(f"score: {len(df):,} users at {as_of} with {cfg.tracking.model_name} v{champion.version}; "
           f"mean risk {df.risk.mean():.3f}, {int((df.risk > 0.5).sum()):,} above 0.5 -> {out}")
     return out
 
 
-def _log(cfg: Config, as_of: str, df: pd.DataFrame, digest: str, path: Path) -> None:
+def _log(cfg: Config, as_of: str, df: pd.DataFrame, digest: str, path: Path, out: Path) -> None:
     """Summary statistics only: no user id goes to MLflow."""
     tracking.setup(cfg)
     with mlflow.start_run(run_name=f"score-{as_of}"):
         mlflow.set_tags({"stage": "score", "kind": "score", "as_of": as_of, "model_version": df.model_version.iloc[0],
-                         "git_commit": tracking.git_commit(), "config_name": cfg.name})
+                         "git_commit": tracking.git_commit(), "config_name": cfg.name, "scores_file": str(out)})
         tracking.log_dataset(str(path), digest, context="scoring")
         q = df.risk.quantile([0.1, 0.5, 0.9])
         tracking.log_metrics({"users": len(df), "risk_mean": df.risk.mean(), "risk_p10": q[0.1], "risk_p50": q[0.5],

@@ -178,6 +178,21 @@ def test_failed_score_write_leaves_no_partial_file(trained, env, monkeypatch):
     assert "No space left on device" in s["error"]
 
 
+def test_failed_score_logging_leaves_no_score_file(trained, env, monkeypatch):
+    import pipeline.score as S
+
+    def unavailable(*a, **k):
+        raise RuntimeError("tracking server unavailable")
+
+    monkeypatch.setattr(S, "_log", unavailable)
+    day = "2026-01-22"
+    assert jobs(env, "run", "nightly-score", "--as-of", day) == 1
+    scores = Path(env.cfg.workdir) / "scores"
+    assert not (scores / f"scores-{day}.parquet").exists()  # no file that no MLflow run accounts for
+    assert not list(scores.glob(f".scores-{day}*"))
+    assert "tracking server unavailable" in state_of(env, "nightly-score", day)["error"]
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path, mask):
     from features.io import write_parquet_atomic, write_text_atomic
