@@ -79,6 +79,16 @@ def history(cfg: Config, job: str) -> list[dict]:
     return sorted((s for s in states if s), key=lambda s: s["as_of"], reverse=True)
 
 
+def _holder(path: Path) -> str:
+    """' by pid P on HOST since T' from the lock holder's note, or '' when the note is
+    missing or unreadable: the lock decides who runs, the note only names the holder."""
+    try:
+        h = json.loads(path.read_text())
+        return f" by pid {h['pid']} on {h['host']} since {h['since']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
+
+
 @contextmanager
 def job_lock(cfg: Config, job: str) -> Iterator[None]:
     """Hold `<workdir>/jobs/<job>.lock` (zero timeout: a second run fails at once). The OS
@@ -90,14 +100,12 @@ def job_lock(cfg: Config, job: str) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        who = ""
-        if holder.exists():
-            h = json.loads(holder.read_text())
-            who = f" by pid {h.get('pid')} on {h.get('host')} since {h.get('since')}"
-        raise JobLocked(f"{job} is already running (lock {path} held{who}); this run changed nothing. "
+        raise JobLocked(f"{job} is already running (lock {path} held{_holder(holder)}); this run changed nothing. "
                         "Wait for it to finish, see `python -m jobs list`") from None
     try:
-        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _stamp()}))
+        from features.io import write_text_atomic
+
+        write_text_atomic(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _stamp()}), holder)
         yield
     finally:
         lock.release()

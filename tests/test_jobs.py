@@ -410,6 +410,21 @@ def test_second_run_exits_at_once_while_the_first_holds_the_lock(tmp_path):
     assert jobs(env, "run", "weekly-retrain", "--as-of", "2026-02-09") == 0  # released: runs (and skips)
 
 
+def test_an_unreadable_lock_note_still_gives_the_one_line_locked_error(tmp_path, capsys):
+    from filelock import FileLock
+
+    from pipeline.paths import Paths
+
+    env = SimpleNamespace(overrides=[f"workdir={tmp_path}/w"])
+    root = Paths.of(load_config(CONFIG, env.overrides)).jobs
+    root.mkdir(parents=True)
+    (root / "weekly-retrain.lock.json").write_text('{"pid": 41')  # a holder killed mid-write
+    with FileLock(root / "weekly-retrain.lock"):
+        assert jobs(env, "run", "weekly-retrain", "--as-of", "2026-02-09") == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: weekly-retrain is already running") and "\n" not in err
+
+
 def test_list_shows_schedules_and_last_runs(trained, env, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert jobs(env, "list") == 0
