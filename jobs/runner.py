@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from jobs.definitions import Context, Job
-from pipeline.config import Config
+from pipeline.config import DEMO_PSEUDONYM_KEY, Config
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 
@@ -87,6 +88,21 @@ def _holder(path: Path) -> str:
         return f" by pid {h['pid']} on {h['host']} since {h['since']}"
     except (OSError, ValueError, TypeError, KeyError):
         return ""
+
+
+def check_pseudonym_key(cfg: Config) -> None:
+    """The jobs are the production path: pseudonyms made with the public demo key can be
+    reversed by anyone with a list of user ids. Refused under the production config (name
+    'production'), a warning elsewhere (the simulator demo and the tests use it on purpose)."""
+    if cfg.features.pseudonym_key != DEMO_PSEUDONYM_KEY:
+        return
+    fix = ("export ENGAGEMENT_PSEUDONYM_KEY=<a secret>, the same value on every run "
+           "(a new key changes every pseudonym)")
+    if cfg.name == "production":
+        raise UserError(f"config {cfg.name!r} uses the public demo pseudonym key because ENGAGEMENT_PSEUDONYM_KEY "
+                        f"is not set; {fix}")
+    print(f"warning: ENGAGEMENT_PSEUDONYM_KEY is not set: user ids are pseudonymised with the public demo key "
+          f"{DEMO_PSEUDONYM_KEY!r}; fine for simulated data, never for real users: {fix}", file=sys.stderr)
 
 
 @contextmanager
@@ -173,7 +189,8 @@ def run(cfg: Config, job: Job, dates: list[datetime], force: bool = False) -> li
     the first failure so later dates never run on top of a broken one."""
     if not dates:
         raise UserError(f"{job.name}: no scheduled date in that range (cron {job.cron(cfg)!r})")
-    with job_lock(cfg, job.name):
+    with job_lock(cfg, job.name):  # first: a second run says "already running" and nothing else
+        check_pseudonym_key(cfg)
         if len(dates) > 1:
             print(f"{job.name}: backfill of {len(dates)} as-of dates, {dates[0]:%Y-%m-%d} .. {dates[-1]:%Y-%m-%d}",
                   flush=True)

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import UserError
 
-PSEUDONYM_KEY_SPEC = "${oc.env:ENGAGEMENT_PSEUDONYM_KEY,demo-key-not-secret}"
+DEMO_PSEUDONYM_KEY = "demo-key-not-secret"  # public: for simulated data only (jobs/cli.py warns)
+PSEUDONYM_KEY_SPEC = "${oc.env:ENGAGEMENT_PSEUDONYM_KEY," + DEMO_PSEUDONYM_KEY + "}"
 
 
 @dataclass

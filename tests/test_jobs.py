@@ -425,6 +425,26 @@ def test_an_unreadable_lock_note_still_gives_the_one_line_locked_error(tmp_path,
     assert err.startswith("error: weekly-retrain is already running") and "\n" not in err
 
 
+def test_jobs_warn_on_the_demo_pseudonym_key_and_the_production_config_refuses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ENGAGEMENT_PSEUDONYM_KEY", raising=False)
+    calls: list = []
+    monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", calls))
+    demo = SimpleNamespace(overrides=[f"workdir={tmp_path}/demo"])
+    assert jobs(demo, "run", "weekly-retrain", "--as-of", "2026-02-09") == 0  # the demo runs, warned
+    assert "warning: ENGAGEMENT_PSEUDONYM_KEY is not set" in capsys.readouterr().err and len(calls) == 2
+
+    production = ["run", "weekly-retrain", "--as-of", "2026-02-09", "--config", "configs/production.yaml",
+                  f"workdir={tmp_path}/prod"]
+    assert main(production) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config 'production' uses the public demo pseudonym key") and "\n" not in err
+    assert "export ENGAGEMENT_PSEUDONYM_KEY" in err and len(calls) == 2  # nothing ran
+
+    monkeypatch.setenv("ENGAGEMENT_PSEUDONYM_KEY", "s3cret")
+    assert main(production) == 0 and len(calls) == 4
+    assert "ENGAGEMENT_PSEUDONYM_KEY" not in capsys.readouterr().err
+
+
 def test_list_shows_schedules_and_last_runs(trained, env, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert jobs(env, "list") == 0
