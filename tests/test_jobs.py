@@ -36,13 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/test.yaml"
 WEEK = "2026-02-09"  # the module's weekly retrain: a Monday with 5 simulated weeks before it
 LATER = "2026-02-16"  # another weekly retrain, after WEEK (its encoders are still fresh)
+KEY = "s3cret-jobs-pseudonym-key"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("jobs")
     overrides = [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db",
-                 f"features.text_encoder={tiny_encoder_dir}", "tracking.experiment=jobs", "train.epochs=1"]
+                 f"features.text_encoder={tiny_encoder_dir}", "tracking.experiment=jobs", "train.epochs=1",
+                 f"features.pseudonym_key={KEY}"]  # as if from $ENGAGEMENT_PSEUDONYM_KEY
     return SimpleNamespace(root=root, overrides=overrides, cfg=load_config(CONFIG, overrides))
 
 
@@ -443,6 +445,27 @@ def test_jobs_warn_on_the_demo_pseudonym_key_and_the_production_config_refuses_i
     monkeypatch.setenv("ENGAGEMENT_PSEUDONYM_KEY", "s3cret")
     assert main(production) == 0 and len(calls) == 4
     assert "ENGAGEMENT_PSEUDONYM_KEY" not in capsys.readouterr().err
+
+
+def test_no_raw_user_ids_message_text_or_key_reach_mlflow_from_the_jobs(trained, env):
+    import mlflow
+
+    assert jobs(env, "run", "nightly-score", "--as-of", "2026-01-23") == 0
+    client = mlflow.MlflowClient(env.cfg.tracking.uri)
+    exp = client.get_experiment_by_name(env.cfg.tracking.experiment)
+    stages = {r.data.tags.get("stage") for r in client.search_runs([exp.experiment_id])}
+    assert {"pretrain", "train", "score"} <= stages  # the scan below covers every job's runs
+    blob = (env.root / "mlflow.db").read_bytes()
+    for f in (env.root / "mlartifacts").rglob("*"):
+        if f.is_file():
+            blob += f.read_bytes()
+    events = pd.read_parquet(env.cfg.data.events)
+    users = events.user_id.dropna().unique()
+    assert not [u for u in users if u.encode() in blob]
+    texts = events.text.dropna()
+    long_texts = texts[texts.str.len() > 25].unique()[:300]
+    assert len(long_texts) > 50 and not [t for t in long_texts if t.encode() in blob]
+    assert KEY.encode() not in blob
 
 
 def test_list_shows_schedules_and_last_runs(trained, env, tmp_path, monkeypatch, capsys):
