@@ -11,9 +11,15 @@ from pipeline.errors import UserError
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but no CUDA device is visible; use device=auto or cpu")
-    return torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r}: this pipeline runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def autocast(device: torch.device):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from features import validate as V
 from features.dataset import FeatureDataset, collate, model_config_for
@@ -27,10 +29,11 @@ from features.vocab import pseudonyms, shard_of
 from models.engagement import EngagementModel
 from pipeline import loop
 from pipeline.config import load_config
-from pipeline.devices import autocast
+from pipeline.devices import autocast, resolve_device
 from pipeline.errors import UserError
 from pipeline.paths import Paths
-from pipeline.train import BEST, LAST, feature_files
+from pipeline.pretrain import latest_windows
+from pipeline.train import BEST, LAST, PREDICTIONS, feature_files
 from tests.model_factories import random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,13 +170,42 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
     assert state["step"] == epochs * loop.batches_per_epoch(n, bs, WORLD) < epochs * loop.batches_per_epoch(n, bs)
     assert state["run_id"] == run.info.run_id
 
+    # Validation ROC-AUC was computed on predictions gathered from both ranks: it equals the
+    # ROC-AUC of the best model on the whole validation split, scored afterwards in one process
+    # (rank 0's half alone would give another figure).
+    preds = pd.read_parquet(run_dir / PREDICTIONS)
+    val = preds[preds.split == "val"]
+    assert len(val) == len(data.select(["val"]))
+    whole_val_auc = roc_auc_score(val.label, val.p_engaged)
+    assert run.data.metrics["best_val_roc_auc"] == pytest.approx(whole_val_auc, abs=1e-6)
+    half = val[val.example.isin(data.select(["val"])[0::WORLD])]
+    assert roc_auc_score(half.label, half.p_engaged) != pytest.approx(whole_val_auc, abs=1e-6)
+
 
 def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, tiny_encoder_dir):
-    root, db = ddp_workdir, ddp_workdir / "pretrain.db"
-    torchrun("pretrain", root, db, f"features.text_encoder={tiny_encoder_dir}")
+    root, db, reads = ddp_workdir, ddp_workdir / "pretrain.db", ddp_workdir / "pretrain-reads"
+    epochs = 3
+    torchrun("pretrain", root, db, f"pretrain.epochs={epochs}", f"features.text_encoder={tiny_encoder_dir}",
+             read_log=reads)
     client, run = only_run(db)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pretrain"
     assert {"heldout_nsp_accuracy", "heldout_food_top1", "heldout_event_top1"} <= set(run.data.metrics)
+
+    # Each rank read exactly its EpochOrder share of the pretraining windows, epoch by epoch.
+    cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}", f"pretrain.epochs={epochs}"])
+    files = feature_files(cfg)
+    data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
+    pc = cfg.pretrain
+    windows = latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user)
+    for r in range(WORLD):
+        read = np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1)
+        expected = np.concatenate([windows[loop.EpochOrder(len(windows), pc.seed, e, pc.batch_size, 0, r, WORLD).order]
+                                   for e in range(epochs)])
+        assert np.array_equal(read[np.isin(read, windows)], expected)
+    # The masked-prediction losses fall over the epochs (rank 0 logs its own share's mean).
+    for name in ("train_loss_food", "train_loss_events"):
+        history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+        assert len(history) == epochs and history[-1] < history[0], (name, history)
     out = root / "w" / "pretrain"
     assert sorted(p.name for p in out.glob("*.pt")) == ["conversation.pt", "events.pt", "food.pt", "last.pt"]
     arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "encoders"))
@@ -252,6 +284,20 @@ def test_three_shards_hold_exactly_the_examples_and_tensors_of_one_build(sim_sto
 
 
 # -- devices --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "mps", ""])
+def test_a_device_that_is_not_cpu_or_cuda_is_one_line_of_advice(name):
+    with pytest.raises(UserError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device(name)
+
+
+def test_device_auto_is_cuda_only_when_one_is_visible():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is visible"):
+            resolve_device("cuda:0")
 
 
 def test_cpu_autocast_never_enables_bf16():
