@@ -116,12 +116,23 @@ def save_state(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
-def load_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
+def resume(path: Path, fingerprint: str, state: dict, **parts) -> tuple[dict, bool]:
+    """Continue a run from its checkpoint: when `path` holds this run's state (the same
+    fingerprint), load each of `parts` (model, optimizer, scheduler: name -> object with
+    `load_state_dict`), restore the RNG state, and return the saved values of `state`'s keys
+    and True; otherwise return `state` and False. Another run's checkpoint is left alone:
+    loading it would also restore its RNG state."""
+    if not path.exists():
+        return state, False
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("fingerprint") != fingerprint:
+        return state, False
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+    torch.set_rng_state(saved["torch_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return {k: saved[k] for k in state}, True
 
 
 @dataclass

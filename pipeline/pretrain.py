@@ -108,16 +108,11 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     per_epoch = loop.batches_per_epoch(len(train_set), pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
     state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
-    # Another run's checkpoint is left alone: loading it would also restore its RNG state.
     last = out / LAST
-    if last.exists() and torch.load(last, map_location="cpu", weights_only=True)["fingerprint"] == fingerprint:
-        saved = loop.load_state(last)
-        objectives.load_state_dict(saved["objectives"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {k: saved[k] for k in state}
-        if d.main:
-            print(f"pretrain: resuming from {last} at epoch {state['epoch'] + 1}")
+    state, resumed = loop.resume(last, fingerprint, state, objectives=objectives, optimizer=optimizer,
+                                 scheduler=scheduler)
+    if resumed and d.main:
+        print(f"pretrain: resuming from {last} at epoch {state['epoch'] + 1}")
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
         save_config(cfg, out)

@@ -144,15 +144,9 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -np.inf, "best_epoch": -1, "bad_epochs": 0,
              "history": [], "run_id": None, "fingerprint": fingerprint, "loss_sum": 0.0, "loss_n": 0}
     last = run_dir / LAST
-    if last.exists():
-        saved = loop.load_state(last)
-        if saved["fingerprint"] == fingerprint:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = {k: saved[k] for k in state}
-            if d.main:
-                print(f"train: resuming {name} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+    state, resumed = loop.resume(last, fingerprint, state, model=model, optimizer=optimizer, scheduler=scheduler)
+    if resumed and d.main:
+        print(f"train: resuming {name} at epoch {state['epoch'] + 1}, batch {state['batch']}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if d.main:
         save_config(cfg, run_dir)

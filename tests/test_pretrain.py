@@ -149,13 +149,19 @@ def test_a_run_of_another_world_size_is_neither_reused_nor_resumed(cfg, monkeypa
     def stage_run(*a, **k):  # reached only when nothing was reused
         raise Trains
 
-    loaded = []
+    resumed, real_resume = [], loop.resume
+
+    def resume(*a, **k):
+        out = real_resume(*a, **k)
+        resumed.append(out[1])
+        return out
+
     monkeypatch.setattr(P.tracking, "stage_run", stage_run)
-    monkeypatch.setattr(loop, "load_state", lambda path: loaded.append(path))
+    monkeypatch.setattr(loop, "resume", resume)
     (out / DONE).write_text(json.dumps({"fingerprint": two, "run_id": None, "metrics": {}}))
     loop.save_state(out / LAST, fingerprint=two, epoch=1, batch=0, run_id=None, metrics={})
     with pytest.raises(Trains):
         pretrain(cfg)  # one rank here (no torchrun)
-    assert not loaded  # nor resumed from the 2-rank checkpoint (its RNG state untouched too)
+    assert resumed == [False]  # nor resumed from the 2-rank checkpoint (loop.resume leaves its RNG state alone)
     (out / DONE).write_text(json.dumps({"fingerprint": one, "run_id": None, "metrics": {"x": 1.0}}))
     assert pretrain(cfg).skipped

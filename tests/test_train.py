@@ -363,3 +363,25 @@ def test_hybrid_trains_saves_its_columns_and_scores_alike(cfg):
     with torch.no_grad():
         logits, _ = model(collate([sub[j] for j in range(len(rows))]))
     assert np.allclose(torch.sigmoid(logits).numpy(), saved["p_engaged"].to_numpy()[:32], atol=1e-4)
+
+
+def test_resume_restores_only_its_own_runs_checkpoint_rng_included(tmp_path):
+    from pipeline import loop
+
+    model = torch.nn.Linear(3, 1)
+    torch.manual_seed(1)
+    saved_rng, saved_weight = torch.get_rng_state(), model.weight.detach().clone()
+    loop.save_state(tmp_path / LAST, model=model.state_dict(), fingerprint="run-a", epoch=5)
+    torch.manual_seed(2)
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        model.weight.zero_()
+
+    state, resumed = loop.resume(tmp_path / LAST, "run-b", {"epoch": 0}, model=model)
+    assert not resumed and state == {"epoch": 0}  # another run's checkpoint...
+    assert torch.equal(torch.get_rng_state(), rng) and not model.weight.any()  # ...changes nothing
+
+    state, resumed = loop.resume(tmp_path / LAST, "run-a", {"epoch": 0}, model=model)
+    assert resumed and state == {"epoch": 5}
+    assert torch.equal(model.weight, saved_weight) and torch.equal(torch.get_rng_state(), saved_rng)
+    assert loop.resume(tmp_path / "missing.pt", "run-a", {"epoch": 0}) == ({"epoch": 0}, False)
