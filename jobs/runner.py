@@ -92,13 +92,14 @@ def _holder(path: Path) -> str:
 
 def check_pseudonym_key(cfg: Config) -> None:
     """The jobs are the production path: pseudonyms made with the public demo key can be
-    reversed by anyone with a list of user ids. Refused under the production config (name
-    'production'), a warning elsewhere (the simulator demo and the tests use it on purpose)."""
+    reversed by anyone with a list of user ids. Refused when `jobs.require_pseudonym_key` is
+    set (configs/production.yaml), a warning elsewhere (the simulator demo and the tests use
+    it on purpose)."""
     if cfg.features.pseudonym_key != DEMO_PSEUDONYM_KEY:
         return
     fix = ("export ENGAGEMENT_PSEUDONYM_KEY=<a secret>, the same value on every run "
            "(a new key changes every pseudonym)")
-    if cfg.name == "production":
+    if cfg.jobs.require_pseudonym_key:
         raise UserError(f"config {cfg.name!r} uses the public demo pseudonym key because ENGAGEMENT_PSEUDONYM_KEY "
                         f"is not set; {fix}")
     print(f"warning: ENGAGEMENT_PSEUDONYM_KEY is not set: user ids are pseudonymised with the public demo key "

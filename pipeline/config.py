@@ -182,6 +182,9 @@ class JobsConfig:
     # How long a job waits for another job that is writing the shared inputs (validated
     # events, message-vector cache, vocabularies) before it gives up.
     shared_lock_timeout_s: float = 3600.0
+    # Refuse to run a job when ENGAGEMENT_PSEUDONYM_KEY is unset (the public demo key would
+    # be used); configs/production.yaml sets it. Otherwise the jobs only warn.
+    require_pseudonym_key: bool = False
 
 
 @dataclass

@@ -446,6 +446,11 @@ def test_jobs_warn_on_the_demo_pseudonym_key_and_the_production_config_refuses_i
     assert main(production) == 0 and len(calls) == 4
     assert "ENGAGEMENT_PSEUDONYM_KEY" not in capsys.readouterr().err
 
+    # The setting refuses, not the config's name: a copy of the template under another name too.
+    monkeypatch.delenv("ENGAGEMENT_PSEUDONYM_KEY")
+    assert main([*production, "name=acme"]) == 2 and len(calls) == 4
+    assert capsys.readouterr().err.startswith("error: config 'acme' uses the public demo pseudonym key")
+
 
 def test_no_raw_user_ids_message_text_or_key_reach_mlflow_from_the_jobs(trained, env):
     import mlflow
