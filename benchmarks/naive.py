@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from features import contract as C
 from features import labels as L
 from features import timebuckets as tb
-from features.dataset import FeatureDataset
+from features.dataset import FeatureDataset, load_examples, user_numbers
 from features.store import STREAMS, UNLABELLED
 from features.vocab import FIRST, KINDS, UNKNOWN, Vocab, content_buckets, pseudonyms
 from pipeline.config import Config, ModelConfig
@@ -151,6 +151,8 @@ class PerItemReads(FeatureDataset):
         self.aggregates = None  # the hybrid's inputs are not part of this comparison
         with h5py.File(self.files[0], "r") as f:
             self.file_of = np.zeros(len(f["examples"]["as_of"]), dtype=np.int64)
+        # a number per example's user, as the dataset derives it once per process (not an item read)
+        self.user_number = user_numbers(load_examples(self.files)[1])
 
     def __getitem__(self, i: int) -> dict:
         with h5py.File(self.files[0], "r") as f:
