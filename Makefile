@@ -38,7 +38,7 @@ FORCE:
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' TORCH='$(TORCH)' NPROC=$(NPROC)"
+	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' TORCH='$(TORCH)' NPROC=$(NPROC) PYTEST_ARGS='...'"
 
 install: $(STAMP) ## create .venv and install the project with dev + demo extras (idempotent)
 
@@ -51,7 +51,7 @@ demo-kdd: $(STAMP) ## the same pipeline on the real KDD Cup 2015 MOOC logs in ..
 test: $(STAMP) ## run the default test suite (fast; no slow or gpu tests)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-full: $(STAMP) ## run every test, slow ones included
+test-full: $(STAMP) ## run every test but the GPU ones (`pytest -m gpu`), slow ones included
 	$(PY) -m pytest -m 'not gpu' $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
@@ -104,7 +104,7 @@ jobs-list: $(STAMP) ## scheduled jobs, their cron schedules and last runs
 	$(PY) -m jobs list --config $(CONFIG)
 
 clean: ## remove caches (keeps .venv, data and MLflow)
-	rm -rf .pytest_cache .ruff_cache .hypothesis
+	rm -rf .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 clean-data: ## remove generated data, runs and MLflow store (keeps .venv)
