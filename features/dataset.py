@@ -82,6 +82,7 @@ class FeatureDataset(Dataset):
         self.user_number = user_numbers(self.user_key)  # (n_examples,) int64, see `collate`
         self.indices = np.arange(len(self.file_of)) if indices is None else np.asarray(indices)
         self._arrays: list | None = None  # loaded lazily, once per process
+        self._loaded: dict = {}  # the same dict in every `subset`: they share one loaded copy
         self.aggregates: np.ndarray | None = None  # (n_examples, F), with model.aggregates
         if model.aggregates:  # the hybrid; `self.model` then names the columns for the model
             X, names = aggregates_of(self.files, model.aggregate_names)
@@ -110,8 +111,21 @@ class FeatureDataset(Dataset):
 
     def _load(self) -> list:
         if self._arrays is None:
-            self._arrays = [load_arrays(f, STREAMS)[0] for f in self.files]
+            if "arrays" not in self._loaded:
+                self._loaded["arrays"] = [load_arrays(f, STREAMS)[0] for f in self.files]
+            self._arrays = self._loaded["arrays"]
         return self._arrays
+
+    def preload(self) -> None:
+        """Read the store into this process now. DataLoader workers forked afterwards share
+        these arrays copy-on-write instead of each reading the whole store again (every
+        epoch, since each epoch has its own loader)."""
+        self._load()
+
+    def __getstate__(self) -> dict:
+        # Pickled to a worker that is not forked (spawn, forkserver): send no arrays, the
+        # worker reads the store itself, once, on its first item.
+        return self.__dict__ | {"_arrays": None, "_loaded": {}}
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -77,6 +77,8 @@ def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
 
 
 def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0, pin: bool = False) -> DataLoader:
+    if num_workers and torch.multiprocessing.get_start_method() == "fork" and hasattr(dataset, "preload"):
+        dataset.preload()  # read once here; the forked workers share it
     # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
     # global RNG, so re-creating one after a resume would shift every later dropout mask.
     return DataLoader(

@@ -214,6 +214,50 @@ def test_dataset_keeps_the_most_recent_items_and_derives_recency(tmp_path, tiny_
     assert (a["events"]["ts"][end - 5 : end] < as_of).all() and a["events"]["ts"][end] >= as_of
 
 
+def test_subsets_share_one_read_of_the_store_and_workers_give_the_same_batches(sim_store, monkeypatch, tmp_path):
+    import os
+    import pickle
+
+    from features import dataset as D
+    from pipeline import loop
+
+    path, _, mcfg = sim_store
+    log = tmp_path / "reads.txt"  # a file, so reads in worker processes count too
+    real = D.load_arrays
+
+    def counted(f, groups=None):
+        if groups == STREAMS:
+            with open(log, "a") as out:
+                out.write(f"{os.getpid()}\n")
+        return real(f, groups)
+
+    def stream_reads() -> list[str]:
+        return log.read_text().split() if log.exists() else []
+
+    monkeypatch.setattr(D, "load_arrays", counted)
+    data = FeatureDataset(path, mcfg)
+    train, val = data.subset(data.select(["train"])), data.subset(data.select(["val"]))
+    train[0], val[0], train[1]
+    assert stream_reads() == [str(os.getpid())] and train._load() is val._load()  # one read for every subset
+
+    shipped = pickle.loads(pickle.dumps(train))  # what a spawned worker receives: no arrays
+    assert shipped._arrays is None and shipped._loaded == {} and len(shipped) == len(train)
+
+    order = list(range(min(len(val), 40)))
+    in_process = list(loop.loader(val, 8, collate, order))
+    log.unlink()
+    fresh = FeatureDataset(path, mcfg).subset(data.select(["val"]))  # nothing read yet
+    with_workers = list(loop.loader(fresh, 8, collate, order, num_workers=2))
+    assert len(in_process) == len(with_workers) > 1
+    for a, b in zip(in_process, with_workers):
+        for k, t in a.items():
+            if isinstance(t, dict):
+                assert all(torch.equal(t[j], b[k][j]) for j in t), k
+            else:
+                assert torch.equal(t, b[k]), k
+    assert stream_reads() == [str(os.getpid())]  # read once, by the loader; the forked workers share it
+
+
 def test_splits_by_user_and_out_of_time(tmp_path, tiny_encoder):
     events = make_events(n_users=30, weeks=8, seed=6)
     path, cfg = build_store(tmp_path, events, tiny_encoder, "w", "labels.oot_cutoffs=2")
