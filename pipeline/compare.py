@@ -61,7 +61,8 @@ def _champion_run(cfg: Config) -> str | None:
     return mv.run_id if mv else None
 
 
-def compare(cfg: Config, fmt: str = "table", out=sys.stdout, all_builds: bool = False) -> pd.DataFrame:
+def compare(cfg: Config, fmt: str = "table", out=None, all_builds: bool = False) -> pd.DataFrame:
+    out = out or sys.stdout  # looked up per call: a default bound at import misses a redirected stdout
     df = comparison(cfg, all_builds)
     if fmt == "csv":
         df.to_csv(out, index=False)
