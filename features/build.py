@@ -22,7 +22,7 @@ from features import labels as L
 from features import timebuckets as tb
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
-from features.vocab import Vocab, content_buckets, pseudonyms, sender_ids, shard_of
+from features.vocab import Vocab, content_buckets, pseudonyms, sender_ids, shard_of, strings
 from pipeline.config import Config, FeatureConfig, to_dict
 from pipeline.errors import UserError
 
@@ -97,7 +97,7 @@ def build_features(
             events, ts_all = events.filter(pa.array(keep)), ts_all[keep]
         user_ids, user_row = _user_rows(events[C.USER_ID])
         n_users = len(user_ids)
-        etype = events[C.EVENT_TYPE].to_numpy(zero_copy_only=False)
+        etype = strings(events[C.EVENT_TYPE])  # numpy unicode: vectorised comparisons, no Python str per row
         program_start = _program_start(user_ids, user_row, ts_all, users)
 
     with timer.step("events"):
@@ -173,7 +173,7 @@ def _group_starts(item_user: np.ndarray) -> np.ndarray:
 
 
 def _events_stream(events, etype, user_row, ts, n_users, program_start, vocab: Vocab, fc) -> dict:
-    type_id = vocab.ids("event_types", etype)
+    type_id = vocab.ids("event_types", events[C.EVENT_TYPE])
     value = pc.fill_null(events[C.VALUE], np.nan).to_numpy().astype(np.float64)
     has_value = np.isfinite(value)
     # Change vs the user's previous value of the same type: a stable sort by (user, type)
@@ -184,7 +184,7 @@ def _events_stream(events, etype, user_row, ts, n_users, program_start, vocab: V
     if len(order) > 1:
         same = (user_row[order][1:] == user_row[order][:-1]) & (type_id[order][1:] == type_id[order][:-1])
         delta[order[1:][same]] = np.diff(value[order])[same]
-    content = content_buckets(events[C.CONTENT_ID].to_numpy(zero_copy_only=False), fc.content_buckets)
+    content = content_buckets(events[C.CONTENT_ID], fc.content_buckets)
     day = np.clip((ts - program_start[user_row]) // L.DAY, 0, fc.max_day)
     return {
         "_user": user_row, "user_offsets": _offsets(user_row, n_users), "ts": ts, "type_id": type_id,
@@ -201,7 +201,7 @@ def _food_stream(events, etype, user_row, ts, n_users, vocab: Vocab) -> dict:
     meal_offsets = np.zeros(len(sel) + 1, dtype=np.int64)
     np.cumsum(lengths, out=meal_offsets[1:])
     u = user_row[sel]
-    meal = events[C.MEAL].take(pa.array(sel)).to_numpy(zero_copy_only=False)
+    meal = events[C.MEAL].take(pa.array(sel))
     return {
         "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
         "dt_bucket": tb.dt_buckets(ts[sel], _group_starts(u)), "meal": vocab.ids("meals", meal),
@@ -214,7 +214,7 @@ def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tu
     u = user_row[sel]
     starts = _group_starts(u)
     first_of_user = np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0)) if len(u) else u
-    sender = events[C.SENDER].take(pa.array(sel)).to_numpy(zero_copy_only=False)
+    sender = events[C.SENDER].take(pa.array(sel))
     texts = events[C.TEXT].take(pa.array(sel)).to_pylist()
     return {
         "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
@@ -243,7 +243,7 @@ def _examples(events, etype, user_ids, user_row, ts, program_start, streams, cal
     label_stats["ineligible_dropped"] = int((~eligible).sum()) if supplied is not None else 0
     ex_user, ex_as_of = ex_user[eligible], ex_as_of[eligible]
     if label is None:
-        own = C.is_user_activity(etype, events[C.SENDER].to_numpy(zero_copy_only=False))
+        own = C.is_user_activity(etype, strings(events[C.SENDER]))
         if lc.activity_types:
             own &= np.isin(etype, [t.lower() for t in lc.activity_types])
         label = L.derived_labels(L.row_keys(user_row[own], ts[own]), ts[own], ex_user, ex_as_of, lc)

@@ -69,38 +69,69 @@ class Vocab:
         parents = pc.list_parent_indices(foods)
         self._append("foods", [int(f) for f in _by_first_seen(pc.list_flatten(foods), ts.take(parents))])
 
-    def ids(self, kind: str, values: np.ndarray) -> np.ndarray:
+    def ids(self, kind: str, values: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Vectorised token -> id; missing values -> UNKNOWN."""
-        index = pd.Index(self.tokens[kind])
-        pos = index.get_indexer(pd.Index(values))
+        pos = _positions(self.tokens[kind], values)
         return np.where(pos < 0, UNKNOWN, pos + FIRST).astype(np.int32)
 
 
-def sender_ids(senders: np.ndarray) -> np.ndarray:
+def sender_ids(senders: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Vectorised sender -> id (1 user, 2 coach). Messages are validated, so any other
     sender here is a bug upstream, not data to guess about."""
-    pos = pd.Index(C.SENDERS).get_indexer(pd.Index(senders))
+    pos = _positions(list(C.SENDERS), senders)
     if (pos < 0).any():
-        raise ValueError(f"senders outside the contract {C.SENDERS}: {sorted(set(senders[pos < 0]), key=str)[:5]}")
+        bad = np.asarray(senders.to_pylist() if isinstance(senders, pa.ChunkedArray | pa.Array) else senders, dtype=object)
+        raise ValueError(f"senders outside the contract {C.SENDERS}: {sorted(set(bad[pos < 0]), key=str)[:5]}")
     return (pos + FIRST_SENDER).astype(np.int8)
+
+
+def codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Dictionary codes of an Arrow column: (int32 code per row, -1 for null; the distinct
+    values). The work is Arrow's: no Python object per row, only per distinct value."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    encoded = pc.dictionary_encode(values)
+    return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+def strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An Arrow string column as a numpy unicode array ('' for null), for vectorised
+    comparisons (`etype == "message"`) without a Python string per row."""
+    c, distinct = codes(values)
+    return np.array(distinct + [""], dtype=str)[c]  # code -1 (null) picks the trailing ""
+
+
+def _positions(tokens: list, values) -> np.ndarray:
+    """Position of each value in `tokens`, -1 where absent or null. Arrow columns are
+    looked up per distinct value (their codes); numpy arrays through a pandas index."""
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        c, distinct = codes(values)
+        table = np.append(_positions(tokens, np.asarray(distinct, dtype=object)), -1)  # code -1 -> -1
+        return table[c]
+    return pd.Index(tokens).get_indexer(pd.Index(values))
 
 
 def _by_first_seen(tokens: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> list:
     """Distinct non-null tokens ordered by their earliest timestamp (ties by token)."""
-    df = pd.DataFrame({"tok": tokens.to_numpy(zero_copy_only=False), "ts": ts.to_numpy(zero_copy_only=False)})
-    first = df.dropna(subset=["tok"]).groupby("tok", sort=False)["ts"].min()
-    return first.reset_index().sort_values(["ts", "tok"], kind="stable")["tok"].tolist()
+    c, distinct = codes(tokens)
+    seconds = pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False)
+    first = np.full(len(distinct), np.iinfo(np.int64).max)
+    np.minimum.at(first, c[c >= 0], seconds[c >= 0])
+    return [distinct[i] for i in sorted(range(len(distinct)), key=lambda i: (first[i], distinct[i]))]
 
 
 def _digest_int(value: str, salt: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{salt}\x00{value}".encode(), digest_size=8).digest(), "little")
 
 
-def content_buckets(content_ids: np.ndarray, n_buckets: int) -> np.ndarray:
+def content_buckets(content_ids: np.ndarray | pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
     """Content id -> 2 + hash % n_buckets (1 where absent). Hashes each distinct id once."""
-    codes, uniques = pd.factorize(pd.Series(content_ids), use_na_sentinel=True)
-    bucket = np.array([FIRST + _digest_int(str(u), "content") % n_buckets for u in uniques], dtype=np.int32)
-    return np.where(codes < 0, UNKNOWN, bucket[np.maximum(codes, 0)] if len(bucket) else UNKNOWN).astype(np.int32)
+    if isinstance(content_ids, pa.Array | pa.ChunkedArray):
+        c, distinct = codes(content_ids)
+    else:
+        c, distinct = pd.factorize(pd.Series(content_ids), use_na_sentinel=True)
+    bucket = np.array([FIRST + _digest_int(str(u), "content") % n_buckets for u in distinct] + [UNKNOWN], dtype=np.int32)
+    return bucket[c]  # code -1 (absent) picks the trailing UNKNOWN
 
 
 def pseudonyms(user_ids: np.ndarray, key: str) -> np.ndarray:
