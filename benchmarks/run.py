@@ -59,7 +59,7 @@ class Sizes:
     memory_scales: tuple[int, ...] = (1, 4, 12)  # 12x the demo: about 5 million events
 
 
-# FULL: the demo's data size, about 5.5 minutes on 2 busy cores (under the 10-minute budget).
+# FULL: the demo's data size, 2-3 minutes on 2 cores (137 s on 2026-12-02; the budget is 10 minutes).
 # QUICK: about 2 minutes there.
 FULL = Sizes(users=2000, weeks=16, build_repeat=3, messages=6000, loader_batches=300, naive_loader_batches=10,
              train_steps=30, lengths=(64, 128, 256, 512, 1024), length_batch=8, length_steps=5)
