@@ -3,7 +3,7 @@ peak memory is its own (`benchmarks.run` runs one per length):
 
     python -m benchmarks.train_length MODEL_CONFIG_JSON LENGTH BATCH STEPS DEVICE
 
-Every stream of a synthetic batch (the batch contract's factory, tests/model_factories.py)
+Every stream of a synthetic batch (the batch contract's factory, models/synthetic.py)
 holds LENGTH items; max_len_* are set to LENGTH. Prints one JSON line: examples/s of the
 fastest of STEPS steps (forward, backward, clipping, AdamW) and the peak memory of the
 warm-up and timed steps above the level before them (optimizer state, gradients and
@@ -22,10 +22,10 @@ import torch
 from benchmarks.measure import MB, PeakMemory, best_of, rss_bytes
 from features.store import STREAMS
 from models.engagement import EngagementModel
+from models.synthetic import random_batch
 from pipeline import loop
 from pipeline.config import ModelConfig
 from pipeline.devices import autocast
-from tests.model_factories import random_batch
 
 
 def train_step(model, optimizer, batch: dict, device: torch.device) -> None:

@@ -1,5 +1,5 @@
 """`make diagnose`: when a model "learns nothing", say why (the tool the seed's author
-needed). Runs the model checks of pipeline/diagnostics.py on real batches of the feature
+needed). Runs the model checks of pipeline/diagnostics/ on real batches of the feature
 store, plus facts about the data itself, and prints one verdict per check: PASS, WARN (a
 trade-off worth a look, such as truncated sequences) or FAIL (something is broken).
 `python -m pipeline diagnose` exits 1 when any check fails (`exit_code`), 0 otherwise."""

@@ -1,5 +1,5 @@
 """models/: shapes, masks, batch independence (the seed's bug), checkpoints, and the
-diagnostics of pipeline/diagnostics.py — each shown able to fail on a deliberately broken
+diagnostics of pipeline/diagnostics/ — each shown able to fail on a deliberately broken
 model, so a passing run means something."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from models.checkpoint import save_encoder
 from models.encoders import ENCODERS, ConversationEncoder, EventEncoder, FoodEncoder
 from models.engagement import EngagementModel
 from models.sequence import SequenceEncoder
+from models.synthetic import STREAMS, random_batch, tiny_config
 from pipeline import diagnostics as diag
-from tests.model_factories import STREAMS, random_batch, tiny_config
 
 B, T = 13, 7
 

@@ -27,6 +27,7 @@ from features.store import STREAMS, load_arrays, read_meta
 from features.text_vectors import TextEncoder
 from features.vocab import pseudonyms, shard_of
 from models.engagement import EngagementModel
+from models.synthetic import random_batch, tiny_config
 from pipeline import loop
 from pipeline.config import load_config
 from pipeline.devices import autocast, resolve_device
@@ -34,7 +35,6 @@ from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.pretrain import latest_windows
 from pipeline.train import BEST, LAST, PREDICTIONS, feature_files
-from tests.model_factories import random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -1,6 +1,7 @@
-"""Tiny model configs and random batches in the collate contract (features/dataset.py):
-batch-first, right-padded, padding masks True = padding, index 0 = padding everywhere, items
-in time order (oldest first) so `position` counts down to 1 at the most recent item."""
+"""Synthetic inputs for tests and benchmarks: tiny model configs and random batches in the
+collate contract (features/dataset.py): batch-first, right-padded, padding masks True =
+padding, index 0 = padding everywhere, items in time order (oldest first) so `position`
+counts down to 1 at the most recent item."""
 
 from __future__ import annotations
 
