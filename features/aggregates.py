@@ -20,11 +20,12 @@ import numpy as np
 from features import contract as C
 from features.labels import DAY, first_at_or_after, row_keys
 from features.store import LAYOUT, StoreMeta, open_store, read_meta
+from features.vocab import SENDER_IDS
 
 WINDOWS_DAYS = (1, 7, 28)
 RECENCY_CAP_DAYS = 365.0  # "days since" when there is no such item before as_of
 ANSWER_WITHIN_S = 48 * 3600  # a coach message counts as answered by a user reply within 48 h
-SENDER_USER, SENDER_COACH = 1, 2  # conversation.sender codes (features/build.py)
+SENDER_USER, SENDER_COACH = SENDER_IDS[C.SENDER_USER], SENDER_IDS[C.SENDER_COACH]  # stored ids
 _MAX_PAIRS = 1 << 24  # (example, item) pairs expanded at once when counting distinct days
 
 # The datasets the features read: everything but message vectors, which can be gigabytes.

@@ -26,6 +26,7 @@ from features.io import read_table, write_text_atomic
 PAD, UNKNOWN, FIRST = 0, 1, 2
 KINDS = ("event_types", "meals", "foods")
 FIRST_SENDER = 1  # sender ids: 0 padding, then contract.SENDERS in order
+SENDER_IDS = {s: i + FIRST_SENDER for i, s in enumerate(C.SENDERS)}  # {"user": 1, "coach": 2}
 
 
 class Vocab:
