@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from features.dataset import FeatureDataset, collate
 from features.store import StoreMeta, read_meta
+from models.engagement import EngagementModel
 from pipeline import loop, tracking
 from pipeline.config import Config, ModelConfig
 from pipeline.metrics import binary_metrics
@@ -80,9 +81,8 @@ def misfit(model_config: ModelConfig, meta: StoreMeta) -> str | None:
     return "; ".join(diffs) or None
 
 
-def score_on(cfg: Config, model_path: Path, files: list[Path], rows: np.ndarray) -> np.ndarray:
-    """p_engaged of a saved model on given example rows of these feature files."""
-    model, ckpt = load_model(model_path)
+def score_on(model: EngagementModel, files: list[Path], rows: np.ndarray) -> np.ndarray:
+    """p_engaged of a model on given example rows of these feature files."""
     data = FeatureDataset(files, model.config).subset(rows)
     ids, _, p = loop.predict(model, loop.loader(data, 256, collate), next(model.parameters()).device)
     assert np.array_equal(ids, rows)
@@ -113,14 +113,15 @@ def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.n
     elif current.run_id == run_id:
         promoted, reason, champ = False, "already the champion", cand
     else:
-        path = download_model(cfg, current.run_id)  # failures propagate: the gate fails, champion stays
-        why = misfit(load_model(path)[0].config, read_meta(files[0]))
+        # failures propagate: the gate fails, champion stays
+        champion_model, _ = load_model(download_model(cfg, current.run_id))
+        why = misfit(champion_model.config, read_meta(files[0]))
         if why:
             promoted = False
             reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
                       f"({why}); to move it by hand: python -m jobs promote --version {mv.version}")
         else:
-            champ = binary_metrics(labels[rows], score_on(cfg, path, files, rows))[metric]
+            champ = binary_metrics(labels[rows], score_on(champion_model, files, rows))[metric]
             if not np.isfinite(champ):
                 promoted = False
                 reason = (f"not promoted: the champion's {cfg.tracking.promote_metric} is undefined on these "

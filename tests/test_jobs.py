@@ -256,7 +256,7 @@ def test_kept_champion_is_recorded_as_a_real_bool_and_listed_as_kept(trained, en
 
     champion = week_version(env, trained)
 
-    def perfect(cfg, model_path, files, rows):  # the champion ranks every val example right
+    def perfect(model, files, rows):  # the champion ranks every val example right
         return load_examples(files)[0]["label"][rows].astype(float)
 
     monkeypatch.setattr(registry, "score_on", perfect)
