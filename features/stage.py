@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,10 +28,11 @@ from pipeline.sources import ensure_raw
 log = logging.getLogger(__name__)
 
 
-def ensure_validated(cfg: Config) -> Path:
+def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
     """The folder of validated events for `data.events`: the input itself when it already
     is one, the cached <workdir>/validated when it was validated from the same files (same
-    fingerprint) under the same validation settings, else a fresh validation."""
+    fingerprint) under the same validation settings and no row it quarantined as in the
+    future is due by `now` (default: the clock), else a fresh validation."""
     ensure_raw(cfg)
     settings = V.validation_settings(cfg.data)
     given = Path(cfg.data.events)
@@ -47,11 +49,15 @@ def ensure_validated(cfg: Config) -> Path:
         sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
         same_source = old.get("source") == {"events": cfg.data.events, "users": cfg.data.users}
         if same_source and old.get("source_fingerprint") == fingerprint(sources):
-            if old.get("settings") == settings:
+            if old.get("settings") != settings:
+                log.info("validation settings changed (%s -> %s): validating again", old.get("settings"), settings)
+            elif V.future_rows_now_due(old, cfg.data, now):
+                log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: "
+                         "validating again", old.get("earliest_future_ts"))
+            else:
                 log.info("validated events are up to date: %s", out)
                 return out
-            log.info("validation settings changed (%s -> %s): validating again", old.get("settings"), settings)
-    return V.validate_stage(cfg, out)
+    return V.validate_stage(cfg, out, now)
 
 
 def output_path(cfg: Config) -> Path:

@@ -130,6 +130,7 @@ def validate_events(
     ).replace_schema_metadata(None)  # plain Arrow types; no pandas dtype metadata to trip readers
 
     names = [name for name, _ in checks]
+    future = reason == names.index("future_timestamp")
     quarantine = _quarantine_frame(raw[~ok], [names[i] for i in reason[~ok]])
     counts = pd.Series([names[i] for i in reason[~ok]], dtype=object).value_counts()
     report = {
@@ -143,9 +144,25 @@ def validate_events(
         "ts_min": str(events[C.TS].min()) if len(events) else None,
         "ts_max": str(events[C.TS].max()) if len(events) else None,
         "settings": validation_settings(data),
+        "validated_at": str(now),
+        # The first row quarantined as in the future: once the clock passes it, validate again.
+        "earliest_future_ts": str(ts[future].min()) if future.any() else None,
     }
     assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
     return ValidationResult(table, quarantine, report)
+
+
+def future_rows_now_due(report: dict, data: DataConfig, now: pd.Timestamp | None = None) -> bool:
+    """Whether rows a past validation quarantined as `future_timestamp` would pass now: the
+    clock has moved to within `data.max_future_days` of the earliest of them. (No accepted
+    row can turn invalid as time passes, so this is the only way the clock stales a report.)"""
+    if not report.get("reasons", {}).get("future_timestamp"):
+        return False
+    earliest = report.get("earliest_future_ts")
+    if earliest is None:  # a report from before this field: cannot tell, so yes
+        return True
+    now = now or pd.Timestamp.now(tz="UTC")
+    return pd.Timestamp(earliest) <= now + pd.Timedelta(days=data.max_future_days)
 
 
 def validation_settings(data: DataConfig) -> dict:

@@ -3,6 +3,7 @@ import json
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -396,6 +397,31 @@ def test_changed_validation_settings_validate_again_and_rebuild(tmp_path, tiny_e
     a, meta = load_arrays(path, ("events",))
     water = meta.vocab["event_types"].index("water_log") + 2  # still in the append-only vocabulary
     assert water not in a["events"]["type_id"]  # but no such event in the store any more
+
+
+def test_rows_quarantined_as_future_are_validated_again_once_due(tmp_path):
+    from features.stage import ensure_validated
+
+    now = START + pd.Timedelta(days=20)
+    early = pd.DataFrame({"user_id": ["u3"], "ts": [now + pd.Timedelta(days=3)], "event_type": ["weigh_in"],
+                          "value": [81.0]})  # 3 days ahead of the clock: max_future_days is 1
+    src = tmp_path / "events.parquet"
+    pd.concat([make_events(n_users=4, weeks=3, seed=14), early], ignore_index=True).to_parquet(src)
+    cfg = load_config("configs/test.yaml", [f"workdir={tmp_path / 'w'}", f"data.events={src}", "data.source=files",
+                                            "data.users=null", "data.foods=null", "data.truth=null"])
+    out = ensure_validated(cfg, now=now)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["reasons"] == {"future_timestamp": 1}
+    assert pd.Timestamp(report["earliest_future_ts"]) == now + pd.Timedelta(days=3)
+    stamp = (out / "validation.json").stat().st_mtime_ns
+
+    assert ensure_validated(cfg, now=now + pd.Timedelta(days=1)) == out  # still > 1 day ahead: reused
+    assert (out / "validation.json").stat().st_mtime_ns == stamp
+
+    ensure_validated(cfg, now=now + pd.Timedelta(days=2))  # the row is now within the day allowed
+    report = json.loads((out / "validation.json").read_text())
+    assert report["quarantined"] == 0 and report["earliest_future_ts"] is None
+    assert 81.0 in pq.read_table(out / "events.parquet").column("value").to_pylist()
 
 
 def test_a_changed_food_catalog_rebuilds(tmp_path, tiny_encoder):
