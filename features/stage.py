@@ -20,7 +20,7 @@ from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
-from pipeline.config import Config, to_dict, to_yaml
+from pipeline.config import Config, save_config, to_dict
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.sources import ensure_raw
@@ -61,18 +61,17 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
 
 
 def output_path(cfg: Config) -> Path:
-    check_shards(cfg.features)
     paths = Paths.of(cfg)
     if cfg.features.shard is None:
         return paths.feature_file
     return paths.shard_feature_file(cfg.features.shard, cfg.features.num_shards)
 
 
-def config_copy(out: Path, cfg: Config) -> Path:
-    """Where a build saves its resolved config: `config.yaml` beside an unsharded store; one
-    file per shard beside a shard's store (`features-001-of-004.config.yaml`): shards run
-    side by side and their configs differ (features.shard)."""
-    return out.parent / "config.yaml" if cfg.features.shard is None else out.with_name(f"{out.stem}.config.yaml")
+def config_name(out: Path, cfg: Config) -> str:
+    """The name of a build's saved config, beside its store: `config.yaml` for an unsharded
+    store; one per shard (`features-001-of-004.config.yaml`): shards run side by side and
+    their configs differ (features.shard)."""
+    return "config.yaml" if cfg.features.shard is None else f"{out.stem}.config.yaml"
 
 
 def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
@@ -150,7 +149,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
         **built.summary,
     }
     write_text_atomic(json.dumps(manifest, indent=2), out.with_suffix(".json"))
-    write_text_atomic(to_yaml(cfg), config_copy(out, cfg))
+    save_config(cfg, out.parent, config_name(out, cfg))
     print_summary(manifest)
     return out
 

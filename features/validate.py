@@ -35,7 +35,7 @@ from features.normalise import (
     parse_timestamps,
     parse_timestamps_and_units,
 )
-from pipeline.config import Config, DataConfig, to_yaml
+from pipeline.config import Config, DataConfig, save_config
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     elif (out / USERS).exists():
         (out / USERS).unlink()
     write_text_atomic(json.dumps(report, indent=2), out / REPORT)
-    write_text_atomic(to_yaml(cfg), out / "config.yaml")  # atomic: shards may validate side by side
+    save_config(cfg, out)
     log.info(
         "validated %s: %d rows in = %d accepted + %d duplicates + %d quarantined %s (%.1fs) -> %s",
         cfg.data.events, report["rows_in"], report["accepted"], report["duplicates"],

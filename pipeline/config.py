@@ -246,12 +246,13 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
-def save_config(cfg: Config, directory: str | Path) -> Path:
-    """Write the resolved config as `config.yaml` into an output directory."""
-    out = Path(directory) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_yaml(cfg))
-    return out
+def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config as `name` into an output directory, atomically: stages that
+    run side by side (feature shards, jobs) never leave a half-written copy."""
+    # Imported here: features.io pulls in pandas and pyarrow; this module stays light.
+    from features.io import write_text_atomic
+
+    return write_text_atomic(to_yaml(cfg), Path(directory) / name)
 
 
 def flat_params(cfg: Config) -> dict[str, Any]:
