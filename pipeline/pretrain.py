@@ -25,7 +25,7 @@ from pipeline.devices import autocast
 from pipeline.errors import UserError
 from pipeline.objectives import OBJECTIVES, JointObjective
 from pipeline.paths import Paths
-from pipeline.train import feature_files
+from pipeline.train import build_id, feature_files
 
 log = logging.getLogger(__name__)
 LAST, DONE = "last.pt", "done.json"
@@ -59,8 +59,7 @@ def run_fingerprint(cfg: Config, files: list[Path], world: int) -> str:
     matches): the pretrain and model configs, the feature files, and the number of ranks,
     since batch_size is per rank and the data order is sharded over ranks."""
     d = to_dict(cfg)
-    metas = [read_meta(f) for f in files]
-    blob = [d["pretrain"], d["model"], [(m.source_fingerprint, m.created_at) for m in metas], {"world_size": world}]
+    blob = [d["pretrain"], d["model"], build_id(files), {"world_size": world}]
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
