@@ -10,6 +10,18 @@ import pytest
 from tests.event_factories import make_events  # noqa: F401  (re-exported for tests)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test: tiny models on a shared 2-core machine run several
+    times faster on one thread than on two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory):
     """A random 1-layer DistilBERT (dim 16) with a character-level WordPiece vocabulary."""

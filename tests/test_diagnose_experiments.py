@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import pipeline.diagnose as diagnose_module
 from pipeline.cli import main
@@ -18,15 +17,6 @@ MODEL_CHECKS = [
     "grad_norm", "overfit_one_batch", "leaked_label",
 ]
 DATA_CHECKS = [f"data: {s} {c}" for s in STREAMS for c in ("stream", "truncation")] + ["data: labels"]
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is many times faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_diagnose_on_the_tiny_store_names_every_check_and_finds_it_healthy(sim_store, capsys, one_thread):

@@ -21,15 +21,7 @@ from models.synthetic import STREAMS, random_batch, tiny_config
 from pipeline import diagnostics as diag
 
 B, T = 13, 7
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is several times faster than two on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
