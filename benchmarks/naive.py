@@ -28,7 +28,8 @@ from features import timebuckets as tb
 from features.dataset import FeatureDataset, load_examples, user_numbers
 from features.store import STREAMS, UNLABELLED
 from features.vocab import FIRST, KINDS, UNKNOWN, Vocab, content_buckets, pseudonyms
-from pipeline.config import Config, ModelConfig
+from models.config import ModelConfig
+from pipeline.config import Config
 
 _EDGES = tb.DT_EDGES_S.tolist()
 

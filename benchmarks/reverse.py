@@ -1,4 +1,4 @@
-"""Sequence reversal (seeds/001 tutorial; seeds/002 report) solved with our `SequenceEncoder`.
+"""Sequence reversal (the tutorial task and report the project started from; docs/benchmarks.md) solved with our `SequenceEncoder`.
 
     python -m benchmarks.reverse [--lengths 100 200 500] [--categories 10] [--quick]
 
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from models.config import ModelConfig
 from models.sequence import SequenceEncoder
-from pipeline.config import ModelConfig
 
-# seeds/002, Table 1 (10 categories, 1 layer, 1 head): validation accuracy per length.
+# The reference report's Table 1 (docs/benchmarks.md) (10 categories, 1 layer, 1 head): validation accuracy per length.
 REPORT_ACCURACY = {100: 1.0, 200: 0.8525, 500: 0.1005, 1000: 0.0996}
 
 

@@ -1,5 +1,5 @@
 """`make bench`: speed and memory of the pipeline's heavy steps, each beside a naive version
-measured in the same run on the same data (DESIGN.md §11).
+measured in the same run on the same data (docs/design.md §11).
 
     python -m benchmarks.run [--quick] [--out bench-results/bench.json]
 
@@ -35,12 +35,14 @@ import torch
 
 from benchmarks import sections
 from benchmarks.measure import machine
+from common.devices import resolve_device
 from features import contract as C
+from features.config import DataConfig
 from features.dataset import model_config_for
 from features.store import read_meta
 from features.validate import normalise_users, validate_events
-from pipeline.config import DataConfig, ModelConfig, SimConfig
-from pipeline.devices import resolve_device
+from models.config import ModelConfig
+from pipeline.simulator.config import SimConfig
 from pipeline.simulator.run import simulate
 
 

@@ -31,9 +31,11 @@ from features.dataset import FeatureDataset, collate, model_config_for
 from features.store import STREAMS, read_meta, write_store
 from features.text_vectors import MINILM, TextEncoder, embed_messages
 from features.vocab import Vocab
+from models.config import ModelConfig
 from models.engagement import EngagementModel
-from pipeline import loop
-from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.config import Config
+from pipeline.training import loop
+from pipeline.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # child processes run `-m benchmarks.*` from here
 TEXT_DIM = 384  # MiniLM's width: the store's zero vectors weigh what real ones would

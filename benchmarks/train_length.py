@@ -20,12 +20,12 @@ import sys
 import torch
 
 from benchmarks.measure import MB, PeakMemory, best_of, rss_bytes
+from common.devices import autocast
 from features.store import STREAMS
+from models.config import ModelConfig
 from models.engagement import EngagementModel
 from models.synthetic import random_batch
-from pipeline import loop
-from pipeline.config import ModelConfig
-from pipeline.devices import autocast
+from pipeline.training import loop
 
 
 def train_step(model, optimizer, batch: dict, device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Aggregate features for the baselines (DESIGN.md §7): one row of hand-made numbers per
+"""Aggregate features for the baselines (docs/design.md §7): one row of hand-made numbers per
 example, computed from the store's CSR streams with only the items an example may see.
 
 Every feature reads the example's [start, end) item range of a stream (end = first item

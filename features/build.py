@@ -1,4 +1,4 @@
-"""`make features`: validated events -> the HDF5 feature store (DESIGN.md §3-§4).
+"""`make features`: validated events -> the HDF5 feature store (docs/design.md §3-§4).
 
 Everything but the message encoder is vectorised numpy over the whole table: no Python
 loop per user or per event. Global facts (vocabularies, cutoff calendar, value statistics)
@@ -17,14 +17,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.errors import UserError
 from features import contract as C
 from features import labels as L
 from features import timebuckets as tb
+from features.config import FeatureConfig, Sections, sections_dict
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
 from features.vocab import Vocab, content_buckets, pseudonyms, sender_ids, shard_of, strings
-from pipeline.config import Config, FeatureConfig, to_dict
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,18 @@ def _ts_seconds(col: pa.ChunkedArray) -> np.ndarray:
 def build_features(
     events: pa.Table,
     users: pd.DataFrame | None,
-    cfg: Config,
+    cfg: Sections,
     embed,  # callable(list[str]) -> (float16 (N, E) vectors, stats dict); None: zero vectors
     text_dim: int,
     encoder_name: str,
     vocab: Vocab,
     supplied_labels: pd.DataFrame | None = None,
     source_fingerprint: str = "",
+    config: dict | None = None,
 ) -> Built:
-    """Build every array of the store from normalised, (user_id, ts)-sorted events."""
+    """Build every array of the store from normalised, (user_id, ts)-sorted events. `config`
+    is the resolved config recorded in the store (default: the data, labels and features
+    sections of `cfg`)."""
     timer = Timer()
     fc, lc = cfg.features, cfg.labels
     check_shards(fc)
@@ -131,7 +134,7 @@ def build_features(
         text_dim=int(text_dim),
         dt_edges=tb.DT_EDGES_S.tolist(),
         vocab=vocab.as_dict(),
-        config=to_dict(cfg),
+        config=config if config is not None else sections_dict(cfg),
         content_buckets=fc.content_buckets,
         shard=fc.shard,
         num_shards=fc.num_shards,

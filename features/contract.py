@@ -1,4 +1,4 @@
-"""The raw event contract (DESIGN.md §2): the one place that names columns, event types,
+"""The raw event contract (docs/design.md §2): the one place that names columns, event types,
 senders and the reason codes of quarantined rows. Everything else imports from here."""
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ PROGRAM_START = "program_start"
 FOOD_ID = "food_id"
 AS_OF = "as_of"
 LABEL = "label"
+# The default label: engaged = active on at least 3 of the 7 days after as_of (docs/design.md
+# §3); labels.horizon_days / labels.min_active_days change it per config.
+DEFAULT_HORIZON_DAYS = 7
+DEFAULT_MIN_ACTIVE_DAYS = 3
 
 # Reason codes, in the order they are checked: a row gets the first that applies.
 REASONS = {

@@ -30,7 +30,7 @@ from features import timebuckets as tb
 from features.aggregates import aggregates_of
 from features.labels import unit_hash
 from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, read_meta
-from pipeline.config import ModelConfig
+from models.config import ModelConfig
 
 CATEGORICAL = {
     "conversation": ("sender", "msg_no", "dt_bucket", "recency", "position"),

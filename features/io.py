@@ -1,13 +1,10 @@
 """Reading user tables (a Parquet/CSV file or a folder of partitions) with errors a user can
-act on, and atomic writes. Never lets a pandas/pyarrow traceback reach the user."""
+act on, atomic Parquet writes, input fingerprints. Never lets a pandas/pyarrow traceback reach the user."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
+from common.errors import UserError
+from common.files import atomic_path
 
 SOURCE_FILE = "source_file"
 SOURCE_ROW = "source_row"
@@ -130,54 +128,14 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str], path: str | Path, 
     if missing:
         raise UserError(
             f"{path}: {what} table lacks required column(s) {', '.join(missing)} "
-            f"(has: {', '.join(map(str, df.columns))}); rename or add them, see README 'Event contract'"
+            f"(has: {', '.join(map(str, df.columns))}); rename or add them, see docs/contract.md"
         )
-
-
-def _umask() -> int:
-    """The process umask. There is no getter: set it and restore it; a file another thread
-    creates in between gets the stricter 077, never a looser mode."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(final: str | Path):
-    """Yield a temporary path beside `final`; rename it over `final` only if the block
-    succeeds. A crash never leaves a half-written file where a reader would take it.
-    The file gets the mode a plain open() would give it (0666 less the umask), not
-    mkstemp's 0600: other users' tools (coaches' dashboards) read the score files."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path, schema: pa.Schema | None = None) -> Path:
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return Path(path)
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    with atomic_path(path) as tmp:
-        write(tmp)
     return Path(path)
 
 

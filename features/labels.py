@@ -1,4 +1,4 @@
-"""Examples and labels (DESIGN.md §3), vectorised.
+"""Examples and labels (docs/design.md §3), vectorised.
 
 An example is a (user, as_of) pair. Its inputs are the user's items strictly before as_of;
 its derived label looks only at [as_of, as_of + horizon): engaged (1) when the user has
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from common.errors import UserError
 from features import contract as C
+from features.config import LabelConfig
 from features.normalise import clean_strings, parse_timestamps, to_utc
 from features.store import SPLITS, UNLABELLED
-from pipeline.config import LabelConfig
-from pipeline.errors import UserError
 
 DAY = 86_400
 _KEY_SHIFT = 2**34  # > any epoch second before year 2514: user_row * shift + ts is sortable

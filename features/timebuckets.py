@@ -1,4 +1,4 @@
-"""Log-scale time buckets (DESIGN.md §4), defined once and used for both the time since the
+"""Log-scale time buckets (docs/design.md §4), defined once and used for both the time since the
 previous item of a stream (`dt_bucket`) and the time from an item to `as_of` (`recency`).
 
 Bucket ids: 0 = padding, 1 = no previous item, 2 = under one second (identical timestamps

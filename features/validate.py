@@ -1,4 +1,4 @@
-"""Validate raw events against the contract (DESIGN.md §2), vectorised.
+"""Validate raw events against the contract (docs/design.md §2), vectorised.
 
 Nothing is dropped silently: every rejected row goes to the quarantine with the first
 reason code that applies (see `contract.REASONS`), exact duplicates among the accepted
@@ -7,11 +7,8 @@ rows are removed and counted, and `rows_in == accepted + duplicates + quarantine
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,14 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features import contract as C
+from features.config import DataConfig
 from features.io import (
     SOURCE_FILE,
     SOURCE_ROW,
-    fingerprint,
-    read_table,
     require_columns,
-    write_parquet_atomic,
-    write_text_atomic,
 )
 from features.normalise import (
     clean_strings,
@@ -35,8 +29,6 @@ from features.normalise import (
     parse_timestamps,
     parse_timestamps_and_units,
 )
-from pipeline.config import Config, DataConfig, save_config
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 REPORT = "validation.json"
@@ -210,43 +202,3 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
         users[C.PROGRAM_START] = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[us, UTC]")
     users = users.dropna(subset=[C.USER_ID]).drop_duplicates(C.USER_ID, keep="first")
     return users.reset_index(drop=True)
-
-
-def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | None = None) -> Path:
-    """Read `data.events` (+ `data.users`), validate, write the accepted events,
-    quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
-    from pipeline.paths import Paths
-
-    out = Path(out) if out else Paths.of(cfg).validated
-    started = time.perf_counter()
-    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
-    raw = read_table(cfg.data.events, "events", provenance=True)
-    users = normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
-    # Extra columns (here the provenance) pass through to the quarantine untouched.
-    result = validate_events(raw, cfg.data, users, now)
-    report = result.report | {
-        "source": {"events": cfg.data.events, "users": cfg.data.users},
-        "source_fingerprint": fingerprint(sources),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    if report["accepted"] == 0:
-        top = max(report["reasons"], key=report["reasons"].get)
-        raise UserError(
-            f"{cfg.data.events}: no row passed validation; most rows fail with {top!r} "
-            f"({C.REASONS[top]}); see README 'Event contract'"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(result.events, out / EVENTS)
-    write_parquet_atomic(result.quarantine, out / QUARANTINE)
-    if users is not None:
-        write_parquet_atomic(users, out / USERS)
-    elif (out / USERS).exists():
-        (out / USERS).unlink()
-    write_text_atomic(json.dumps(report, indent=2), out / REPORT)
-    save_config(cfg, out)
-    log.info(
-        "validated %s: %d rows in = %d accepted + %d duplicates + %d quarantined %s (%.1fs) -> %s",
-        cfg.data.events, report["rows_in"], report["accepted"], report["duplicates"],
-        report["quarantined"], report["reasons"] or "", report["seconds"], out,
-    )
-    return out

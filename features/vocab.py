@@ -20,8 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.files import write_text_atomic
 from features import contract as C
-from features.io import read_table, write_text_atomic
+from features.io import read_table
 
 PAD, UNKNOWN, FIRST = 0, 1, 2
 KINDS = ("event_types", "meals", "foods")

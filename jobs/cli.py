@@ -12,8 +12,8 @@ import sys
 import traceback
 from datetime import datetime, timezone
 
+from common.errors import UserError
 from pipeline.config import Config, load_config
-from pipeline.errors import UserError
 
 EPILOG = """exit codes: 0 done (or already finished: skipped), 1 a step failed (the state file records
 it; rerun to resume), 2 a usage or input error, 3 the job is already running (lock held;

@@ -1,4 +1,4 @@
-"""The scheduled jobs (DESIGN.md §9) as ordered lists of named steps.
+"""The scheduled jobs (docs/design.md §9) as ordered lists of named steps.
 
 weekly-retrain:  features -> pretrain (only when stale) -> train -> evaluate (ends with the
                  champion gate, so a failure in any earlier step never moves `champion`)
@@ -15,7 +15,6 @@ live in the base workdir and are shared by every date.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,8 +24,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from common import stamps
+from common.errors import UserError
 from pipeline.config import Config
-from pipeline.errors import UserError
 from pipeline.paths import Paths
 
 PRETRAIN_STAMP = "jobs-pretrain.json"  # which as-of the shared encoders were pretrained for
@@ -66,7 +66,7 @@ class Job:
 
 
 def validated_dir(cfg: Config) -> Path:
-    """Where the base config's validated events are (see features.stage.ensure_validated)."""
+    """Where the base config's validated events are (see pipeline.data.features.ensure_validated)."""
     given = Path(cfg.data.events)
     from features.validate import REPORT
 
@@ -84,7 +84,7 @@ def retrain_config(cfg: Config, as_of: datetime) -> Config:
     the shared cache, vocabularies and encoders of the base workdir."""
     base = Paths.of(cfg)
     day = as_of.strftime("%Y-%m-%d")
-    from pipeline.train import run_name
+    from pipeline.training.train import run_name
 
     dated = on_validated(cfg)
     return replace(
@@ -123,7 +123,8 @@ def shared_inputs(cfg: Config):
 def features_step(ctx: Context) -> dict:
     """Validate new raw events (base workdir), then build this as-of's feature store from
     the events before it."""
-    from features.stage import ensure_validated, features_stage
+    from pipeline.data.features import features_stage
+    from pipeline.data.validate import ensure_validated
 
     with shared_inputs(ctx.cfg):
         ensure_validated(ctx.cfg)
@@ -137,21 +138,20 @@ def stale_reason(rcfg: Config, as_of: datetime) -> str | None:
     must not see the future), older than `jobs.pretrain_max_age_days`, or no longer fitting
     the new store's vocabularies."""
     from features.dataset import model_config_for
-    from features.store import read_meta
+    from features.store import feature_files, read_meta
     from models.checkpoint import load_encoder_state
     from models.engagement import STREAMS
-    from pipeline.train import feature_files
 
     pdir = Paths.of(rcfg).pretrain
-    mcfg = model_config_for(rcfg.model, read_meta(feature_files(rcfg)[0]))
+    mcfg = model_config_for(rcfg.model, read_meta(feature_files(Paths.of(rcfg).features)[0]))
     streams = [s for s in STREAMS if s in mcfg.streams]
     missing = [s for s in streams if not (pdir / f"{s}.pt").exists()]
     if missing:
         return f"no pretrained {', '.join(missing)} encoder in {pdir}"
-    stamp = pdir / PRETRAIN_STAMP
-    if not stamp.exists():
-        return f"no {stamp}: unknown which data the encoders were pretrained on"
-    then = datetime.fromisoformat(json.loads(stamp.read_text())["as_of"])
+    stamp = stamps.read_stamp(pdir / PRETRAIN_STAMP)
+    if stamp is None or "as_of" not in stamp:
+        return f"no {pdir / PRETRAIN_STAMP}: unknown which data the encoders were pretrained on"
+    then = datetime.fromisoformat(stamp["as_of"])
     if then > as_of:
         return f"the encoders were pretrained for {then:%Y-%m-%d}, after this as-of (they have seen its future)"
     age = (as_of - then).days
@@ -175,17 +175,17 @@ def pretrain_step(ctx: Context) -> dict:
         print(f"pretrain: the encoders in {pdir} are fresh and fit this store; reusing them", flush=True)
         return {"pretrained": False, "reason": "fresh"}
     print(f"pretrain: {reason}; pretraining again", flush=True)
-    from pipeline.pretrain import pretrain
+    from pipeline.pretraining.pretrain import pretrain
 
     result = pretrain(rcfg)
-    (pdir / PRETRAIN_STAMP).write_text(json.dumps({
-        "as_of": ctx.as_of.isoformat(), "feature_file": str(Paths.of(rcfg).feature_file),
-        "run_id": result.run_id, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    stamps.mark_done(pdir / PRETRAIN_STAMP, result.fingerprint, as_of=ctx.as_of.isoformat(),
+                     feature_file=str(Paths.of(rcfg).feature_file), run_id=result.run_id,
+                     written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return {"pretrained": True, "reason": reason, "run_id": result.run_id}
 
 
 def train_step(ctx: Context) -> dict:
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     r = train(retrain_config(ctx.cfg, ctx.as_of))
     return {"run_id": r.run_id, "run_dir": str(r.run_dir), "val_roc_auc": r.val_roc_auc}
@@ -194,7 +194,7 @@ def train_step(ctx: Context) -> dict:
 def evaluate_step(ctx: Context) -> dict:
     """Metrics against the baselines, then the champion gate: last, so nothing that fails
     before it can move `champion`."""
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
 
     d = evaluate(retrain_config(ctx.cfg, ctx.as_of)).decision
     if d is None:
@@ -210,10 +210,10 @@ def score_step(ctx: Context) -> dict:
     """Score every eligible user with the champion into jobs.scores_dir (atomic write)."""
     import pyarrow.parquet as pq
 
-    from pipeline.score import score
+    from pipeline.evaluation.score import score
 
     with shared_inputs(ctx.cfg):  # the scoring build appends to the shared vocabularies too
-        from features.stage import ensure_validated
+        from pipeline.data.validate import ensure_validated
 
         ensure_validated(ctx.cfg)
         out = score(on_validated(ctx.cfg), ctx.day)  # that day at 00:00 UTC
@@ -250,7 +250,8 @@ def move_champion(cfg: Config, version: str) -> tuple[str | None, str]:
     the gate could not compare); returns (before, after)."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline import registry, tracking
+    from pipeline import tracking
+    from pipeline.evaluation import registry
 
     before = registry.champion_version(cfg)
     try:

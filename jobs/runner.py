@@ -24,9 +24,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from common.errors import UserError
+from features.config import DEMO_PSEUDONYM_KEY
 from jobs.definitions import Context, Job
-from pipeline.config import DEMO_PSEUDONYM_KEY, Config
-from pipeline.errors import UserError
+from pipeline.config import Config
 from pipeline.paths import Paths
 
 STATE = "state.json"
@@ -67,7 +68,7 @@ def load_state(path: Path) -> dict | None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    from features.io import write_text_atomic  # imports pandas: not on the fast paths
+    from common.files import write_text_atomic
 
     state["updated_at"] = _stamp()
     write_text_atomic(json.dumps(state, indent=1, default=str), path)
@@ -120,7 +121,7 @@ def job_lock(cfg: Config, job: str) -> Iterator[None]:
         raise JobLocked(f"{job} is already running (lock {path} held{_holder(holder)}); this run changed nothing. "
                         "Wait for it to finish, see `python -m jobs list`") from None
     try:
-        from features.io import write_text_atomic
+        from common.files import write_text_atomic
 
         write_text_atomic(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _stamp()}), holder)
         yield

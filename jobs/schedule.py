@@ -19,10 +19,10 @@ from datetime import datetime, timedelta, timezone
 
 from croniter import croniter, croniter_range
 
+from common.errors import UserError
 from jobs.definitions import JOBS, Job
 from jobs.runner import load_state, now_utc, state_path
 from pipeline.config import Config
-from pipeline.errors import UserError
 
 log = logging.getLogger("jobs.schedule")
 

@@ -1,5 +1,9 @@
-"""Encoder checkpoints: `{"config", "stream", "state_dict", "meta"}` saved with `torch.save`
-and read back with `torch.load(weights_only=True)` (no pickled code runs on load, §10).
+"""Checkpoints, saved with `torch.save` and read back with `torch.load(weights_only=True)` (no
+pickled code runs on load, docs/design.md §10):
+
+- encoders: `{"format", "config", "stream", "state_dict", "meta"}` (pretraining -> training);
+- engagement models: `{"state_dict", "model_config", "config", "epoch", "val_roc_auc"}`
+  (training -> evaluation, the registry and scoring).
 
 A checkpoint is refused — a ValueError naming the field — when its stream or any config field
 that fixes the weights' shapes (vocabulary sizes, d_model, ...) differs from the model it is
@@ -9,14 +13,14 @@ loaded into: a silently mis-indexed food vocabulary would train, just badly.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.files import atomic_path
+from models.config import ModelConfig
 from models.encoders import ENCODERS, StreamEncoder
-from pipeline.config import ModelConfig
 
 FORMAT = "engagement-encoder-v1"
 
@@ -42,9 +46,8 @@ def save_encoder(
         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
         "meta": _plain(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -101,3 +104,25 @@ def load_encoder_state(
                 "same feature store, or train from scratch (train.init=scratch)"
             )
     return ckpt["state_dict"]
+
+
+def save_model(path: str | Path, model: torch.nn.Module, config: ModelConfig, run_config: dict[str, Any],
+               epoch: int, val_roc_auc: float) -> Path:
+    """Write an engagement model's weights, the `ModelConfig` it was built with and the
+    resolved run config (plain data) to `path`, atomically."""
+    payload = {"state_dict": model.state_dict(), "model_config": dataclasses.asdict(config),
+               "config": _plain(run_config), "epoch": int(epoch), "val_roc_auc": float(val_roc_auc)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """A saved engagement model, in eval mode on `device`, and its checkpoint dict."""
+    # Imported here: models/engagement.py imports this module for the encoder checkpoints.
+    from models.engagement import EngagementModel
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = EngagementModel(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt

@@ -1,4 +1,4 @@
-"""Bare stream encoders: conversation, food and events (DESIGN.md §5).
+"""Bare stream encoders: conversation, food and events (docs/design.md §5).
 
 Each turns one stream of the batch (a dict of batch-first tensors, see `features` collate)
 into item vectors (B, T, D) — a sum of per-field embeddings, then LayerNorm + dropout as in
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.config import ModelConfig
 from models.sequence import SequenceEncoder
-from pipeline.config import ModelConfig
 
 # ModelConfig fields that fix the shape of an encoder's weights: a pretrained checkpoint must
 # agree on all of them (models/checkpoint.py refuses it otherwise).

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import load_encoder_state
+from models.config import ModelConfig
 from models.encoders import ENCODERS
-from pipeline.config import ModelConfig
 
 STREAMS = ("conversation", "food", "events")  # also the column order of batch["presence"]
 

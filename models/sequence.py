@@ -1,7 +1,7 @@
 """The shared sequence encoder: a learned [CLS] vector + a pre-norm Transformer encoder.
 
 Every stream encoder (conversation, food, events) embeds its items into (B, T, D) and hands
-them here. Everything is batch-first: the founding bug of this project (seeds/003) was a
+them here. Everything is batch-first: the founding bug of this project (docs/design.md §5) was a
 (batch, seq, dim) tensor fed to a (seq, batch, dim) encoder, which silently mixed the users
 of a batch and left the loss at ln 2. `batch_first=True` is set once, here, and the
 batch-independence test in tests/test_models.py fails if anyone changes it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from models.config import ModelConfig
 
 POOLINGS = ("cls", "mean")
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from pipeline.config import ModelConfig
+from models.config import ModelConfig
 
 STREAMS = ("conversation", "food", "events")
 

@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, load_config, to_yaml
-from pipeline.errors import UserError
+from common.errors import UserError
+from pipeline.config import Config, load_config, save_config, to_yaml
+from pipeline.paths import Paths
 
 STAGES = {
     "simulate": "write simulated app events (events/users/foods parquet) and truth.parquet",
@@ -87,35 +88,36 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
     if stage == "simulate":
         from pipeline.simulator.run import simulate_to_dir
 
-        simulate_to_dir(cfg.sim, Path(args.out) if args.out else None, cfg=cfg)
+        out = simulate_to_dir(cfg.sim, Path(args.out) if args.out else Paths.of(cfg).raw)
+        save_config(cfg, out)
     elif stage == "validate":
-        from features.validate import validate_stage
-        from pipeline.sources import ensure_raw
+        from pipeline.data.sources import ensure_raw
+        from pipeline.data.validate import validate_stage
 
         ensure_raw(cfg)
         validate_stage(cfg, Path(args.out) if args.out else None)
     elif stage == "features":
-        from features.stage import features_stage
+        from pipeline.data.features import features_stage
 
         features_stage(cfg)
     elif stage == "pretrain":
-        from pipeline.pretrain import pretrain
+        from pipeline.pretraining.pretrain import pretrain
 
         pretrain(cfg)
     elif stage == "train":
-        from pipeline.train import train
+        from pipeline.training.train import train
 
         train(cfg)
     elif stage == "evaluate":
-        from pipeline.evaluate import evaluate
+        from pipeline.evaluation.evaluate import evaluate
 
         evaluate(cfg)
     elif stage == "compare":
-        from pipeline.compare import compare
+        from pipeline.evaluation.compare import compare
 
         compare(cfg, fmt=args.format, all_builds=args.all_builds)
     elif stage == "diagnose":
-        from pipeline.diagnose import diagnose, exit_code
+        from pipeline.diagnostics.diagnose import diagnose, exit_code
 
         return exit_code(diagnose(cfg))
     elif stage == "experiments":

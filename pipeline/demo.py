@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 
-from features.stage import features_stage
 from pipeline import tracking
-from pipeline.compare import compare
 from pipeline.config import Config
-from pipeline.evaluate import evaluate
-from pipeline.pretrain import pretrain
-from pipeline.train import train
+from pipeline.data.features import features_stage
+from pipeline.evaluation.compare import compare
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.pretraining.pretrain import pretrain
+from pipeline.training.train import train
 
 
 def _banner(step: int, total: int, title: str) -> None:

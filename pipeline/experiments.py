@@ -8,11 +8,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.compare import compare
+from common.errors import UserError
 from pipeline.config import Config, load_config
-from pipeline.errors import UserError
-from pipeline.evaluate import evaluate
-from pipeline.train import train
+from pipeline.evaluation.compare import compare
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.training.train import train
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments.yaml"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from features.store import FEATURE_FILE, shard_file_name
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -31,7 +33,7 @@ class Paths:
 
     @property
     def feature_file(self) -> Path:
-        return self.features / "features.h5"
+        return self.features / FEATURE_FILE
 
     @property
     def text_cache(self) -> Path:  # message vectors keyed by (encoder, text hash); no text
@@ -54,4 +56,4 @@ class Paths:
         return self.root / "jobs"
 
     def shard_feature_file(self, shard: int, num_shards: int) -> Path:
-        return self.features / f"features-{shard:03d}-of-{num_shards:03d}.h5"
+        return self.features / shard_file_name(shard, num_shards)

@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN.md §8): one run per stage with the resolved config as params and
+"""MLflow tracking (docs/design.md §8): one run per stage with the resolved config as params and
 `config.yaml`, the data fingerprint as a logged input, the git commit, metrics and plots.
 
 Tracking URI: `tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the

@@ -52,8 +52,8 @@ def tiny_encoder(tiny_encoder_dir):
 @pytest.fixture(scope="session")
 def sim_store_files(tmp_path_factory, tiny_encoder):
     """A feature store built from the simulator at test size (configs/test.yaml), once."""
-    from features.stage import features_stage
     from pipeline.config import load_config
+    from pipeline.data.features import features_stage
 
     root = tmp_path_factory.mktemp("sim")
     cfg = load_config("configs/test.yaml", [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db"])

@@ -42,8 +42,8 @@ def make_events(n_users: int = 12, weeks: int = 6, seed: int = 0, per_user=(5, 6
 def build_store(tmp_path, events: pd.DataFrame, encoder, name: str = "w", *overrides):
     """The feature store of `events`, built by the real `features` stage into
     tmp_path/name with configs/test.yaml; returns (feature file, config)."""
-    from features.stage import features_stage
     from pipeline.config import load_config
+    from pipeline.data.features import features_stage
 
     src = tmp_path / f"{name}-events.parquet"
     events.to_parquet(src)

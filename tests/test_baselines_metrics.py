@@ -9,9 +9,9 @@ from features.aggregates import RECENCY_CAP_DAYS, aggregate_features
 from features.labels import DAY
 from features.store import SPLITS, load_arrays
 from features.vocab import pseudonyms
-from pipeline import plots
-from pipeline.baselines import fit_baselines, predict, run_baselines, split_rows
-from pipeline.metrics import binary_metrics, calibration_table, lift_curve
+from pipeline.evaluation import plots
+from pipeline.evaluation.baselines import fit_baselines, predict, run_baselines, split_rows
+from pipeline.evaluation.metrics import binary_metrics, calibration_table, lift_curve
 from tests.event_factories import START, build_store, make_events
 
 

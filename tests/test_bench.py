@@ -7,11 +7,14 @@ import numpy as np
 from benchmarks.naive import PerItemReads, per_user_arrays
 from benchmarks.sections import write_bench_store
 from features.build import build_features
+from features.config import DataConfig
 from features.dataset import FeatureDataset, model_config_for
 from features.store import SPLITS, read_meta
 from features.validate import normalise_users, validate_events
 from features.vocab import Vocab
-from pipeline.config import Config, DataConfig, ModelConfig, SimConfig
+from models.config import ModelConfig
+from pipeline.config import Config
+from pipeline.simulator.config import SimConfig
 from pipeline.simulator.run import simulate
 
 

@@ -1,8 +1,8 @@
 import pytest
 
+from common.errors import UserError
 from pipeline.cli import main
 from pipeline.config import load_config, save_config
-from pipeline.errors import UserError
 
 
 def test_yaml_defaults_chain_and_overrides_merge():

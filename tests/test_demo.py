@@ -5,13 +5,15 @@ second run that reuses everything it built."""
 import shutil
 
 import mlflow
+import pytest
 
 from pipeline.config import load_config
 from pipeline.demo import demo
+from pipeline.evaluation.registry import CHAMPION
 from pipeline.paths import Paths
-from pipeline.registry import CHAMPION
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_demo_runs_every_stage_then_reuses_them(sim_store_files, tiny_encoder_dir, tmp_path, capsys):
     path, _ = sim_store_files
     shutil.copytree(path.parent, tmp_path / "w" / "features")  # the same inputs: the store is reused

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-import pipeline.diagnose as diagnose_module
+import pipeline.diagnostics.diagnose as diagnose_module
 from pipeline.cli import main
-from pipeline.diagnose import TRUNCATION_WARN, diagnose, exit_code, stream_checks
 from pipeline.diagnostics import CheckResult
+from pipeline.diagnostics.diagnose import TRUNCATION_WARN, diagnose, exit_code, stream_checks
 from pipeline.experiments import experiment_configs
 
 STREAMS = ("conversation", "food", "events")
@@ -95,6 +95,6 @@ def test_experiment_grid_covers_label_fractions_ablations_and_pooling():
     streams = {tuple(c.model.streams) for c in configs.values()}
     assert {("food", "events"), ("conversation", "events"), ("conversation", "food")} <= streams
     assert {c.model.pooling for c in configs.values()} == {"cls", "mean"}
-    from pipeline.train import run_name
+    from pipeline.training.train import run_name
 
     assert len({run_name(c) for c in configs.values()}) == len(configs)  # distinct MLflow runs

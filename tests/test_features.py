@@ -7,14 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from common.errors import UserError
 from features import store as S
 from features import timebuckets as tb
 from features.dataset import FeatureDataset, collate, model_config_for
 from features.labels import DAY
-from features.stage import features_stage
 from features.store import STREAMS, load_arrays, read_meta
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.data.features import features_stage
 from tests.event_factories import START, build_store, make_events
 
 
@@ -81,7 +81,7 @@ def rewrite_the_future(events: pd.DataFrame, cut: pd.Timestamp) -> pd.DataFrame:
 
 
 def test_leakage_changing_everything_at_or_after_as_of_leaves_every_example_unchanged(tmp_path, tiny_encoder):
-    """DESIGN.md §3: for every user at once, events at or after as_of are changed, moved,
+    """docs/design.md §3: for every user at once, events at or after as_of are changed, moved,
     deleted or added (with foods, meals, event types, content and users that only exist
     later, which must not renumber any vocabulary), or all deleted; every example at that
     as_of keeps exactly the same tensors. Only labels (and splits) may differ."""
@@ -220,7 +220,7 @@ def test_subsets_share_one_read_of_the_store_and_workers_give_the_same_batches(s
     import pickle
 
     from features import dataset as D
-    from pipeline import loop
+    from pipeline.training import loop
 
     path, _, mcfg = sim_store
     log = tmp_path / "reads.txt"  # a file, so reads in worker processes count too
@@ -400,7 +400,7 @@ def test_changed_validation_settings_validate_again_and_rebuild(tmp_path, tiny_e
 
 
 def test_rows_quarantined_as_future_are_validated_again_once_due(tmp_path):
-    from features.stage import ensure_validated
+    from pipeline.data.validate import ensure_validated
 
     now = START + pd.Timedelta(days=20)
     early = pd.DataFrame({"user_id": ["u3"], "ts": [now + pd.Timedelta(days=3)], "event_type": ["weigh_in"],

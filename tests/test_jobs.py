@@ -1,4 +1,4 @@
-"""The scheduled jobs (DESIGN.md §9) on the tiny simulator (configs/test.yaml): crash and
+"""The scheduled jobs (docs/design.md §9) on the tiny simulator (configs/test.yaml): crash and
 resume of a real process, skip and --force, the lock between two real processes, the
 champion under a failed evaluation and a failed gate, scores, backfill, `list`, `schedule --once`,
 rollback and promote, file modes, the pseudonym key, and what reaches MLflow.
@@ -29,8 +29,8 @@ from jobs.cli import main
 from jobs.definitions import Job, Step, retrain_config, stale_reason
 from jobs.runner import load_state, parse_day, state_path
 from jobs.schedule import serve
-from pipeline import registry
 from pipeline.config import load_config
+from pipeline.evaluation import registry
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/test.yaml"
@@ -181,7 +181,7 @@ def test_failed_score_write_leaves_no_partial_file(trained, env, monkeypatch):
 
 
 def test_failed_score_logging_leaves_no_score_file(trained, env, monkeypatch):
-    import pipeline.score as S
+    import pipeline.evaluation.score as S
 
     def unavailable(*a, **k):
         raise RuntimeError("tracking server unavailable")
@@ -197,7 +197,8 @@ def test_failed_score_logging_leaves_no_score_file(trained, env, monkeypatch):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path, mask):
-    from features.io import write_parquet_atomic, write_text_atomic
+    from common.files import write_text_atomic
+    from features.io import write_parquet_atomic
 
     old = os.umask(mask)
     try:
@@ -213,7 +214,7 @@ def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path, mask):
 def test_failed_evaluation_never_moves_the_champion_and_a_rerun_resumes(trained, env, monkeypatch, capsys):
     import mlflow
 
-    import pipeline.evaluate as E
+    import pipeline.evaluation.evaluate as E
 
     before = registry.champion_version(env.cfg)
     client = mlflow.MlflowClient(env.cfg.tracking.uri)
@@ -505,6 +506,7 @@ def test_schedule_runs_due_jobs_in_scheduled_order(tmp_path):
     assert launched == [("weekly-retrain", "2026-02-09"), ("nightly-score", "2026-02-16")]
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_schedule_once_runs_a_due_job_as_a_subprocess(trained, env):
     weekly_before = state_of(env, "weekly-retrain", WEEK)
     # Tuesday 02:30: the nightly score of 2026-02-10 is due; the retrain of Monday is done.

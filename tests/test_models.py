@@ -45,7 +45,7 @@ def all_empty_batch(cfg, B=4):
 
 
 class SeedBugEncoder(SequenceEncoder):
-    """The founding bug (seeds/003): (B, 1+T, D) fed to a default, batch_first=False encoder
+    """The founding bug (docs/design.md §5): (B, 1+T, D) fed to a default, batch_first=False encoder
     (read as (S=B, N=1+T, D)), with no padding mask — attention runs across the users."""
 
     def __init__(self, config, transposed_mask=False):
@@ -335,7 +335,7 @@ def test_leaked_label_check_fails_when_the_leak_cannot_reach_the_model():
 
 
 def test_the_seed_bug_fails_overfit_and_leaked_label_as_in_the_seed():
-    # seeds/003: a conversation network whose loss stayed at ln 2 even with the label leaked
+    # docs/design.md §5: a conversation network whose loss stayed at ln 2 even with the label leaked
     # into its messages.
     cfg = tiny_config(streams=["conversation"])
 
@@ -350,7 +350,7 @@ def test_the_seed_bug_fails_overfit_and_leaked_label_as_in_the_seed():
 
 
 def test_reversal_task_of_the_seed_tutorial_is_solved():
-    # seeds/001: length 16, 10 categories, 1 layer, 1 head (d_model 32).
+    # The reference tutorial's setting: length 16, 10 categories, 1 layer, 1 head (d_model 32).
     settings = ReversalSettings(
         seq_len=16,
         num_categories=10,

@@ -10,8 +10,8 @@ from scipy.stats import chi2_contingency
 from features.dataset import FeatureDataset, collate
 from models.encoders import ConversationEncoder, EventEncoder, FoodEncoder
 from models.synthetic import random_batch, tiny_config
-from pipeline.objectives import ConversationNegativeSampling, MaskedEvents, MaskedFood
-from pipeline.pretrain import evaluate_objectives, latest_windows
+from pipeline.pretraining.objectives import ConversationNegativeSampling, MaskedEvents, MaskedFood
+from pipeline.pretraining.pretrain import evaluate_objectives, latest_windows
 
 
 def _conv_batch(lengths, users=None, T=10, E=4, first_msg_no=1, max_msg_no=40):

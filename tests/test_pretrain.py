@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.pretrain as P
+import pipeline.pretraining.pretrain as P
 from features.dataset import FeatureDataset, collate, user_numbers
+from features.store import feature_files
 from models.encoders import ENCODERS
 from models.engagement import EngagementModel
-from pipeline import loop
-from pipeline.pretrain import DONE, LAST, pretrain, run_fingerprint
-from pipeline.train import feature_files
+from pipeline.paths import Paths
+from pipeline.pretraining.pretrain import DONE, LAST, pretrain, run_fingerprint
+from pipeline.training import loop
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(
 def test_a_run_of_another_world_size_is_neither_reused_nor_resumed(cfg, monkeypatch):
     """batch_size is per rank and the data order is sharded over ranks: what 2 ranks (torchrun)
     pretrained is not what 1 rank would, so its done.json and last.pt are not taken."""
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     one, two = run_fingerprint(cfg, files, 1), run_fingerprint(cfg, files, 2)
     assert one != two and one == run_fingerprint(cfg, files, 1)
     out = P.Paths.of(cfg).pretrain

@@ -1,4 +1,4 @@
-"""Scale-out paths (DESIGN.md §11): training and pretraining through torchrun with two CPU
+"""Scale-out paths (docs/design.md §11): training and pretraining through torchrun with two CPU
 processes on gloo, a feature build split into user shards that equals the unsharded build,
 and the GPU path (bf16 autocast on CUDA only, never on CPU).
 
@@ -20,21 +20,21 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from common.devices import autocast, resolve_device
+from common.errors import UserError
 from features import validate as V
 from features.dataset import FeatureDataset, collate, model_config_for
-from features.stage import features_stage
-from features.store import STREAMS, load_arrays, read_meta
+from features.store import STREAMS, feature_files, load_arrays, read_meta
 from features.text_vectors import TextEncoder
 from features.vocab import pseudonyms, shard_of
 from models.engagement import EngagementModel
 from models.synthetic import random_batch, tiny_config
-from pipeline import loop
 from pipeline.config import load_config
-from pipeline.devices import autocast, resolve_device
-from pipeline.errors import UserError
+from pipeline.data.features import features_stage
 from pipeline.paths import Paths
-from pipeline.pretrain import latest_windows
-from pipeline.train import BEST, LAST, PREDICTIONS, feature_files
+from pipeline.pretraining.pretrain import latest_windows
+from pipeline.training import loop
+from pipeline.training.train import BEST, LAST, PREDICTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -134,6 +134,7 @@ def only_run(db: Path):
     return client, runs[0]
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_workdir, tiny_encoder_dir):
     root, db, reads = ddp_workdir, ddp_workdir / "train.db", ddp_workdir / "reads"
     epochs, bs = 4, 8
@@ -143,7 +144,7 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
 
     # Each rank read exactly its EpochOrder share of the training examples, epoch by epoch.
     cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}"])
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
     train_idx = data.select(["train"])
     n = len(train_idx)
@@ -182,6 +183,7 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
     assert roc_auc_score(half.label, half.p_engaged) != pytest.approx(whole_val_auc, abs=1e-6)
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, tiny_encoder_dir):
     root, db, reads = ddp_workdir, ddp_workdir / "pretrain.db", ddp_workdir / "pretrain-reads"
     epochs = 3
@@ -193,7 +195,7 @@ def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, ti
 
     # Each rank read exactly its EpochOrder share of the pretraining windows, epoch by epoch.
     cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}", f"pretrain.epochs={epochs}"])
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
     pc = cfg.pretrain
     windows = latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user)
@@ -211,7 +213,7 @@ def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, ti
     arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "encoders"))
     assert arts == ["encoders/conversation.pt", "encoders/events.pt", "encoders/food.pt"]
     cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}"])
-    model = EngagementModel(model_config_for(cfg.model, read_meta(feature_files(cfg)[0])))
+    model = EngagementModel(model_config_for(cfg.model, read_meta(feature_files(Paths.of(cfg).features)[0])))
     for s in STREAMS:
         model.load_encoder(s, out / f"{s}.pt")  # the encoders rank 0 saved load into the model
 
@@ -234,14 +236,14 @@ def test_three_shards_hold_exactly_the_examples_and_tensors_of_one_build(sim_sto
     shard_cfgs = [load_config("configs/test.yaml", [f"workdir={tmp_path / 'sharded'}", *common,
                                                     f"features.shard={i}", "features.num_shards=3"]) for i in range(3)]
     shard_files = [features_stage(c, encoder=tiny_encoder) for c in shard_cfgs]
-    assert feature_files(shard_cfgs[0]) == shard_files  # training reads the shard set
+    assert feature_files(Paths.of(shard_cfgs[0]).features) == shard_files  # training reads the shard set
     assert [f.name for f in shard_files] == [f"features-{i:03d}-of-003.h5" for i in range(3)]
     partial = load_config("configs/test.yaml", [f"workdir={tmp_path / 'partial'}"])
     Paths.of(partial).features.mkdir(parents=True)
     for f in shard_files[:2]:
         shutil.copy(f, Paths.of(partial).features / f.name)
     with pytest.raises(UserError, match="missing: features-002-of-003.h5"):
-        feature_files(partial)  # never trains on part of a shard set
+        feature_files(Paths.of(partial).features)  # never trains on part of a shard set
 
     # Each user lands in exactly one shard: the one its hashed id names.
     raw_ids = np.unique(pq.read_table(validated / V.EVENTS, columns=["user_id"])["user_id"].to_numpy(zero_copy_only=False))
@@ -353,8 +355,8 @@ def test_messages_encode_on_cuda_like_on_cpu(tiny_encoder_dir, tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_train_and_pretrain_stages_run_on_cuda(sim_store_files, tmp_path):
-    from pipeline.pretrain import pretrain
-    from pipeline.train import train
+    from pipeline.pretraining.pretrain import pretrain
+    from pipeline.training.train import train
 
     path, _ = sim_store_files
     shutil.copytree(path.parent, tmp_path / "w" / "features")

@@ -1,10 +1,11 @@
 """The simulator: contract, determinism, day-level activity, calibrated ground truth, text.
 
-Labels here are recomputed from events.parquet by the rule of DESIGN.md §3, independently
+Labels here are recomputed from events.parquet by the rule of docs/design.md §3, independently
 of the simulator's own bookkeeping, so a drift between the two is caught."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.errors import UserError
 from features.contract import (
     AS_OF,
     CONTENT_ID,
@@ -37,16 +39,16 @@ from features.contract import (
     WEIGH_IN,
     is_user_activity,
 )
-from pipeline.config import Config, SimConfig
-from pipeline.errors import UserError
+from pipeline.cli import run_stage
+from pipeline.config import Config
 from pipeline.simulator.catalog import CITIES
+from pipeline.simulator.config import SimConfig
 from pipeline.simulator.run import (
     P_ENGAGED,
     TABLES,
     day_zero,
     run_simulation,
     simulate,
-    simulate_to_dir,
 )
 
 DAY = pd.Timedelta(days=1)
@@ -57,8 +59,9 @@ CALIB = SimConfig(users=300, weeks=8, seed=7, truth_samples=128)
 def written(tmp_path_factory) -> dict[str, pd.DataFrame]:
     """The calibration-sized run, written through the CLI's entry point and read back."""
     cfg = Config(workdir=str(tmp_path_factory.mktemp("work")), sim=CALIB)
-    out = simulate_to_dir(cfg.sim, None, cfg=cfg)
-    assert out == Path(cfg.workdir) / "raw"  # the default folder, as `Paths.raw` says
+    run_stage("simulate", cfg, argparse.Namespace(out=None))
+    out = Path(cfg.workdir) / "raw"  # the default folder, as `Paths.raw` says
+    assert (out / "config.yaml").exists()
     return {name: pd.read_parquet(out / f"{name}.parquet") for name in TABLES} | {"_dir": out}
 
 

@@ -14,10 +14,12 @@ import psutil
 import pytest
 import torch
 
-from pipeline import registry
-from pipeline.compare import compare
-from pipeline.evaluate import evaluate
-from pipeline.train import LAST, load_model, train
+from models.checkpoint import load_model
+from pipeline.evaluation import registry
+from pipeline.evaluation.compare import compare
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.paths import Paths
+from pipeline.training.train import LAST, train
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ def cfg(sim_store, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch):
-    import pipeline.train as T
+    import pipeline.training.train as T
 
     cfg.train.run_name = "whole"
     whole = train(cfg)
@@ -124,8 +126,8 @@ def reversed_model(result):
 def fake_run(cfg, source, name: str, model, flip: bool = True) -> tuple:
     """A finished run `name` beside `source` with `model` as its MLflow model and source's
     predictions (ranks reversed with `flip`, to match a reversed model), as if trained."""
+    from models.checkpoint import save_model
     from pipeline import tracking
-    from pipeline.train import save_model
 
     run_dir = source.run_dir.parent / name
     run_dir.mkdir()
@@ -145,6 +147,7 @@ def fake_run(cfg, source, name: str, model, flip: bool = True) -> tuple:
     return run_dir, run.info.run_id
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_a_better_candidate_replaces_the_champion_after_the_decision_is_logged(cfg, monkeypatch):
     cfg.train.run_name = "better"
     cfg.train.epochs = 3
@@ -203,9 +206,9 @@ def test_a_champion_that_cannot_read_the_features_is_kept_and_moved_only_by_hand
 
 
 def test_a_run_from_another_world_size_is_neither_reused_nor_resumed(cfg, monkeypatch):
-    import pipeline.train as T
-    from pipeline import loop
-    from pipeline.train import feature_files
+    import pipeline.training.train as T
+    from features.store import feature_files
+    from pipeline.training import loop
 
     cfg.train.run_name = "world"
     cfg.train.epochs = 1
@@ -222,7 +225,7 @@ def test_a_run_from_another_world_size_is_neither_reused_nor_resumed(cfg, monkey
     with pytest.raises(Retrains):
         T._train(cfg, loop.Dist(rank=0, world=2))  # batch_size is per rank: not the same run
     saved = torch.load(T.Paths.of(cfg).runs / "world" / LAST, weights_only=True)
-    assert saved["fingerprint"] != T._fingerprint(cfg, feature_files(cfg), 2)  # last.pt is not resumed either
+    assert saved["fingerprint"] != T._fingerprint(cfg, feature_files(Paths.of(cfg).features), 2)  # last.pt is not resumed either
 
 
 def test_evaluate_refuses_predictions_of_another_feature_build(cfg, sim_store, tmp_path):
@@ -230,7 +233,7 @@ def test_evaluate_refuses_predictions_of_another_feature_build(cfg, sim_store, t
 
     import h5py
 
-    from pipeline.errors import UserError
+    from common.errors import UserError
     from pipeline.paths import Paths
 
     cfg.workdir = str(tmp_path / "w")  # a copy of the store, to rebuild without touching the shared one
@@ -280,6 +283,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over ~10 s: `make test-full`
 def test_mlflow_server_on_loopback_round_trip(tmp_path):
     port = _free_port()
     exe = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -348,7 +352,7 @@ def test_hybrid_reads_the_baselines_aggregates_and_keeps_the_founding_bug_checks
 
 def test_hybrid_trains_saves_its_columns_and_scores_alike(cfg):
     from features.dataset import FeatureDataset, collate
-    from pipeline.train import feature_files
+    from features.store import feature_files
 
     cfg.model.aggregates = True
     result = train(cfg)
@@ -357,7 +361,7 @@ def test_hybrid_trains_saves_its_columns_and_scores_alike(cfg):
     assert ckpt["model_config"]["aggregates"] and len(ckpt["model_config"]["aggregate_names"]) > 10
     saved = pd.read_parquet(result.run_dir / "predictions.parquet")
     # A fresh dataset from the model's own config (as scoring builds it) gives the same risk.
-    data = FeatureDataset(feature_files(cfg), model.config)
+    data = FeatureDataset(feature_files(Paths.of(cfg).features), model.config)
     rows = saved["example"].to_numpy()[:32]
     sub = data.subset(rows)
     with torch.no_grad():
@@ -366,7 +370,7 @@ def test_hybrid_trains_saves_its_columns_and_scores_alike(cfg):
 
 
 def test_resume_restores_only_its_own_runs_checkpoint_rng_included(tmp_path):
-    from pipeline import loop
+    from pipeline.training import loop
 
     model = torch.nn.Linear(3, 1)
     torch.manual_seed(1)

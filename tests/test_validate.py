@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from features import contract as C
+from features.config import DataConfig
 from features.io import read_table
 from features.normalise import parse_food_ids, parse_timestamps, parse_timestamps_and_units
 from features.validate import validate_events
 from pipeline.cli import main
-from pipeline.config import DataConfig
 
 NOW = pd.Timestamp("2027-01-01", tz="UTC")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.errors import UserError
 from features import contract as C
 from features.io import require_columns, write_parquet_atomic
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 COUNT_PREFIX = "event_"

@@ -1,4 +1,4 @@
-"""Checks that catch the founding bug class (seeds/003: a (batch, seq, dim) tensor fed to a
+"""Checks that catch the founding bug class (docs/design.md §5: a (batch, seq, dim) tensor fed to a
 (seq, batch, dim) encoder; the loss sat at ln 2 and nothing crashed).
 
 Every check is a pure function of a model (or a zero-argument factory returning a fresh

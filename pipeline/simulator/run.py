@@ -8,7 +8,6 @@ events never reach the files: `users.parquet` holds only user_id and program_sta
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from common.errors import UserError
+from common.files import atomic_path
 from features.contract import AS_OF, PROGRAM_START, USER_ID
-from pipeline.config import Config, SimConfig, save_config
-from pipeline.errors import UserError
-from pipeline.paths import Paths
 from pipeline.simulator.catalog import food_catalog
+from pipeline.simulator.config import SimConfig
 from pipeline.simulator.conversation import plan_and_write
 from pipeline.simulator.dynamics import day_step, draw_traits, initial_state
 from pipeline.simulator.events import US_PER_DAY, Clock, logged_events
@@ -139,32 +138,16 @@ def simulate(sim: SimConfig) -> dict[str, pd.DataFrame]:
     return {name: _to_pandas(t) for name, t in res.tables.items()}
 
 
-def simulate_to_dir(
-    sim: SimConfig, out_dir: str | Path | None = None, cfg: Config | None = None
-) -> Path:
-    """Write events/users/foods/truth.parquet into `out_dir` (default <workdir>/raw)."""
-    if out_dir is None:
-        if cfg is None:
-            raise UserError(
-                "simulate_to_dir needs an output folder or a config (for <workdir>/raw)"
-            )
-        out_dir = Paths.of(cfg).raw
+def simulate_to_dir(sim: SimConfig, out_dir: str | Path) -> Path:
+    """Write events/users/foods/truth.parquet into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = run_simulation(sim)
     for name, table in res.tables.items():
-        _write_atomic(table, out / f"{name}.parquet")
-    if cfg is not None:
-        save_config(cfg, out)
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
     log.info("%s; wrote %s", _paragraph(sim, res.stats), out)
     return out
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:

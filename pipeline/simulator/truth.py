@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import LabelConfig
+from features.contract import DEFAULT_HORIZON_DAYS as HORIZON_DAYS
+from features.contract import DEFAULT_MIN_ACTIVE_DAYS as MIN_ACTIVE_DAYS
 from pipeline.simulator.dynamics import State, Traits, day_step
 
-# The default label of DESIGN.md §3, read from the config schema rather than retyped.
-HORIZON_DAYS = LabelConfig.horizon_days
-MIN_ACTIVE_DAYS = LabelConfig.min_active_days
+# The truth is of the contract's default label (docs/design.md §3), not retyped here.
 # Replicas are stepped in chunks of rows to bound memory at large users x K.
 MAX_ROWS = 1 << 20
 

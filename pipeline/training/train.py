@@ -1,13 +1,11 @@
 """`make train`: fine-tune the engagement model from pretrained encoders (or from scratch),
 AdamW + warm-up/cosine, gradient clipping, early stopping on validation ROC-AUC, the best
-checkpoint kept, exact resume after a kill, DDP under torchrun (DESIGN.md §7, §11)."""
+checkpoint kept, exact resume after a kill, DDP under torchrun (docs/design.md §7, §11)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +14,18 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
+from common import stamps
+from common.devices import autocast
+from common.errors import UserError
 from features.dataset import FeatureDataset, collate, model_config_for
-from features.store import SPLITS, read_meta
+from features.store import SPLITS, build_id, feature_files, read_meta
+from models.checkpoint import load_model, save_model
+from models.config import ModelConfig
 from models.engagement import EngagementModel
-from pipeline import loop, tracking
-from pipeline.config import Config, ModelConfig, save_config, to_dict
-from pipeline.devices import autocast
-from pipeline.errors import UserError
+from pipeline import tracking
+from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
+from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 LAST, BEST, DONE, PREDICTIONS = "last.pt", "best.pt", "done.json", "predictions.parquet"
@@ -48,43 +50,13 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.train.init}{frozen}-{round(cfg.train.label_fraction * 100)}pct-{streams}{hybrid}-{cfg.model.pooling}"
 
 
-def feature_files(cfg: Config) -> list[Path]:
-    """The unsharded feature file, else every shard file of the build."""
-    paths = Paths.of(cfg)
-    if paths.feature_file.exists():
-        return [paths.feature_file]
-    shards = sorted(paths.features.glob("features-*-of-*.h5"))
-    if not shards:
-        raise UserError(f"no feature file under {paths.features}; run `make features CONFIG=...` first")
-    # Training on part of a shard set, or on shards of two builds, would pass silently.
-    counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in shards}
-    expected = sorted(paths.shard_feature_file(i, n) for n in counts for i in range(n))
-    sources = {read_meta(p).source_fingerprint for p in shards}
-    if len(counts) > 1 or shards != expected or len(sources) > 1:
-        missing = ", ".join(p.name for p in expected if p not in shards) or "none"
-        raise UserError(
-            f"{paths.features}: the shard files {[p.name for p in shards]} are not one complete build "
-            f"(missing: {missing}; source fingerprints: {len(sources)}); build every shard with the same "
-            "features.num_shards from the same events (features.shard=0..N-1), and delete stale shard files"
-        )
-    return shards
-
-
-def build_id(files: list[Path]) -> str:
-    """Identity of one feature build (its sources and when it was written): a rebuild
-    renumbers examples, so predictions are only valid against the build they came from."""
-    metas = [read_meta(f) for f in files]
-    return hashlib.sha256(json.dumps([(m.source_fingerprint, m.created_at) for m in metas]).encode()).hexdigest()[:12]
-
-
 def _fingerprint(cfg: Config, files: list[Path], world: int) -> str:
     """Identity of a training run: its config (minus bookkeeping), its feature build and the
     number of DDP ranks (train.batch_size is per rank: another world size is another run)."""
     d = to_dict(cfg)
     d["train"].pop("checkpoint_every_steps", None)
     d["train"].pop("num_workers", None)
-    blob = json.dumps([d, build_id(files), world], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stamps.fingerprint(d, build_id(files), world)
 
 
 def build_model(cfg: Config, mcfg: ModelConfig, device: torch.device) -> EngagementModel:
@@ -112,13 +84,11 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     tc = cfg.train
     device = loop.rank_device(d, tc.device)
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     name = run_name(cfg)
     run_dir = Paths.of(cfg).runs / name
     fingerprint = _fingerprint(cfg, files, d.world)
-    done = run_dir / DONE
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-        info = json.loads(done.read_text())
+    if (info := stamps.is_current(run_dir / DONE, fingerprint)) is not None:
         if d.main:
             print(f"train: {name} is already trained on these features (val ROC-AUC {info['val_roc_auc']:.4f}); reusing {run_dir}")
         return TrainResult(info["run_id"], run_dir, run_dir / BEST, info["best_epoch"], info["val_roc_auc"], skipped=True)
@@ -200,7 +170,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             if score > state["best_auc"] or state["best_epoch"] < 0:
                 state.update(best_auc=score, best_epoch=epoch, bad_epochs=0)
                 if d.main:
-                    save_model(run_dir / BEST, model, mcfg, cfg, epoch, auc)
+                    save_model(run_dir / BEST, model, mcfg, to_dict(cfg), epoch, auc)
             else:
                 state["bad_epochs"] += 1
             if d.main:
@@ -215,19 +185,6 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     return result
 
 
-def save_model(path: Path, model: EngagementModel, mcfg: ModelConfig, cfg: Config, epoch: int, auc: float) -> None:
-    loop.save_state(path, state_dict=model.state_dict(), model_config=asdict(mcfg), config=to_dict(cfg),
-                    epoch=epoch, val_roc_auc=auc)
-
-
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[EngagementModel, dict]:
-    """A saved engagement model (weights_only load) and its checkpoint dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = EngagementModel(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
-
-
 def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device, fingerprint: str) -> None:
     """Predictions of the best model on every labelled split, logged with the model."""
     model, _ = load_model(result.checkpoint, device)
@@ -239,8 +196,7 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
         tracking.log_artifacts([result.checkpoint], "model")
         tracking.log_artifacts([result.run_dir / PREDICTIONS])
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc})
-    (result.run_dir / DONE).write_text(json.dumps({
-        "fingerprint": fingerprint, "run_id": result.run_id, "best_epoch": result.best_epoch,
-        "val_roc_auc": result.val_roc_auc, "build_id": build_id(data.files)}))  # evaluate checks build_id
+    stamps.mark_done(result.run_dir / DONE, fingerprint, run_id=result.run_id, best_epoch=result.best_epoch,
+                     val_roc_auc=result.val_roc_auc, build_id=build_id(data.files))  # evaluate checks build_id
     print(f"train: {result.run_dir.name} best val ROC-AUC {result.val_roc_auc:.4f} at epoch "
           f"{result.best_epoch + 1}; model {result.checkpoint}")

@@ -3,12 +3,12 @@ adapter on first use (and again when its settings changed); user files are left 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from pipeline.config import Config, to_dict
-from pipeline.errors import UserError
+from common import stamps
+from common.errors import UserError
+from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -24,16 +24,16 @@ def ensure_raw(cfg: Config) -> None:
         return
     raw = Paths.of(cfg).raw
     settings = to_dict(cfg)["sim"] if source == "simulator" else {"input": cfg.data.adapter_input}
-    stamp = {"source": source, "settings": settings}
-    stamp_path = raw / STAMP
-    if Path(cfg.data.events).exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+    fp = stamps.fingerprint(source, settings)
+    if Path(cfg.data.events).exists() and stamps.is_current(raw / STAMP, fp) is not None:
         return
     if source == "simulator":
         from pipeline.simulator.run import simulate_to_dir
 
-        simulate_to_dir(cfg.sim, raw, cfg=cfg)
+        simulate_to_dir(cfg.sim, raw)
+        save_config(cfg, raw)
     else:
         from features.adapters.kddcup2015 import convert
 
         convert(cfg.data.adapter_input, raw)
-    stamp_path.write_text(json.dumps(stamp))
+    stamps.mark_done(raw / STAMP, fp, source=source, settings=settings)

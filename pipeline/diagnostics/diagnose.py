@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.errors import UserError
 from features.dataset import FeatureDataset, collate, model_config_for
-from features.store import STREAMS, read_meta
+from features.store import STREAMS, feature_files, read_meta
 from models.engagement import EngagementModel
 from pipeline.config import Config
 from pipeline.diagnostics import CheckResult, run_diagnostics
-from pipeline.errors import UserError
-from pipeline.train import feature_files
+from pipeline.paths import Paths
 
 # Share of examples cut to max_len above which the truncation check warns.
 TRUNCATION_WARN = 0.10
@@ -73,7 +73,7 @@ def exit_code(results: list[CheckResult]) -> int:
 def diagnose(
     cfg: Config, n_batches: int = 8, batch_size: int = 32, overfit_steps: int = 200, leak_steps: int = 300
 ) -> list[CheckResult]:
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     mcfg = model_config_for(cfg.model, read_meta(files[0]))
     data = FeatureDataset(files, mcfg)
     mcfg = data.model  # with the hybrid's aggregate columns

@@ -1,4 +1,4 @@
-"""The model registry (DESIGN.md §8): every evaluated model becomes a version of one
+"""The model registry (docs/design.md §8): every evaluated model becomes a version of one
 registered model; the alias `champion` moves only when a candidate beats the current
 champion on the same evaluation examples, and the decision is logged with both figures."""
 
@@ -14,11 +14,13 @@ from mlflow.exceptions import MlflowException
 
 from features.dataset import FeatureDataset, collate
 from features.store import StoreMeta, read_meta
+from models.checkpoint import load_model
+from models.config import ModelConfig
 from models.engagement import EngagementModel
-from pipeline import loop, tracking
-from pipeline.config import Config, ModelConfig
-from pipeline.metrics import binary_metrics
-from pipeline.train import load_model
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.evaluation.metrics import binary_metrics
+from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

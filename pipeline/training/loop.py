@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
-from features.io import atomic_path
-from pipeline.devices import resolve_device
+from common.devices import resolve_device
+from common.files import atomic_path
 
 
 def seed_everything(seed: int) -> None:
@@ -217,7 +217,7 @@ def broadcast_flag(d: Dist, flag: bool) -> bool:
 @torch.no_grad()
 def predict(model: nn.Module, data: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(example ids, labels, p_engaged) for every example of a loader, in eval mode."""
-    from pipeline.devices import autocast
+    from common.devices import autocast
 
     was_training = model.training
     model.eval()

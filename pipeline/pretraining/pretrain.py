@@ -1,11 +1,9 @@
 """`make pretrain`: pretrain the stream encoders on unlabelled sequences of training users,
 measure every objective on held-out (validation) users each epoch beside its baseline, and
-save one checkpoint per encoder for `make train` (DESIGN.md §6)."""
+save one checkpoint per encoder for `make train` (docs/design.md §6)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,17 +13,18 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from common import stamps
+from common.devices import autocast
+from common.errors import UserError
 from features.dataset import FeatureDataset, collate, model_config_for
-from features.store import read_meta
+from features.store import build_id, feature_files, read_meta
 from models.checkpoint import save_encoder
 from models.encoders import ENCODERS
-from pipeline import loop, tracking
+from pipeline import tracking
 from pipeline.config import Config, save_config, to_dict
-from pipeline.devices import autocast
-from pipeline.errors import UserError
-from pipeline.objectives import OBJECTIVES, JointObjective
 from pipeline.paths import Paths
-from pipeline.train import build_id, feature_files
+from pipeline.pretraining.objectives import OBJECTIVES, JointObjective
+from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 LAST, DONE = "last.pt", "done.json"
@@ -40,6 +39,7 @@ class PretrainResult:
     directory: Path
     checkpoints: dict[str, Path]
     metrics: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""  # of the run that wrote the encoders (done.json)
     skipped: bool = False
 
 
@@ -59,8 +59,7 @@ def run_fingerprint(cfg: Config, files: list[Path], world: int) -> str:
     matches): the pretrain and model configs, the feature files, and the number of ranks,
     since batch_size is per rank and the data order is sharded over ranks."""
     d = to_dict(cfg)
-    blob = [d["pretrain"], d["model"], build_id(files), {"world_size": world}]
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stamps.fingerprint(d["pretrain"], d["model"], build_id(files), {"world_size": world})
 
 
 def pretrain(cfg: Config) -> PretrainResult:
@@ -71,7 +70,7 @@ def pretrain(cfg: Config) -> PretrainResult:
 def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     pc = cfg.pretrain
     device = loop.rank_device(d, cfg.train.device)
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     meta = read_meta(files[0])
     mcfg = replace(model_config_for(cfg.model, meta), aggregates=False)  # encoders only
     out = Paths.of(cfg).pretrain
@@ -88,12 +87,10 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         raise UserError("pretrain: no objective has data; set pretrain.objectives")
     fingerprint = run_fingerprint(cfg, files, d.world)
     checkpoints = {s: out / f"{s}.pt" for s in streams}
-    done = out / DONE
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-        info = json.loads(done.read_text())
+    if (info := stamps.is_current(out / DONE, fingerprint)) is not None:
         if d.main:
             print(f"pretrain: encoders in {out} are up to date; reusing them")
-        return PretrainResult(info["run_id"], out, checkpoints, info["metrics"], skipped=True)
+        return PretrainResult(info["run_id"], out, checkpoints, info["metrics"], fingerprint, skipped=True)
 
     train_set = data.subset(latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user))
     held_out = data.subset(latest_windows(data, data.select(["val"], labelled=False), 1))
@@ -156,9 +153,9 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         if d.main:
             if run_id:
                 tracking.log_artifacts(list(checkpoints.values()), "encoders")
-            done.write_text(json.dumps({"fingerprint": fingerprint, "run_id": run_id, "metrics": state["metrics"]}))
+            stamps.mark_done(out / DONE, fingerprint, run_id=run_id, metrics=state["metrics"])
             print_report(state["metrics"], out)
-    return PretrainResult(run_id, out, checkpoints, state["metrics"])
+    return PretrainResult(run_id, out, checkpoints, state["metrics"], fingerprint)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Pretraining objectives (DESIGN.md §6). Each takes its encoder as a constructor argument
+"""Pretraining objectives (docs/design.md §6). Each takes its encoder as a constructor argument
 (the encoders know nothing of how they are trained), takes a whole collated batch
 (features/dataset.py), corrupts its own stream of it, and returns `(loss, stats)` where
 stats hold the numbers held-out evaluation aggregates.

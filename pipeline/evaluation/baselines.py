@@ -1,4 +1,4 @@
-"""Baselines the sequence model must beat (DESIGN.md §7), on exactly its examples.
+"""Baselines the sequence model must beat (docs/design.md §7), on exactly its examples.
 
 Each baseline is fitted on train-split labels only, tuned (where it has a knob) on the
 validation split only, and never sees test or out-of-time labels. All of them predict
@@ -25,9 +25,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from threadpoolctl import threadpool_limits
 
+from common.errors import UserError
 from features.aggregates import aggregate_features
 from features.store import SPLITS, UNLABELLED, StoreMeta
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

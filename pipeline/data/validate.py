@@ -1,0 +1,95 @@
+"""The validate stage: validate `data.events` (and `data.users`) against the contract, or
+reuse validated events that are still current. The rules are features/validate.py's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from common import stamps
+from common.errors import UserError
+from features import contract as C
+from features import validate as V
+from features.io import fingerprint, read_table, write_parquet_atomic
+from pipeline.config import Config, save_config
+from pipeline.data.sources import ensure_raw
+from pipeline.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
+    """The folder of validated events for `data.events`: the input itself when it already
+    is one, the cached <workdir>/validated when it was validated from the same files (same
+    fingerprint) under the same validation settings and no row it quarantined as in the
+    future is due by `now` (default: the clock), else a fresh validation."""
+    ensure_raw(cfg)
+    settings = V.validation_settings(cfg.data)
+    given = Path(cfg.data.events)
+    if given.is_dir() and (given / V.REPORT).exists():
+        used = json.loads((given / V.REPORT).read_text()).get("settings")
+        if used != settings:  # the raw rows are not here: it can only be used as it is
+            log.warning("%s was validated with %s, not this config's %s; using it as it is (validate the "
+                        "raw events again to apply the new settings)", given, used, settings)
+        return given
+    out = Paths.of(cfg).validated
+    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+    fp = _fingerprint({"events": cfg.data.events, "users": cfg.data.users}, fingerprint(sources), settings)
+    old = stamps.is_current(out / V.REPORT, fp) if (out / V.EVENTS).exists() else None
+    if old is not None and V.future_rows_now_due(old, cfg.data, now):
+        log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: validating again",
+                 old.get("earliest_future_ts"))
+    elif old is not None:
+        log.info("validated events are up to date: %s", out)
+        return out
+    elif (out / V.REPORT).exists():
+        log.info("the input files or the validation settings (now %s) changed: validating again", settings)
+    return validate_stage(cfg, out, now)
+
+
+def _fingerprint(source: dict, source_fingerprint: str, settings: dict) -> str:
+    """What validated events depend on: which files, their bytes, the acceptance settings."""
+    return stamps.fingerprint(source, source_fingerprint, settings)
+
+
+def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | None = None) -> Path:
+    """Read `data.events` (+ `data.users`), validate, write the accepted events,
+    quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
+    out = Path(out) if out else Paths.of(cfg).validated
+    started = time.perf_counter()
+    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+    raw = read_table(cfg.data.events, "events", provenance=True)
+    users = V.normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
+    # Extra columns (here the provenance) pass through to the quarantine untouched.
+    result = V.validate_events(raw, cfg.data, users, now)
+    report = result.report | {
+        "source": {"events": cfg.data.events, "users": cfg.data.users},
+        "source_fingerprint": fingerprint(sources),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if report["accepted"] == 0:
+        top = max(report["reasons"], key=report["reasons"].get)
+        raise UserError(
+            f"{cfg.data.events}: no row passed validation; most rows fail with {top!r} "
+            f"({C.REASONS[top]}); see docs/contract.md"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(result.events, out / V.EVENTS)
+    write_parquet_atomic(result.quarantine, out / V.QUARANTINE)
+    if users is not None:
+        write_parquet_atomic(users, out / V.USERS)
+    elif (out / V.USERS).exists():
+        (out / V.USERS).unlink()
+    stamps.mark_done(out / V.REPORT, _fingerprint(report["source"], report["source_fingerprint"], report["settings"]),
+                     **report)
+    save_config(cfg, out)
+    log.info(
+        "validated %s: %d rows in = %d accepted + %d duplicates + %d quarantined %s (%.1fs) -> %s",
+        cfg.data.events, report["rows_in"], report["accepted"], report["duplicates"],
+        report["quarantined"], report["reasons"] or "", report["seconds"], out,
+    )
+    return out

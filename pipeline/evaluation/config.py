@@ -1,0 +1,15 @@
+"""The evaluation section of the config (`eval`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    top_frac: float = 0.1  # recall / lift at the top 10% riskiest users
+    calibration_bins: int = 10
+    attention_users: int = 3
+    baselines: list[str] = field(
+        default_factory=lambda: ["prevalence", "active_last_week", "logistic", "hgb"]
+    )

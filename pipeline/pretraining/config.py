@@ -1,0 +1,25 @@
+"""The pretraining section of the config (`pretrain`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PretrainConfig:
+    dir: str = ""  # encoder checkpoints; default <workdir>/pretrain
+    objectives: list[str] = field(default_factory=lambda: ["conversation", "food", "events"])
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"conversation": 1.0, "food": 1.0, "events": 1.0}
+    )
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    min_messages: int = 4  # conversations shorter than this are not used for negative sampling
+    mask_prob_events: float = 0.15
+    max_examples_per_user: int = 4  # windows per user per epoch
+    num_workers: int = 0
+    seed: int = 0

@@ -1,0 +1,24 @@
+"""The training section of the config (`train`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    init: str = "pretrained"  # "pretrained" or "scratch"
+    freeze_encoders: bool = False
+    label_fraction: float = 1.0  # share of labelled training users used
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 3
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when present, else cpu
+    run_name: str = ""  # default: derived from init, label fraction and ablations
+    checkpoint_every_steps: int = 200
