@@ -106,6 +106,20 @@ class FeatureDataset(Dataset):
         new.indices = np.asarray(indices)
         return new
 
+    def lengths(self) -> np.ndarray:
+        """(len(self), 3) items each example feeds the model per stream (STREAMS order),
+        after the `max_len` cut: what `collate` pads to."""
+        ex = self.examples
+        cols = [np.minimum(ex[f"{s}_end"][self.indices] - ex[f"{s}_start"][self.indices],
+                           getattr(self.model, f"max_len_{s}")) for s in STREAMS]
+        return np.stack(cols, axis=1).astype(np.int64)
+
+    def length_key(self) -> np.ndarray:
+        """One sortable number per example: its events length, then food, then conversation
+        (the events stream is the longest and costs the most)."""
+        conv, food, events = self.lengths().T
+        return (events << 32) | (food << 16) | conv
+
     def labels(self) -> np.ndarray:
         return self.examples["label"][self.indices].astype(np.float32)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.dropout import use_fast_dropout
 from models.sequence import SequenceEncoder
 
 # ModelConfig fields that fix the shape of an encoder's weights: a pretrained checkpoint must
@@ -61,6 +62,8 @@ class StreamEncoder(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.drop = nn.Dropout(config.dropout)
         self.encoder = SequenceEncoder(config)
+        if config.fast_dropout:
+            use_fast_dropout(self)
 
     def embed_fields(self, s: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from torch import nn
 
 from models.checkpoint import load_encoder_state
 from models.config import ModelConfig
+from models.dropout import use_fast_dropout
 from models.encoders import ENCODERS
 
 STREAMS = ("conversation", "food", "events")  # also the column order of batch["presence"]
@@ -62,6 +63,8 @@ class EngagementModel(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(H, 1),
         )
+        if config.fast_dropout:
+            use_fast_dropout(self.head)
 
     def forward(
         self, batch: dict[str, Any], labels: torch.Tensor | None = None

@@ -2,7 +2,10 @@
 the per-user Python loop of `make bench` must produce the real build's arrays exactly, and
 the per-item HDF5 reader the real loader's items."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from benchmarks.naive import PerItemReads, per_user_arrays
 from benchmarks.sections import write_bench_store
@@ -49,3 +52,24 @@ def test_per_item_reader_yields_the_loaders_items(tmp_path):
         for s in ("conversation", "food", "events"):
             for k, v in a[s].items():
                 assert np.array_equal(np.asarray(v), np.asarray(b[s][k])), (i, s, k)
+
+
+def test_recipes_section_says_why_it_is_skipped_without_a_demo_store(tmp_path):
+    from benchmarks import recipes
+
+    r = recipes.training_recipes(tmp_path / "no-demo", tmp_path / "work", 1, 1)
+    assert "make demo" in r["skipped"] and "skipped" in recipes.rows(r)[0][0]
+
+
+@pytest.mark.slow
+def test_recipes_section_trains_the_recipe_before_and_now_on_one_store(sim_store_files, tmp_path):
+    from benchmarks import recipes
+
+    _, cfg = sim_store_files
+    r = recipes.training_recipes(Path(cfg.workdir), tmp_path, 1, 1, config="configs/test.yaml")
+    assert r["before"]["train"]["batching"] == "random" and r["now"]["train"]["batching"] == "length"
+    for name in ("before", "now"):
+        assert r[name]["train_examples_per_s"] > 0 and r[name]["pretrain_windows_per_s"] > 0
+        assert len(r[name]["val_roc_auc_by_epoch"]) == 1 and 0.0 <= r[name]["best_val_roc_auc"] <= 1.0
+    assert r["train_speedup"] == r["now"]["train_examples_per_s"] / r["before"]["train_examples_per_s"]
+    assert [row[0].split(",")[0] for row in recipes.rows(r)][0].startswith("6 training")

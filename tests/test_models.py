@@ -211,7 +211,9 @@ def test_empty_streams_are_finite_in_train_and_eval(pooling):
                 assert torch.isfinite(pooled).all() and torch.isfinite(items).all(), name
 
 
-def test_train_and_eval_agree_with_dropout_zero_and_eval_uses_the_fast_path(monkeypatch, batch):
+def test_train_and_eval_agree_with_dropout_zero_and_eval_never_takes_the_fused_path(monkeypatch, batch):
+    # models/sequence.py turns PyTorch's fused inference path off (slower on CPU here): eval
+    # serves the ordinary path, the one the checks compare.
     cfg = tiny_config(dropout=0.0)
     calls = []
     fused = torch._transformer_encoder_layer_fwd
@@ -220,7 +222,7 @@ def test_train_and_eval_agree_with_dropout_zero_and_eval_uses_the_fast_path(monk
     )
     result = diag.train_eval_agreement_check(make_model(cfg), [batch, all_empty_batch(cfg)])
     assert result.passed, result
-    assert calls, "eval never took the fused fast path, so the check compared a path with itself"
+    assert not calls, "eval took the fused path, which models/sequence.py switches off"
     # Item states of the bare encoder on valid positions, too.
     enc = ConversationEncoder(cfg)
     valid = ~batch["conversation"]["padding_mask"]
@@ -507,9 +509,9 @@ def test_the_seed_bug_is_still_flagged_on_unbalanced_labels_with_the_bias_set():
     assert not overfit.passed and abs(overfit.figures["final_loss"] - 0.5623) < 0.05, overfit
 
 
-def test_batch_independence_and_padding_checks_run_the_fused_fast_path(monkeypatch, cfg, batch):
-    # Like the train/eval check: the eval-mode comparisons must exercise the path PyTorch
-    # takes at inference (`_transformer_encoder_layer_fwd`), or they test a path never served.
+def test_batch_independence_and_padding_checks_run_the_served_path(monkeypatch, cfg, batch):
+    # The eval-mode comparisons must exercise the path the model serves at inference: the
+    # ordinary one, never the fused `_transformer_encoder_layer_fwd` (models/sequence.py).
     calls = []
     fused = torch._transformer_encoder_layer_fwd
     monkeypatch.setattr(
@@ -519,4 +521,37 @@ def test_batch_independence_and_padding_checks_run_the_fused_fast_path(monkeypat
         calls.clear()
         result = check(make_model(cfg), [batch, all_empty_batch(cfg)])
         assert result.passed, result
-        assert calls, f"{check.__name__} never took the fused fast path"
+        assert not calls, f"{check.__name__} took the fused path, which inference no longer serves"
+
+
+def test_fast_dropout_keeps_one_minus_p_scaled_and_is_seeded():
+    from models.dropout import FastDropout
+
+    x = torch.ones(1000, 1000)
+    drop = FastDropout(0.1)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # p exact to 1/65536
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # masks come from torch's global generator
+    assert not torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(FastDropout(0.0).train()(x), x)
+    g = torch.ones(8, 8, requires_grad=True)
+    out = FastDropout(0.5).train()(g)
+    out.sum().backward()
+    assert torch.equal(g.grad, out.detach())  # d(out)/d(in) = mask / (1 - p)
+
+
+def test_fast_dropout_replaces_every_dropout_module_unless_switched_off():
+    from models.dropout import FastDropout
+
+    cfg = tiny_config()
+    fast = EngagementModel(cfg)
+    assert not any(type(m) is torch.nn.Dropout for m in fast.modules())
+    n_plain = sum(type(m) is torch.nn.Dropout for m in EngagementModel(dataclasses.replace(cfg, fast_dropout=False)).modules())
+    assert sum(isinstance(m, FastDropout) for m in fast.modules()) == n_plain >= len(fast.streams) + 1
+    plain = EngagementModel(dataclasses.replace(cfg, fast_dropout=False))
+    assert not any(isinstance(m, FastDropout) for m in plain.modules())
+    assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way

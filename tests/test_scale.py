@@ -92,6 +92,36 @@ def test_epoch_order_gives_ranks_disjoint_shares_covering_the_epoch(n):
         assert loop.batches_per_epoch(n, 4, WORLD) == -(-len(ranks[0]) // 4)
 
 
+def flat(sampler) -> np.ndarray:
+    """The indices a sampler yields in order, whether one by one or batch by batch."""
+    return np.concatenate([np.atleast_1d(np.asarray(x, np.int64)) for x in sampler] or [np.zeros(0, np.int64)])
+
+
+@pytest.mark.parametrize("n", [1, 10, 11, 57, 300])
+def test_length_batches_give_ranks_disjoint_batches_of_similar_length(n):
+    lengths = np.random.default_rng(n).integers(0, 128, n)
+    for epoch in (0, 1):
+        whole = loop.LengthBatches(lengths, seed=3, epoch=epoch, batch_size=4, window=5)
+        assert np.array_equal(np.sort(flat(whole)), np.arange(n))  # every example once per epoch
+        assert whole.per_epoch == len(whole) == sum(-(-min(20, n - lo) // 4) for lo in range(0, n, 20))
+        ranks = [loop.LengthBatches(lengths, 3, epoch, 4, 0, r, WORLD, window=5) for r in range(WORLD)]
+        assert len({len(r) for r in ranks}) == 1 and ranks[0].per_epoch == len(whole) // WORLD
+        assert not set(flat(ranks[0])) & set(flat(ranks[1]))
+        resumed = loop.LengthBatches(lengths, 3, epoch, 4, 1, 1, WORLD, window=5)
+        assert resumed.batches == ranks[1].batches[1:]  # a resume replays the rest of this rank's share
+        again = loop.LengthBatches(lengths, 3, epoch, 4, window=5)
+        assert again.batches == whole.batches  # seeded
+    if n >= 57:
+        e0, e1 = (loop.LengthBatches(lengths, 3, e, 4, window=5).batches for e in (0, 1))
+        assert e0 != e1  # a new order every epoch
+        random = flat(loop.EpochOrder(n, 3, 0, 4))
+        def padded(batches):
+            return sum(len(b) * lengths[b].max() for b in batches)
+        assert padded([np.asarray(b) for b in e0]) < 0.8 * padded([random[i:i + 4] for i in range(0, n, 4)])
+        with pytest.raises(UserError, match="batching"):
+            loop.epoch_sampler("sorted", np.zeros(3), 0, 0, 4)
+
+
 # -- torchrun + DDP -----------------------------------------------------------------------
 
 
@@ -142,21 +172,22 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
              "train.lr=3e-3", "train.patience=100", "train.run_name=ddp", f"features.text_encoder={tiny_encoder_dir}",
              read_log=reads)
 
-    # Each rank read exactly its EpochOrder share of the training examples, epoch by epoch.
+    # Each rank read exactly its share of the epoch order of the training examples, epoch by epoch.
     cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}"])
     files = feature_files(Paths.of(cfg).features)
     data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
     train_idx = data.select(["train"])
+    train_set = data.subset(train_idx)
     n = len(train_idx)
     read = {r: np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1) for r in range(WORLD)}
+    orders = {(r, e): train_idx[flat(loop.epoch_sampler(cfg.train.batching, train_set, cfg.train.seed, e, bs, 0, r,
+                                                        WORLD))] for r in range(WORLD) for e in range(epochs)}
     for r in range(WORLD):
-        expected = np.concatenate([train_idx[loop.EpochOrder(n, cfg.train.seed, e, bs, 0, r, WORLD).order]
-                                   for e in range(epochs)])
+        expected = np.concatenate([orders[r, e] for e in range(epochs)])
         assert np.array_equal(read[r][np.isin(read[r], train_idx)], expected)
-    per_rank = n // WORLD
     for e in range(epochs):
-        shares = [set(read[r][np.isin(read[r], train_idx)][e * per_rank : (e + 1) * per_rank].tolist()) for r in range(WORLD)]
-        assert not shares[0] & shares[1] and len(shares[0] | shares[1]) >= n - (WORLD - 1)
+        shares = [set(orders[r, e].tolist()) for r in range(WORLD)]
+        assert not shares[0] & shares[1] and len(shares[0] | shares[1]) >= n - (WORLD - 1) * bs
 
     # One MLflow run (rank 0's), loss falling over epochs, one checkpoint of each kind.
     client, run = only_run(db)
@@ -168,7 +199,8 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/best.pt"]
     state = torch.load(run_dir / LAST, weights_only=True)
     # Steps count one rank's batches: each process trained on half of every epoch.
-    assert state["step"] == epochs * loop.batches_per_epoch(n, bs, WORLD) < epochs * loop.batches_per_epoch(n, bs)
+    assert state["step"] == epochs * loop.epoch_batches(cfg.train.batching, train_set, bs, WORLD) \
+        < epochs * loop.epoch_batches(cfg.train.batching, train_set, bs)
     assert state["run_id"] == run.info.run_id
 
     # Validation ROC-AUC was computed on predictions gathered from both ranks: it equals the
@@ -193,7 +225,7 @@ def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, ti
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "pretrain"
     assert {"heldout_nsp_accuracy", "heldout_food_top1", "heldout_event_top1"} <= set(run.data.metrics)
 
-    # Each rank read exactly its EpochOrder share of the pretraining windows, epoch by epoch.
+    # Each rank read exactly its share of the epoch order of the pretraining windows, epoch by epoch.
     cfg = load_config("configs/test.yaml", [f"workdir={root / 'w'}", f"pretrain.epochs={epochs}"])
     files = feature_files(Paths.of(cfg).features)
     data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
@@ -201,8 +233,9 @@ def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, ti
     windows = latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user)
     for r in range(WORLD):
         read = np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1)
-        expected = np.concatenate([windows[loop.EpochOrder(len(windows), pc.seed, e, pc.batch_size, 0, r, WORLD).order]
-                                   for e in range(epochs)])
+        window_set = data.subset(windows)
+        expected = np.concatenate([windows[flat(loop.epoch_sampler(pc.batching, window_set, pc.seed, e, pc.batch_size,
+                                                                   0, r, WORLD))] for e in range(epochs)])
         assert np.array_equal(read[np.isin(read, windows)], expected)
     # The masked-prediction losses fall over the epochs (rank 0 logs its own share's mean).
     for name in ("train_loss_food", "train_loss_events"):

@@ -156,7 +156,7 @@ def train_eval_agreement_check(
     model: ModelOrFactory, batches: Iterable[Batch], atol: float = 1e-4
 ) -> CheckResult:
     """With every dropout set to 0, train mode (autograd path) and eval mode under
-    inference_mode (PyTorch's fused `_transformer_encoder_layer_fwd` fast path) must give the
+    inference_mode (the path the model serves; models/sequence.py keeps PyTorch's fused one off) must give the
     same logits.
 
     Failure usually means: the two attention paths treat the padding mask differently — a

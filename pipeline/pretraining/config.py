@@ -14,6 +14,7 @@ class PretrainConfig:
     )
     epochs: int = 3
     batch_size: int = 64
+    batching: str = "length"  # as train.batching: "length" (similar lengths per batch) or "random"
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.1

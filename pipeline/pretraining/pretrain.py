@@ -101,7 +101,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     objectives = joint.objectives
     net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
     optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
-    per_epoch = loop.batches_per_epoch(len(train_set), pc.batch_size, d.world)
+    per_epoch = loop.epoch_batches(pc.batching, train_set, pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
     state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
     last = out / LAST
@@ -119,7 +119,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         while state["epoch"] < pc.epochs:
             epoch = state["epoch"]
             g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
-            sampler = loop.EpochOrder(len(train_set), pc.seed, epoch, pc.batch_size, state["batch"], d.rank, d.world)
+            sampler = loop.epoch_sampler(pc.batching, train_set, pc.seed, epoch, pc.batch_size, state["batch"], d.rank,
+                                         d.world)
             batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda")
             bar = tqdm(batches, total=per_epoch,
                        initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)

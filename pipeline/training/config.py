@@ -12,6 +12,10 @@ class TrainConfig:
     label_fraction: float = 1.0  # share of labelled training users used
     epochs: int = 8
     batch_size: int = 64
+    # "length": batches of similar length (loop.LengthBatches), so a batch pads little;
+    # "random": a plain seeded permutation, the recipe before 2026-12-02.
+    batching: str = "length"
+    eval_batch_size: int = 128  # validation and prediction batches, in length order (larger ran slower)
     lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_frac: float = 0.1

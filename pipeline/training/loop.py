@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
 from common.devices import resolve_device
+from common.errors import UserError
 from common.files import atomic_path
 
 
@@ -72,17 +73,84 @@ class EpochOrder(Sampler[int]):
         return len(self.order)
 
 
+class LengthBatches(Sampler[list[int]]):
+    """Batches of examples of similar length, in a seeded order that can resume mid-epoch.
+
+    A batch is padded to its own longest stream (`collate`), so a batch of short histories
+    mixed with one long one pays for the long one in every row. As in the length-grouped
+    samplers of BERT-style training: the epoch's seeded permutation is cut into windows of
+    `window` batches, each window is sorted by `lengths` and cut into batches, then the
+    batches are shuffled (seeded). Every example is used once per epoch; rank r of w takes
+    batches r, r+w, ... (the same count on every rank, as DDP needs), from `start_batch` on.
+    """
+
+    def __init__(self, lengths: np.ndarray, seed: int, epoch: int, batch_size: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1, window: int = 50):
+        n = len(lengths)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).numpy()
+        span = batch_size * window
+        batches = []
+        for lo in range(0, n, span):
+            chunk = order[lo : lo + span]
+            chunk = chunk[np.argsort(-np.asarray(lengths)[chunk], kind="stable")]  # longest first
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        shuffle = torch.randperm(len(batches), generator=g).numpy()
+        batches = [batches[i] for i in shuffle]
+        per_rank = len(batches) // world if world > 1 else len(batches)
+        self.batches = [b.tolist() for b in batches[rank : per_rank * world : world]][start_batch:]
+        self.per_epoch = per_rank  # batches of the whole epoch on this rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return -(-(n // world) // batch_size)
 
 
+BATCHING = ("length", "random")
+
+
+def by_length(dataset, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's share of `dataset` (positions rank, rank+w, ...), longest first: the order
+    for prediction, where batches then pad little (outputs do not depend on the order)."""
+    mine = np.arange(rank, len(dataset), world)
+    return mine[np.argsort(-dataset.length_key()[mine], kind="stable")].tolist()
+
+
+def epoch_sampler(batching: str, dataset, seed: int, epoch: int, batch_size: int, start_batch: int = 0,
+                  rank: int = 0, world: int = 1) -> Sampler:
+    """The data order of one epoch: `LengthBatches` by the dataset's `length_key` ("length"),
+    or a plain seeded permutation (`EpochOrder`, "random")."""
+    if batching == "length":
+        return LengthBatches(dataset.length_key(), seed, epoch, batch_size, start_batch, rank, world)
+    if batching == "random":
+        return EpochOrder(len(dataset), seed, epoch, batch_size, start_batch, rank, world)
+    raise UserError(f"batching={batching!r}; use one of {', '.join(BATCHING)}")
+
+
+def epoch_batches(batching: str, dataset, batch_size: int, world: int = 1) -> int:
+    """Batches per epoch on each rank (the same every epoch) under `epoch_sampler`."""
+    if batching == "length":
+        return LengthBatches(dataset.length_key(), 0, 0, batch_size, 0, 0, world).per_epoch
+    return batches_per_epoch(len(dataset), batch_size, world)
+
+
 def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0, pin: bool = False) -> DataLoader:
+    """A DataLoader over `dataset`; `sampler` yields indices (batched by `batch_size`) or, a
+    `LengthBatches`, whole batches."""
     if num_workers and torch.multiprocessing.get_start_method() == "fork" and hasattr(dataset, "preload"):
         dataset.preload()  # read once here; the forked workers share it
     # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
     # global RNG, so re-creating one after a resume would shift every later dropout mask.
+    batching = {"batch_sampler": sampler} if isinstance(sampler, LengthBatches) else \
+        {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
+        dataset, **batching, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin, persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     )
@@ -214,7 +282,7 @@ def broadcast_flag(d: Dist, flag: bool) -> bool:
     return bool(t.item())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, data: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(example ids, labels, p_engaged) for every example of a loader, in eval mode."""
     from common.devices import autocast

@@ -56,6 +56,7 @@ def _fingerprint(cfg: Config, files: list[Path], world: int) -> str:
     d = to_dict(cfg)
     d["train"].pop("checkpoint_every_steps", None)
     d["train"].pop("num_workers", None)
+    d["train"].pop("eval_batch_size", None)
     return stamps.fingerprint(d, build_id(files), world)
 
 
@@ -108,7 +109,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     model.set_output_bias(float(train_set.labels().mean()))
     net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)
-    per_epoch = loop.batches_per_epoch(len(train_set), tc.batch_size, d.world)
+    per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
 
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -np.inf, "best_epoch": -1, "bad_epochs": 0,
@@ -132,12 +133,13 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             "aggregates": str(cfg.model.aggregates), "world_size": str(d.world)}
     with tracking.stage_run(cfg, "train", name, tags, resume_run_id=state["run_id"], data=data_input) as run_id:
         state["run_id"] = run_id
-        val_loader = loop.loader(val_set, tc.batch_size * 2, collate,
-                                 sampler=list(range(d.rank, len(val_set), d.world)), num_workers=tc.num_workers)
+        val_loader = loop.loader(val_set, tc.eval_batch_size, collate, sampler=loop.by_length(val_set, d.rank, d.world),
+                                 num_workers=tc.num_workers)
         stop = False
         while state["epoch"] < tc.epochs and not stop:
             epoch = state["epoch"]
-            sampler = loop.EpochOrder(len(train_set), tc.seed, epoch, tc.batch_size, state["batch"], d.rank, d.world)
+            sampler = loop.epoch_sampler(tc.batching, train_set, tc.seed, epoch, tc.batch_size, state["batch"], d.rank,
+                                         d.world)
             batches = loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers, pin=device.type == "cuda")
             bar = tqdm(batches, desc=f"train {epoch + 1}/{tc.epochs}", initial=state["batch"], total=per_epoch,
                        disable=not d.main, leave=False)
@@ -189,7 +191,8 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
     """Predictions of the best model on every labelled split, logged with the model."""
     model, _ = load_model(result.checkpoint, device)
     idx = data.select(["val", "test", "oot"])
-    ids, y, p = loop.predict(model, loop.loader(data.subset(idx), cfg.train.batch_size * 2, collate), device)
+    subset = data.subset(idx)
+    ids, y, p = loop.predict(model, loop.loader(subset, cfg.train.eval_batch_size, collate, loop.by_length(subset)), device)
     pd.DataFrame({"example": ids, "split": [SPLITS[s] for s in data.examples["split"][ids]],
                   "label": y.astype(np.int8), "p_engaged": p}).to_parquet(result.run_dir / PREDICTIONS)
     if result.run_id:
