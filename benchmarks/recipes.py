@@ -55,8 +55,7 @@ def run_recipe(name: str, overrides: list[str], demo_workdir: Path, work: Path, 
     t = time.perf_counter()
     result = train(cfg)
     train_s = time.perf_counter() - t
-    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(result.run_id)
-    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(run.info.run_id, "epoch_val_roc_auc")
+    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(result.run_id, "epoch_val_roc_auc")
     val = [m.value for m in sorted(history, key=lambda m: m.step)]
     return {"overrides": overrides, "train": {k: getattr(cfg.train, k) for k in ("batching", "batch_size", "lr")},
             "pretrain_windows_per_s": windows * pretrain_epochs / pretrain_s, "pretrain_seconds": pretrain_s,

@@ -66,7 +66,7 @@ class Job:
 
 
 def validated_dir(cfg: Config) -> Path:
-    """Where the base config's validated events are (see pipeline.data.features.ensure_validated)."""
+    """Where the base config's validated events are (see pipeline.data.validate.ensure_validated)."""
     given = Path(cfg.data.events)
     from features.validate import REPORT
 

@@ -103,9 +103,10 @@ def test_length_batches_give_ranks_disjoint_batches_of_similar_length(n):
     for epoch in (0, 1):
         whole = loop.LengthBatches(lengths, seed=3, epoch=epoch, batch_size=4, window=5)
         assert np.array_equal(np.sort(flat(whole)), np.arange(n))  # every example once per epoch
-        assert whole.per_epoch == len(whole) == sum(-(-min(20, n - lo) // 4) for lo in range(0, n, 20))
+        assert loop.LengthBatches.per_rank(n, 4, window=5) == len(whole) == sum(-(-min(20, n - lo) // 4) for lo in range(0, n, 20))
         ranks = [loop.LengthBatches(lengths, 3, epoch, 4, 0, r, WORLD, window=5) for r in range(WORLD)]
-        assert len({len(r) for r in ranks}) == 1 and ranks[0].per_epoch == len(whole) // WORLD
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(whole) // WORLD
+        assert loop.LengthBatches.per_rank(n, 4, WORLD, window=5) == len(ranks[0])
         assert not set(flat(ranks[0])) & set(flat(ranks[1]))
         resumed = loop.LengthBatches(lengths, 3, epoch, 4, 1, 1, WORLD, window=5)
         assert resumed.batches == ranks[1].batches[1:]  # a resume replays the rest of this rank's share

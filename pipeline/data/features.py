@@ -100,7 +100,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     built = build_features(
         events, users, cfg, embed if has_messages else None,
         encoder.dim if has_messages else 0, encoder.identity if has_messages else "none", vocab, labels,
-        source_fingerprint=report["source_fingerprint"],
+        source_fingerprint=report["source_fingerprint"], config=to_dict(cfg),
     )
     write_store(out, built.arrays, built.meta)
     vocab.save(vocab_path)

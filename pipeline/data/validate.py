@@ -37,8 +37,8 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
                         "raw events again to apply the new settings)", given, used, settings)
         return given
     out = Paths.of(cfg).validated
-    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
-    fp = _fingerprint({"events": cfg.data.events, "users": cfg.data.users}, fingerprint(sources), settings)
+    source, files = _sources(cfg)
+    fp = _fingerprint(source, fingerprint(files), settings)
     old = stamps.is_current(out / V.REPORT, fp) if (out / V.EVENTS).exists() else None
     if old is not None and V.future_rows_now_due(old, cfg.data, now):
         log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: validating again",
@@ -51,6 +51,11 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
     return validate_stage(cfg, out, now)
 
 
+def _sources(cfg: Config) -> tuple[dict, list[str]]:
+    """Which inputs validation reads: as recorded in validation.json, and as files."""
+    return {"events": cfg.data.events, "users": cfg.data.users}, [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+
+
 def _fingerprint(source: dict, source_fingerprint: str, settings: dict) -> str:
     """What validated events depend on: which files, their bytes, the acceptance settings."""
     return stamps.fingerprint(source, source_fingerprint, settings)
@@ -61,14 +66,14 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
     out = Path(out) if out else Paths.of(cfg).validated
     started = time.perf_counter()
-    sources = [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+    source, files = _sources(cfg)
     raw = read_table(cfg.data.events, "events", provenance=True)
     users = V.normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
     # Extra columns (here the provenance) pass through to the quarantine untouched.
     result = V.validate_events(raw, cfg.data, users, now)
     report = result.report | {
-        "source": {"events": cfg.data.events, "users": cfg.data.users},
-        "source_fingerprint": fingerprint(sources),
+        "source": source,
+        "source_fingerprint": fingerprint(files),
         "seconds": round(time.perf_counter() - started, 2),
     }
     if report["accepted"] == 0:

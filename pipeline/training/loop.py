@@ -97,9 +97,15 @@ class LengthBatches(Sampler[list[int]]):
             batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         shuffle = torch.randperm(len(batches), generator=g).numpy()
         batches = [batches[i] for i in shuffle]
-        per_rank = len(batches) // world if world > 1 else len(batches)
+        per_rank = len(batches) // world
         self.batches = [b.tolist() for b in batches[rank : per_rank * world : world]][start_batch:]
-        self.per_epoch = per_rank  # batches of the whole epoch on this rank
+
+    @staticmethod
+    def per_rank(n: int, batch_size: int, world: int = 1, window: int = 50) -> int:
+        """Batches of a whole epoch on each rank, the same every epoch: every window but the
+        last holds `window` full batches."""
+        full, rest = divmod(n, batch_size * window)
+        return (full * window + -(-rest // batch_size)) // world
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -136,7 +142,7 @@ def epoch_sampler(batching: str, dataset, seed: int, epoch: int, batch_size: int
 def epoch_batches(batching: str, dataset, batch_size: int, world: int = 1) -> int:
     """Batches per epoch on each rank (the same every epoch) under `epoch_sampler`."""
     if batching == "length":
-        return LengthBatches(dataset.length_key(), 0, 0, batch_size, 0, 0, world).per_epoch
+        return LengthBatches.per_rank(len(dataset), batch_size, world)
     return batches_per_epoch(len(dataset), batch_size, world)
 
 
