@@ -389,3 +389,29 @@ def test_resume_restores_only_its_own_runs_checkpoint_rng_included(tmp_path):
     assert resumed and state == {"epoch": 5}
     assert torch.equal(model.weight, saved_weight) and torch.equal(torch.get_rng_state(), saved_rng)
     assert loop.resume(tmp_path / "missing.pt", "run-a", {"epoch": 0}) == ({"epoch": 0}, False)
+
+
+def test_the_optimizer_takes_the_multi_tensor_path_with_the_same_updates():
+    from pipeline.training.loop import make_optimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin.load_state_dict(net.state_dict())
+    fast = make_optimizer(net, 1e-2, 0.1)
+    assert fast.defaults["foreach"] is True
+    # The same groups through PyTorch's per-parameter loop.
+    mirror = dict(zip(map(id, net.parameters()), twin.parameters()))
+    groups = [{"params": [mirror[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+              for g in fast.param_groups]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and len(groups[1]["params"]) == 3  # bias, norm
+    loop_opt = torch.optim.AdamW(groups, lr=1e-2, foreach=False)
+    x = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    for _ in range(3):
+        for model, opt in ((net, fast), (twin, loop_opt)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(net[1].weight, torch.nn.Linear(4, 3).weight)  # it did move
