@@ -144,6 +144,47 @@ def _distinct_days(parts: list[tuple[_Stream, _Kind, np.ndarray]], days: int) ->
     return out
 
 
+def _own_activity(arrays: dict, meta: StoreMeta, ev: _Stream, conv: _Stream) -> list[tuple[_Stream, _Kind]]:
+    """The user's own activity, as the label counts it (features/labels.py): every event
+    type but coach messages, restricted to `labels.activity_types` when the config names
+    them; user messages come from the conversation stream."""
+    labels = meta.config.get("labels", {})
+    activity = {t.lower() for t in labels["activity_types"]} if labels.get("activity_types") else None
+    types = list(meta.vocab["event_types"])  # type_id = index + 2 (vocab.FIRST)
+    own_ev = [i + 2 for i, t in enumerate(types) if t != C.MESSAGE and (activity is None or t in activity)]
+    own = [(ev, _Kind(np.isin(arrays["events"]["type_id"], own_ev)))]
+    if C.MESSAGE in types and (activity is None or C.MESSAGE in activity):
+        own.append((conv, _Kind(arrays["conversation"]["sender"] == SENDER_USER)))
+    return own
+
+
+def future_activity(arrays: dict, meta: StoreMeta, days: int) -> np.ndarray:
+    """(n_examples, days) float32: 1 where the user has own activity on day d of
+    [as_of + d days, as_of + d + 1 days), d = 0..days-1, 0 where not, and -1 where that day
+    ends after the data does (unknown: an example near the end of the log). These are the
+    days the label counts, so they are **targets only** (the auxiliary head of
+    models/engagement.py, the future objective of pretraining), never inputs; they are
+    complete for labelled examples whenever days <= labels.horizon_days."""
+    ex = arrays["examples"]
+    rows = np.arange(len(ex["as_of"]))
+    ev, conv = (_Stream(arrays[s], ex, s, rows) for s in ("events", "conversation"))
+    out = np.zeros((len(rows), days), dtype=np.float32)
+    for s, k in _own_activity(arrays, meta, ev, conv):
+        keys = s.keys[k.items]  # this kind's items, sorted by (user, ts)
+        edges = [first_at_or_after(keys, s.ex_user, s.as_of + d * DAY) for d in range(days + 1)]
+        for d in range(days):
+            out[:, d] = np.maximum(out[:, d], edges[d + 1] > edges[d])
+    if (data_end := meta.extra.get("data_end")) is not None:
+        ends = ex["as_of"].astype(np.int64)[:, None] + (np.arange(days) + 1) * DAY  # (n, days)
+        out[ends > int(data_end)] = -1.0
+    return out
+
+
+def future_activity_of(files, days: int) -> np.ndarray:
+    """`future_activity` of every example of one or more feature files, in file order."""
+    return np.concatenate([future_activity(*load_aggregate_inputs(f), days) for f in files])
+
+
 def aggregate_features(
     arrays: dict, meta: StoreMeta, example_rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[str]]:
@@ -187,8 +228,7 @@ def aggregate_features(
     for name, s, k, _ in kinds:
         cols[f"days_since_{name}"] = s.days(k.last(s.start, s.end))
 
-    own_ev = [i + 2 for i, t in enumerate(types) if t != C.MESSAGE and (activity is None or t in activity)]
-    own = [(ev, _Kind(np.isin(e["type_id"], own_ev)))] + [(s, k) for _, s, k, o in kinds if s is conv and o]
+    own = _own_activity(arrays, meta, ev, conv)
     cols["own_events_total"] = sum(k.count(s.start, s.end) for s, k in own)  # all visible history
     cols["days_since_own_activity"] = np.min([s.days(k.last(s.start, s.end)) for s, k in own], axis=0)
     for w in (7, 28):

@@ -9,6 +9,9 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
     user (B,) i64: equal for examples of one user (a hash of the pseudonymised key, the same
                    in every build and shard; pretraining keeps a user's rows apart by it)
     aggregates (B, F) f32, signed log1p: only with model.aggregates (the hybrid)
+    future (B, D) f32: own activity (1/0) on each of the D days from as_of, -1 after the data's
+                   end, with model.future_days; a training target (the auxiliary head, the
+                   future objective of pretraining), never a model input
     conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
     food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
     events:       type_id, day, content, dt_bucket, recency, position (B,T) i64;
@@ -26,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.errors import UserError
 from features import timebuckets as tb
-from features.aggregates import aggregates_of
+from features.aggregates import aggregates_of, future_activity_of
 from features.labels import unit_hash
 from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, read_meta
 from models.config import ModelConfig
@@ -49,6 +53,11 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     """The model config with vocabulary sizes and text width taken from the store."""
     extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"]}
+    if model.future_days < 0:  # every day of the label's horizon, when the events show them:
+        # supplied labels (data.labels) may describe days the event log does not cover
+        # (KDD Cup's logs end where its label window starts), so no such head then.
+        supplied = bool(meta.config.get("data", {}).get("labels"))
+        extra["future_days"] = 0 if supplied else int(meta.config.get("labels", {}).get("horizon_days", 7))
     return replace(model, **meta.sizes(), **extra)
 
 
@@ -88,6 +97,13 @@ class FeatureDataset(Dataset):
             X, names = aggregates_of(self.files, model.aggregate_names)
             self.aggregates = signed_log1p(X)
             self.model = replace(model, aggregate_names=names)
+        self.future: np.ndarray | None = None  # (n_examples, future_days), targets only
+        if model.future_days > 0:
+            horizon = self.meta.config.get("labels", {}).get("horizon_days", model.future_days)
+            if model.future_days > horizon:
+                raise UserError(f"model.future_days={model.future_days} exceeds labels.horizon_days={horizon}: "
+                                "labelled examples see only that many future days")
+            self.future = future_activity_of(self.files, model.future_days)
 
     def select(self, splits=SPLITS, labelled: bool = True, user_fraction: float = 1.0, salt: str = "fraction") -> np.ndarray:
         """Global example rows in `splits`; optionally only labelled ones and only a hashed
@@ -152,6 +168,8 @@ class FeatureDataset(Dataset):
         item = {"label": float(e["label"]), "example": g, "user": int(self.user_number[g])}
         if self.aggregates is not None:
             item["aggregates"] = self.aggregates[g]
+        if self.future is not None:
+            item["future"] = self.future[g]
         presence = []
         for s in STREAMS:
             lo, hi = int(e[f"{s}_start"]), int(e[f"{s}_end"])
@@ -218,6 +236,8 @@ def collate(items: list[dict]) -> dict:
     }
     if "aggregates" in items[0]:
         batch["aggregates"] = torch.from_numpy(np.stack([it["aggregates"] for it in items]))  # (B, F)
+    if "future" in items[0]:
+        batch["future"] = torch.from_numpy(np.stack([it["future"] for it in items]))  # (B, future_days)
     for s in STREAMS:
         lengths = [len(it[s]["position"]) for it in items]
         T = max(1, max(lengths))

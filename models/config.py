@@ -30,6 +30,18 @@ class ModelConfig:
     # Filled by the first FeatureDataset that computes them: the aggregate columns the model
     # is trained on (later stores are matched by name).
     aggregate_names: list[str] = field(default_factory=list)
+    # Dense auxiliary targets (issue 14): a second output of the fusion head predicts the
+    # user's own activity on each of the next `future_days` days (-1: every day of the label's
+    # horizon, labels.horizon_days, unless labels are supplied (data.labels): then none; 0: no
+    # such head), a training target only, never an input;
+    # its loss is added with `future_weight`.
+    future_days: int = -1
+    future_weight: float = 0.5
+    # Platt scaling: the logit z becomes calibration_scale * z + calibration_bias. (1, 0) while
+    # training; `make train` then fits both on the validation split (train.calibrate) and saves
+    # them with the model.
+    calibration_scale: float = 1.0
+    calibration_bias: float = 0.0
     # Filled from the feature store at build time (vocabulary sizes and text width).
     text_dim: int = 0
     n_event_types: int = 0

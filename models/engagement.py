@@ -63,6 +63,9 @@ class EngagementModel(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(H, 1),
         )
+        # Dense auxiliary targets: own activity on each of the next future_days days, read from
+        # the head's hidden layer (more supervision per example than the one binary label).
+        self.future_head = nn.Linear(H, config.future_days) if config.future_days > 0 else None
         if config.fast_dropout:
             use_fast_dropout(self.head)
 
@@ -78,7 +81,9 @@ class EngagementModel(nn.Module):
 
         Returns:
             logits: (B,) float32, log-odds of being engaged.
-            loss: mean binary cross-entropy with logits (scalar), or None without labels.
+            loss: mean binary cross-entropy with logits (scalar), or None without labels; with
+                `config.future_days` and `batch["future"]`, plus `future_weight` x the mean
+                binary cross-entropy of the per-day activity outputs over the known days.
         """
         states = [self.encoders[s](batch[s])[0] for s in self.streams]  # S x (B, D)
         presence = batch["presence"].index_select(1, self.presence_index)  # (B, 3) -> (B, S)
@@ -86,10 +91,19 @@ class EngagementModel(nn.Module):
         if self.aggregate_proj is not None:
             parts.append(self.aggregate_proj(batch["aggregates"]))  # (B, F) -> (B, D)
         x = torch.cat(parts, dim=-1)  # (B, S*D + S [+ D])
-        logits = self.head(x).squeeze(-1)  # (B, 1) -> (B,)
+        hidden = self.head[:-1](x)  # (B, H)
+        logits = self.head[-1](hidden).squeeze(-1)  # (B, 1) -> (B,)
+        if (self.config.calibration_scale, self.config.calibration_bias) != (1.0, 0.0):  # fitted after training
+            logits = self.config.calibration_scale * logits + self.config.calibration_bias
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            if self.future_head is not None and "future" in batch:
+                future = self.future_head(hidden)  # (B, future_days)
+                target = batch["future"].to(future.dtype)  # -1: a day after the data's end
+                known = (target >= 0).to(future.dtype)
+                aux = F.binary_cross_entropy_with_logits(future, target.clamp(min=0), weight=known, reduction="sum")
+                loss = loss + self.config.future_weight * aux / known.sum().clamp(min=1)
         return logits, loss
 
     def set_output_bias(self, prevalence: float) -> None:

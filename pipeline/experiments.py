@@ -1,6 +1,7 @@
 """`make experiments`: pretrained vs scratch at 5/20/100% of the labelled training users,
-ablations without each encoder, CLS vs mean pooling (configs/experiments.yaml), each a
-train + evaluate run on the same feature build, then the comparison from MLflow."""
+ablations without each encoder, CLS vs mean pooling, encoders pretrained with the future
+objective too (configs/experiments.yaml), each a train + evaluate run on the same feature
+build (after the pretraining it needs, reused when current), then the comparison from MLflow."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from common.errors import UserError
 from pipeline.config import Config, load_config
 from pipeline.evaluation.compare import compare
 from pipeline.evaluation.evaluate import evaluate
+from pipeline.pretraining.pretrain import pretrain
 from pipeline.training.train import train
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments.yaml"
@@ -31,6 +33,8 @@ def experiments(config_path: str, overrides: list[str], only: list[str] | None =
     configs = experiment_configs(config_path, overrides, only)
     for i, (name, cfg) in enumerate(configs.items(), 1):
         print(f"\n=== experiment {i}/{len(configs)}: {name} ===", flush=True)
+        if cfg.train.init == "pretrained":
+            pretrain(cfg)  # reused when its encoders are current; some experiments pretrain their own
         result = train(cfg)
         evaluate(cfg, result.run_dir)
     compare(next(iter(configs.values())))

@@ -4,6 +4,7 @@ computations, baselines' honesty (train labels only), and that the plots are wri
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from features.aggregates import RECENCY_CAP_DAYS, aggregate_features
 from features.labels import DAY
@@ -270,3 +271,23 @@ def test_plots_write_png_files(tmp_path):
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
     with pytest.raises(ValueError, match="heads"):
         plots.plot_attention([att], ["CLS", "x"], tmp_path / "bad.png")
+
+
+def test_the_blend_weighs_an_informative_model_and_ignores_noise():
+    from scipy.special import expit
+
+    from pipeline.evaluation.blend import blend, fit_blend
+
+    rng = np.random.default_rng(1)
+    signal = rng.normal(0, 1.5, 6000)
+    y = (rng.random(len(signal)) < expit(signal)).astype(int)
+    a = expit(signal + rng.normal(0, 1.0, len(y)))  # two views of the signal, independent errors
+    b = expit(signal + rng.normal(0, 1.0, len(y)))
+    val, test = slice(0, 3000), slice(3000, None)
+    w, scale, bias = fit_blend(a[val], b[val], y[val])
+    assert 0.3 <= w <= 0.7  # equally good views: about half each
+    both = blend(a, b, w, scale, bias)
+    assert roc_auc_score(y[test], both[test]) > max(roc_auc_score(y[test], a[test]), roc_auc_score(y[test], b[test])) + 0.01
+    noise = rng.random(len(y))
+    assert fit_blend(a[val], noise[val], y[val])[0] >= 0.9  # pure noise gets (almost) no weight
+    assert fit_blend(a[val], b[val], np.ones(3000))[:1] == (1.0,)

@@ -98,3 +98,11 @@ def test_experiment_grid_covers_label_fractions_ablations_and_pooling():
     from pipeline.training.train import run_name
 
     assert len({run_name(c) for c in configs.values()}) == len(configs)  # distinct MLflow runs
+    # The future-objective runs pretrain encoders of their own, in their own folder.
+    from pipeline.paths import Paths
+
+    future = [c for c in configs.values() if "future" in c.pretrain.objectives]
+    others = [c for c in configs.values() if "future" not in c.pretrain.objectives]
+    assert {c.train.label_fraction for c in future} == {0.05, 0.2, 1.0}
+    assert len({Paths.of(c).pretrain for c in future}) == 1
+    assert not {Paths.of(c).pretrain for c in future} & {Paths.of(c).pretrain for c in others}

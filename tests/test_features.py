@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import h5py
@@ -23,7 +24,7 @@ def flat(batch: dict) -> dict:
     for k, v in batch.items():
         if isinstance(v, dict):
             out |= {f"{k}.{kk}": vv for kk, vv in v.items()}
-        elif k not in ("label", "example"):
+        elif k not in ("label", "future", "example"):  # targets, not inputs
             out[k] = v
     return out
 
@@ -143,11 +144,14 @@ def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):
         assert f'"{uid}"'.encode() not in blob
 
 
-def test_derived_labels_match_a_brute_force_count(tmp_path, tiny_encoder):
+def test_derived_labels_and_future_days_match_a_brute_force_count(tmp_path, tiny_encoder):
+    from features.aggregates import future_activity
+
     events = make_events(n_users=10, seed=3, per_user=(20, 90))
     path, cfg = build_store(tmp_path, events, tiny_encoder)
-    a, _ = load_arrays(path)
+    a, meta = load_arrays(path)
     ex = a["examples"]
+    future = future_activity(a, meta, 7)  # (n, 7): the auxiliary targets, the days the label counts
     uids = sorted(events.user_id.unique())
     own = events[~((events.event_type == "message") & (events.sender == "coach"))]
     for i in range(len(ex["as_of"])):
@@ -155,8 +159,21 @@ def test_derived_labels_match_a_brute_force_count(tmp_path, tiny_encoder):
         t = own[own.user_id == uid].ts.astype("int64") // 10**6
         days = {int((x - as_of) // DAY) for x in t if as_of <= x < as_of + 7 * DAY}
         assert ex["label"][i] == int(len(days) >= cfg.labels.min_active_days)
+        assert set(np.flatnonzero(future[i])) == days
         # eligibility: at least one event of any kind strictly before as_of
         assert (events[events.user_id == uid].ts.astype("int64") // 10**6 < as_of).any()
+    labelled = ex["label"] >= 0
+    assert labelled.any() and future.any() and not future.all()
+    assert np.array_equal((future.sum(1) >= cfg.labels.min_active_days)[labelled], ex["label"][labelled] == 1)
+    with pytest.raises(UserError, match="future_days=8 exceeds labels.horizon_days=7"):
+        FeatureDataset(path, dataclasses.replace(model_config_for(cfg.model, meta), future_days=8))
+    assert model_config_for(cfg.model, meta).future_days == 7  # -1: the label's horizon
+    last = ex["as_of"] == ex["as_of"].max()  # a log ending 3 days after it: days 3..6 unknown (-1)
+    cut = future_activity(a, dataclasses.replace(meta, extra=meta.extra | {"data_end": int(ex["as_of"].max()) + 3 * DAY}), 7)
+    assert (cut[last, 3:] == -1).all() and np.array_equal(cut[last, :3], future[last, :3])
+    assert np.array_equal(cut[~last], future[~last])
+    supplied = dataclasses.replace(meta, config=meta.config | {"data": {"labels": "labels.parquet"}})
+    assert model_config_for(cfg.model, supplied).future_days == 0  # a supplied label's days may be unlogged
 
 
 def test_edge_users_coach_only_single_event_no_meals(tmp_path, tiny_encoder):

@@ -555,3 +555,22 @@ def test_fast_dropout_replaces_every_dropout_module_unless_switched_off():
     plain = EngagementModel(dataclasses.replace(cfg, fast_dropout=False))
     assert not any(isinstance(m, FastDropout) for m in plain.modules())
     assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
+
+
+def test_future_head_adds_its_loss_and_never_reads_the_targets(cfg, batch):
+    import torch.nn.functional as F
+
+    model = make_model(dataclasses.replace(cfg, future_days=7, future_weight=0.5)).eval()
+    labels = torch.randint(0, 2, (B,)).float()
+    plain_logits, plain_loss = model(batch, labels)  # no targets in the batch: the label loss only
+    future = torch.randint(0, 2, (B, 7)).float()
+    logits, loss = model(batch | {"future": future}, labels)
+    assert torch.equal(logits, plain_logits)  # the targets are no input
+    torch.testing.assert_close(plain_loss, F.binary_cross_entropy_with_logits(plain_logits, labels))
+    hidden = model.head[:-1](torch.cat([model.encoders[s](batch[s])[0] for s in model.streams]
+                                       + [batch["presence"]], -1))
+    aux = F.binary_cross_entropy_with_logits(model.future_head(hidden), future)
+    torch.testing.assert_close(loss, plain_loss + 0.5 * aux)
+    loss.backward()
+    assert model.future_head.weight.grad.abs().sum() > 0
+    assert make_model(dataclasses.replace(cfg, future_days=0)).future_head is None  # old checkpoints load

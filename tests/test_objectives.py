@@ -254,3 +254,34 @@ def test_masked_objectives_beat_their_baselines_on_held_out_users(sim_store):
     m = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
     assert m["heldout_food_top10"] > m["baseline_food_top10"] + 0.03, m
     assert m["heldout_event_top1"] > m["baseline_event_top1"] + 0.05, m
+
+
+def test_the_future_objective_learns_next_weeks_days_and_never_reads_unknown_ones(sim_store):
+    from pipeline.pretraining.objectives import FutureActivity
+
+    path, _, mcfg = sim_store
+    assert mcfg.future_days == 7
+    data = FeatureDataset(path, mcfg)
+    train = latest_windows(data, data.select(["train"], labelled=False), 4)
+    held_out = data.subset(latest_windows(data, data.select(["val", "test"], labelled=False), 4))
+    batches = [collate([data[int(i)] for i in train[j : j + 16]]) for j in range(0, len(train), 16)]
+    torch.manual_seed(0)
+    enc = {"events": EventEncoder(mcfg).eval(), "food": FoodEncoder(mcfg).eval()}
+    obj = torch.nn.ModuleDict({"future": FutureActivity(enc, mcfg.d_model, 7)})
+    # Days after the end of the log are -1: left out of the loss, whatever they would have been.
+    b = batches[0]
+    unknown = torch.rand(b["future"].shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    loss, stats = obj["future"](b | {"future": torch.where(unknown, -1.0, b["future"])}, torch.Generator())
+    logits = obj["future"].head(torch.cat([e(b[s])[0] for s, e in enc.items()], -1))
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits[~unknown], b["future"][~unknown])
+    assert stats["n"] == int((~unknown).sum()) and torch.allclose(loss, want)
+    assert obj["future"](b | {"future": torch.full_like(b["future"], -1.0)}, torch.Generator())[1]["n"] == 0
+    obj.train()
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    for step in range(80):
+        loss, _ = obj["future"](batches[step % len(batches)], torch.Generator())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m = evaluate_objectives(obj, held_out, 32, {}, 0)
+    assert m["heldout_future_auc"] > 0.7 and m["baseline_future_auc"] == 0.5, m

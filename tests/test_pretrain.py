@@ -166,3 +166,20 @@ def test_a_run_of_another_world_size_is_neither_reused_nor_resumed(cfg, monkeypa
     assert resumed == [False]  # nor resumed from the 2-rank checkpoint (loop.resume leaves its RNG state alone)
     (out / DONE).write_text(json.dumps({"fingerprint": one, "run_id": None, "metrics": {"x": 1.0}}))
     assert pretrain(cfg).skipped
+
+
+def test_the_future_objective_trains_the_stream_encoders_and_reports_its_held_out_auc(cfg):
+    cfg.pretrain.objectives = ["events", "future"]
+    cfg.pretrain.epochs = 1
+    result = pretrain(cfg)
+    assert set(result.checkpoints) == {"events"}  # the future head is not an encoder
+    assert 0.0 <= result.metrics["heldout_future_auc"] <= 1.0 and result.metrics["baseline_future_auc"] == 0.5
+    assert result.metrics["train_loss_future"] > 0
+    state = torch.load(result.directory / LAST, weights_only=True)["objectives"]
+    # One encoder shared by both objectives: the same weights under both names.
+    shared = [k for k in state if k.startswith("future.encoders.events.")]
+    assert shared and all(torch.equal(state[k], state["events.encoder." + k[len("future.encoders.events."):]])
+                          for k in shared)
+    cfg.pretrain.objectives = ["events", "nonsense"]
+    with pytest.raises(P.UserError, match="future"):  # the error names every valid objective
+        pretrain(cfg)

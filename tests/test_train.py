@@ -17,7 +17,7 @@ import torch
 from models.checkpoint import load_model
 from pipeline.evaluation import registry
 from pipeline.evaluation.compare import compare
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.evaluate import BLEND, evaluate
 from pipeline.paths import Paths
 from pipeline.training.train import LAST, train
 
@@ -77,6 +77,9 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
         assert set(first.metrics[name]) == {"val", "test", "oot"}
     assert first.metrics["prevalence"]["test"]["roc_auc"] == 0.5
     assert first.metrics["oracle"]["test"]["roc_auc"] > 0.6  # the simulator's own probability
+    # The blend's weight is picked on val among 0..1 (both models alone included).
+    val_auc = {n: first.metrics[n]["val"]["roc_auc"] for n in ("model", "hgb", BLEND)}
+    assert val_auc[BLEND] >= max(val_auc["model"], val_auc["hgb"]) - 1e-12
 
     # A worse candidate: the same model with its ranks reversed.
     bad_dir, bad_run_id = fake_run(cfg, good, "bad", reversed_model(good))
@@ -104,7 +107,9 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     out = io.StringIO()
     df = compare(cfg, fmt="csv", out=out)
     table = pd.read_csv(io.StringIO(out.getvalue()))
-    assert {"oracle", "hgb", "logistic", "prevalence", "active_last_week", "good"} <= set(table["name"])
+    assert {"oracle", "hgb", "logistic", "prevalence", "active_last_week", "good", "good+hgb"} <= set(table["name"])
+    assert table.loc[table.name == "good+hgb", "kind"].eq("blend").all()
+    assert table.loc[table.name == "good+hgb", "test_roc_auc"].iloc[0] == pytest.approx(first.metrics[BLEND]["test"]["roc_auc"])
     assert table.loc[table.name == "good", "champion"].eq("*").all()
     assert list(table["kind"]).index("oracle") == 0
     for fmt in ("json", "markdown", "table"):
@@ -415,3 +420,46 @@ def test_the_optimizer_takes_the_multi_tensor_path_with_the_same_updates():
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
     assert not torch.equal(net[1].weight, torch.nn.Linear(4, 3).weight)  # it did move
+
+
+def test_platt_scaling_recovers_a_known_scale_and_shift_and_keeps_the_ranking():
+    from scipy.special import expit
+
+    from pipeline.training.calibration import apply_platt, fit_platt, log_loss_at
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20_000)
+    y = (rng.random(len(z)) < expit(z)).astype(float)
+    skewed = expit(2.5 * z - 1.0)  # overconfident and shifted: scale 0.4, bias 0.4 undo it
+    a, b = fit_platt(skewed, y)
+    assert abs(a - 0.4) < 0.03 and abs(b - 0.4) < 0.05
+    u = 2.5 * z - 1.0
+    assert log_loss_at(u, y, a, b) < log_loss_at(u, y, 1.0, 0.0) - 0.05
+    calibrated = apply_platt(skewed, a, b)
+    assert np.all(np.diff(calibrated[np.argsort(skewed)]) >= 0)  # the same order
+    assert fit_platt(skewed, np.ones_like(y)) == (1.0, 0.0)  # one class: nothing to fit
+
+
+def test_the_saved_model_carries_its_calibration_and_serves_the_logged_predictions(cfg):
+    from sklearn.metrics import roc_auc_score
+
+    from features.dataset import FeatureDataset, collate
+    from features.store import feature_files
+    from pipeline.training import loop
+
+    result = train(cfg)
+    model, ckpt = load_model(result.checkpoint)
+    a, b = ckpt["model_config"]["calibration_scale"], ckpt["model_config"]["calibration_bias"]
+    assert (a, b) != (1.0, 0.0) and (model.config.calibration_scale, model.config.calibration_bias) == (a, b)
+    logged = mlflow.MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics
+    assert (logged["calibration_scale"], logged["calibration_bias"]) == pytest.approx((a, b))
+    preds = pd.read_parquet(result.run_dir / "predictions.parquet").sort_values("example")
+    data = FeatureDataset(feature_files(Paths.of(cfg).features), model.config)
+    subset = data.subset(preds["example"].to_numpy())
+    _, _, p = loop.predict(model, loop.loader(subset, 16, collate), torch.device("cpu"))
+    np.testing.assert_allclose(p, preds["p_engaged"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # Without calibration the same weights give other probabilities, the same ranking.
+    cfg.train.calibrate, cfg.train.run_name = False, "raw"
+    raw = pd.read_parquet(train(cfg).run_dir / "predictions.parquet").sort_values("example")
+    assert not np.allclose(raw["p_engaged"], preds["p_engaged"])
+    assert roc_auc_score(raw["label"], raw["p_engaged"]) == pytest.approx(roc_auc_score(preds["label"], preds["p_engaged"]))

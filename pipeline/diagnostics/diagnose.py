@@ -6,6 +6,8 @@ trade-off worth a look, such as truncated sequences) or FAIL (something is broke
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -74,7 +76,9 @@ def diagnose(
     cfg: Config, n_batches: int = 8, batch_size: int = 32, overfit_steps: int = 200, leak_steps: int = 300
 ) -> list[CheckResult]:
     files = feature_files(Paths.of(cfg).features)
-    mcfg = model_config_for(cfg.model, read_meta(files[0]))
+    # The checks are about the label's path: without the auxiliary head, whose targets would
+    # share the few steps the overfit and leaked-label checks allow.
+    mcfg = replace(model_config_for(cfg.model, read_meta(files[0])), future_days=0)
     data = FeatureDataset(files, mcfg)
     mcfg = data.model  # with the hybrid's aggregate columns
     rows = data.select(["train"])

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.diagnostics.batches import batch_size
@@ -47,7 +48,8 @@ def init_loss_check(
     with torch.inference_mode():
         net.eval()
         for b in batches:
-            _, loss = net(b, b["label"])
+            logits, _ = net(b)  # the label's loss alone, whatever auxiliary losses the model adds
+            loss = F.binary_cross_entropy_with_logits(logits, b["label"].to(logits.dtype))
             total += float(loss) * batch_size(b)
             n += batch_size(b)
             positives += float(b["label"].sum())

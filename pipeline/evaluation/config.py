@@ -10,6 +10,9 @@ class EvalConfig:
     top_frac: float = 0.1  # recall / lift at the top 10% riskiest users
     calibration_bins: int = 10
     attention_users: int = 3
+    # Also score a blend of the sequence model with the hgb baseline (pipeline/evaluation/blend.py):
+    # their logits averaged with a weight and a temperature picked on validation.
+    blend: bool = True
     baselines: list[str] = field(
         default_factory=lambda: ["prevalence", "active_last_week", "logistic", "hgb"]
     )

@@ -24,12 +24,14 @@ from pipeline import tracking
 from pipeline.config import Config
 from pipeline.evaluation import plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
+from pipeline.evaluation.blend import blend, fit_blend
 from pipeline.evaluation.metrics import binary_metrics
 from pipeline.paths import Paths
 from pipeline.training.train import DONE, PREDICTIONS, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
+BLEND = "blend with hgb"
 
 
 @dataclass
@@ -92,6 +94,12 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     model_p = pd.Series(preds["p_engaged"].to_numpy(), index=preds["example"].to_numpy())
     scores: dict[str, np.ndarray] = {"model": model_p.reindex(np.arange(len(labels))).to_numpy()}
     scores |= baseline_predictions(cfg, files, examples)
+    blend_params = None
+    val = rows["val"]
+    if cfg.eval.blend and "hgb" in scores and np.isfinite(scores["model"][val]).all():
+        # The sequence model with gradient boosting (missing predictions fail just below).
+        blend_params = fit_blend(scores["model"][val], scores["hgb"][val], labels[val])
+        scores[BLEND] = blend(scores["model"], scores["hgb"], *blend_params)
     oracle = oracle_predictions(cfg, examples, user_key)
     if oracle is not None:
         scores["oracle"] = oracle
@@ -104,7 +112,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
             if name == "model" and len(ok) != len(r):
                 raise UserError(f"{run_dir}: predictions do not cover the {s} split; re-run `make train`")
             metrics[name][s] = binary_metrics(labels[ok], p[ok], cfg.eval.top_frac, cfg.eval.calibration_bins)
-    _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir)
+    _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir, blend_params)
     decision = None
     if run_id:
         decision = registry.gate(cfg, run_id, files, rows, labels, {s: scores["model"][r] for s, r in rows.items()})
@@ -113,7 +121,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     return EvalResult(run_id, metrics, decision)
 
 
-def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path) -> None:
+def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend_params=None) -> None:
     if not run_id:
         return
     bid = build_id(files)
@@ -135,10 +143,18 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path) -> No
         from pipeline.evaluation.attention import attention_plots
 
         tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
-    # Baselines and the oracle: one run each per feature build, created once.
-    client = tracking.client(cfg)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    for name in [n for n in metrics if n != "model"]:
+    client = tracking.client(cfg)
+    if blend_params is not None and not client.search_runs([exp.experiment_id], f"tags.blend_of = '{run_id}'"):
+        w, a, b = blend_params  # one blend run per model run
+        with mlflow.start_run(run_name=f"{run_dir.name}+hgb"):
+            mlflow.set_tags({"stage": "evaluate", "kind": "blend", "blend_of": run_id, "build_id": bid,
+                             "config_name": cfg.name, "git_commit": tracking.git_commit()})
+            mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
+            for s in EVAL_SPLITS:
+                tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
+    # Baselines and the oracle: one run each per feature build, created once.
+    for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "baseline"
         found = client.search_runs([exp.experiment_id], f"tags.build_id = '{bid}' and tags.baseline = '{name}'")
         if found:

@@ -205,4 +205,33 @@ class JointObjective(nn.Module):
         return loss, results
 
 
+class FutureActivity(nn.Module):
+    """The future-window objective (PinnerFormer's dense all-action loss, adapted): from the
+    [CLS] states of the stream encoders, predict the user's own activity on each of the next
+    `days` days after the window (multi-label BCE). Self-supervised: the targets come from the
+    events after the window (`batch["future"]`, features/aggregates.py: future_activity), so
+    every window of every training user takes part, labelled or not; days after the end of
+    the data are -1 and masked out, never guessed. The encoders are the other objectives'
+    (shared modules); the head is one linear layer over their concatenated states."""
+
+    def __init__(self, encoders: dict[str, nn.Module], d_model: int, days: int):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.head = nn.Linear(d_model * len(encoders), days)
+
+    def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch: a collated batch with `future` (B, days) float, -1 = unknown."""
+        device = self.head.weight.device
+        states = [enc({k: v.to(device) for k, v in batch[s].items()})[0] for s, enc in self.encoders.items()]
+        logits = self.head(torch.cat(states, dim=-1))  # (B, S*D) -> (B, days)
+        target = batch["future"].to(device)
+        known = target >= 0
+        if not known.any():
+            return logits.sum() * 0.0, {"n": 0}
+        loss = F.binary_cross_entropy_with_logits(logits[known], target[known])
+        return loss, {"n": int(known.sum()), "scores": torch.sigmoid(logits[known]).detach().cpu(),
+                      "targets": target[known].cpu()}
+
+
 OBJECTIVES = {"conversation": ConversationNegativeSampling, "food": MaskedFood, "events": MaskedEvents}
+FUTURE = "future"  # pretrain.objectives may name it beside the streams

@@ -23,14 +23,14 @@ from models.encoders import ENCODERS
 from pipeline import tracking
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
-from pipeline.pretraining.objectives import OBJECTIVES, JointObjective
+from pipeline.pretraining.objectives import FUTURE, OBJECTIVES, FutureActivity, JointObjective
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 LAST, DONE = "last.pt", "done.json"
 # The held-out metric of each objective, as the progress bar names it
 HELD_OUT = {"heldout_nsp_accuracy": "val_nsp_acc", "heldout_food_top10": "val_food_top10",
-            "heldout_event_top1": "val_event_top1"}
+            "heldout_event_top1": "val_event_top1", "heldout_future_auc": "val_future_auc"}
 
 
 @dataclass
@@ -72,13 +72,19 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     device = loop.rank_device(d, cfg.train.device)
     files = feature_files(Paths.of(cfg).features)
     meta = read_meta(files[0])
-    mcfg = replace(model_config_for(cfg.model, meta), aggregates=False)  # encoders only
+    streams = [s for s in pc.objectives if s in OBJECTIVES]
+    unknown = set(pc.objectives) - set(OBJECTIVES) - {FUTURE}
+    if unknown:
+        raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {[*OBJECTIVES, FUTURE]}")
+    # The future objective needs the days after each window in the event log: with supplied
+    # labels (data.labels) the log may stop where the label's window starts (KDD Cup).
+    days = model_config_for(replace(cfg.model, future_days=-1), meta).future_days if FUTURE in pc.objectives else 0
+    if FUTURE in pc.objectives and not days and d.main:
+        print("pretrain: labels are supplied (data.labels), so the log need not show the days after a window; "
+              "skipping the future objective")
+    mcfg = replace(model_config_for(cfg.model, meta), aggregates=False, future_days=days)  # encoders only
     out = Paths.of(cfg).pretrain
     data = FeatureDataset(files, mcfg)
-    streams = [s for s in pc.objectives if s in OBJECTIVES]
-    unknown = set(pc.objectives) - set(OBJECTIVES)
-    if unknown:
-        raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {list(OBJECTIVES)}")
     empty = [s for s in streams if not data.examples[f"{s}_end"].any()]
     streams = [s for s in streams if s not in empty]
     if empty and d.main:
@@ -96,8 +102,10 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     held_out = data.subset(latest_windows(data, data.select(["val"], labelled=False), 1))
     loop.seed_everything(pc.seed)
     options = {"conversation": {"min_messages": pc.min_messages}, "events": {"mask_prob": pc.mask_prob_events}}
-    joint = JointObjective({s: OBJECTIVES[s](ENCODERS[s](mcfg), **options.get(s, {})) for s in streams},
-                           {s: float(pc.weights.get(s, 1.0)) for s in streams}).to(device)
+    parts = {s: OBJECTIVES[s](ENCODERS[s](mcfg), **options.get(s, {})) for s in streams}
+    if days:
+        parts[FUTURE] = FutureActivity({s: parts[s].encoder for s in streams}, mcfg.d_model, days)
+    joint = JointObjective(parts, {s: float(pc.weights.get(s, 1.0)) for s in parts}).to(device)
     objectives = joint.objectives
     net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
     optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
@@ -113,7 +121,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     if d.main:
         save_config(cfg, out)
     data_input = {"path": str(files[0]), "digest": meta.source_fingerprint}
-    with tracking.stage_run(cfg, "pretrain", "pretrain-" + "+".join(streams), {"kind": "pretrain"},
+    with tracking.stage_run(cfg, "pretrain", "pretrain-" + "+".join(parts), {"kind": "pretrain"},
                             resume_run_id=state["run_id"], data=data_input) as run_id:
         state["run_id"] = run_id
         while state["epoch"] < pc.epochs:
@@ -124,7 +132,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda")
             bar = tqdm(batches, total=per_epoch,
                        initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)
-            running = {s: [] for s in streams}
+            running = {s: [] for s in parts}
             counts = {s: np.zeros(objectives[s].vocab, np.int64) for s in streams if s != "conversation"}
             objectives.train()
             shown = {name: f"{state['metrics'][k]:.3f}" for k, name in HELD_OUT.items() if k in state["metrics"]}
@@ -132,12 +140,12 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
                 with autocast(device):
                     loss, results = net(loop.to_device(batch, device), g)
                 loop.optimizer_step(loss, optimizer, objectives.parameters(), pc.grad_clip, scheduler)
-                for s in streams:
+                for s in parts:
                     running[s].append(results[s][0].item())
                     if s in counts and results[s][1]["n"]:
                         counts[s] += np.bincount(results[s][1]["targets"].numpy(), minlength=len(counts[s]))
                 state["batch"] += 1
-                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in streams} | shown)
+                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in parts} | shown)
             metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
             metrics |= evaluate_objectives(objectives, held_out, pc.batch_size, counts, pc.seed)
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -184,7 +192,11 @@ def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train
         if not a["n"]:
             continue
         targets = np.concatenate(a["targets"])
-        if s == "conversation":
+        if s == FUTURE:  # every known (window, day); chance is 0.5
+            scores = np.concatenate(a["scores"])
+            out["heldout_future_auc"] = roc_auc_score(targets, scores) if len(np.unique(targets)) > 1 else float("nan")
+            out["baseline_future_auc"] = 0.5
+        elif s == "conversation":
             scores = np.concatenate(a["scores"])
             out["heldout_nsp_accuracy"] = a["correct"] / a["n"]
             out["heldout_nsp_auc"] = roc_auc_score(targets, scores) if len(np.unique(targets)) > 1 else float("nan")
@@ -204,7 +216,8 @@ def print_report(m: dict, out: Path) -> None:
     rows = [("negative sampling: accuracy", "heldout_nsp_accuracy", "baseline_nsp_accuracy"),
             ("masked food: top-1", "heldout_food_top1", "baseline_food_top1"),
             ("masked food: top-10", "heldout_food_top10", "baseline_food_top10"),
-            ("masked events: top-1", "heldout_event_top1", "baseline_event_top1")]
+            ("masked events: top-1", "heldout_event_top1", "baseline_event_top1"),
+            ("future activity: ROC-AUC", "heldout_future_auc", "baseline_future_auc")]
     print(f"pretrain: encoders saved to {out}\n  {'objective (held-out users)':<32}{'model':>8}{'baseline':>10}")
     for label, k, b in rows:
         if k in m:

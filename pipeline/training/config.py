@@ -21,6 +21,9 @@ class TrainConfig:
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
     patience: int = 3
+    # Platt scaling of the best model on the validation split (pipeline/training/calibration.py):
+    # probabilities that match observed rates; ranking metrics are unchanged.
+    calibrate: bool = True
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"  # "auto": cuda when present, else cpu

@@ -5,7 +5,7 @@ checkpoint kept, exact resume after a kill, DDP under torchrun (docs/design.md Â
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from models.engagement import EngagementModel
 from pipeline import tracking
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
-from pipeline.training import loop
+from pipeline.training import calibration, loop
 
 log = logging.getLogger(__name__)
 LAST, BEST, DONE, PREDICTIONS = "last.pt", "best.pt", "done.json", "predictions.parquet"
@@ -188,8 +188,16 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
 
 
 def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device, fingerprint: str) -> None:
-    """Predictions of the best model on every labelled split, logged with the model."""
-    model, _ = load_model(result.checkpoint, device)
+    """Platt scaling of the best model on validation (saved with it), then its predictions
+    on every labelled split, logged with the model."""
+    model, ckpt = load_model(result.checkpoint, device)
+    scale, bias = 1.0, 0.0
+    if cfg.train.calibrate:
+        val = data.subset(data.select(["val"]))
+        _, y, p = loop.predict(model, loop.loader(val, cfg.train.eval_batch_size, collate, loop.by_length(val)), device)
+        scale, bias = calibration.fit_platt(p, y)
+        model.config = replace(model.config, calibration_scale=scale, calibration_bias=bias)
+        save_model(result.checkpoint, model, model.config, ckpt["config"], ckpt["epoch"], ckpt["val_roc_auc"])
     idx = data.select(["val", "test", "oot"])
     subset = data.subset(idx)
     ids, y, p = loop.predict(model, loop.loader(subset, cfg.train.eval_batch_size, collate, loop.by_length(subset)), device)
@@ -198,8 +206,9 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
     if result.run_id:
         tracking.log_artifacts([result.checkpoint], "model")
         tracking.log_artifacts([result.run_dir / PREDICTIONS])
-        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc})
+        tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc,
+                              "calibration_scale": scale, "calibration_bias": bias})
     stamps.mark_done(result.run_dir / DONE, fingerprint, run_id=result.run_id, best_epoch=result.best_epoch,
                      val_roc_auc=result.val_roc_auc, build_id=build_id(data.files))  # evaluate checks build_id
     print(f"train: {result.run_dir.name} best val ROC-AUC {result.val_roc_auc:.4f} at epoch "
-          f"{result.best_epoch + 1}; model {result.checkpoint}")
+          f"{result.best_epoch + 1}, calibrated on val as {scale:.3f} z {bias:+.3f}; model {result.checkpoint}")
