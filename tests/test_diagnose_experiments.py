@@ -7,9 +7,10 @@ import pytest
 
 import pipeline.diagnostics.diagnose as diagnose_module
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.diagnostics import CheckResult
 from pipeline.diagnostics.diagnose import TRUNCATION_WARN, diagnose, exit_code, stream_checks
-from pipeline.experiments import experiment_configs
+from pipeline.experiments import experiment_configs, own_pretraining
 
 STREAMS = ("conversation", "food", "events")
 MODEL_CHECKS = [
@@ -103,6 +104,9 @@ def test_experiment_grid_covers_label_fractions_ablations_and_pooling():
 
     future = [c for c in configs.values() if "future" in c.pretrain.objectives]
     others = [c for c in configs.values() if "future" not in c.pretrain.objectives]
+    base = load_config("configs/test.yaml", ["workdir=/tmp/unused"])
+    assert all(own_pretraining(c, base) for c in future)  # only they pretrain: the rest share make pretrain's
+    assert not any(own_pretraining(c, base) for c in others)
     assert {c.train.label_fraction for c in future} == {0.05, 0.2, 1.0}
     assert len({Paths.of(c).pretrain for c in future}) == 1
     assert not {Paths.of(c).pretrain for c in future} & {Paths.of(c).pretrain for c in others}
