@@ -10,8 +10,8 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
                    in every build and shard; pretraining keeps a user's rows apart by it)
     aggregates (B, F) f32, signed log1p: only with model.aggregates (the hybrid)
     future (B, D) f32: own activity (1/0) on each of the D days from as_of, -1 after the data's
-                   end, with model.future_days; a training target (the auxiliary head, the
-                   future objective of pretraining), never a model input
+                   end, with model.future_days and `targets=True`; a training target (the
+                   auxiliary head, the future objective of pretraining), never a model input
     conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
     food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
     events:       type_id, day, content, dt_bucket, recency, position (B,T) i64;
@@ -80,10 +80,13 @@ def load_examples(files: list[Path]) -> tuple[dict[str, np.ndarray], np.ndarray,
 
 
 class FeatureDataset(Dataset):
-    def __init__(self, files: str | Path | list, model: ModelConfig, indices: np.ndarray | None = None):
+    def __init__(self, files: str | Path | list, model: ModelConfig, indices: np.ndarray | None = None,
+                 targets: bool = False):
         """files: one feature file or a list of shard files read as one dataset.
         model: supplies max lengths and the vocabulary sizes ids are clamped to.
-        indices: global example rows to use (see `select`); default all."""
+        indices: global example rows to use (see `select`); default all.
+        targets: also give each item the training-only targets of `model.future_days`
+            (`future`); for training and pretraining, never needed to predict."""
         self.files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
         self.model = model
         self.meta = read_meta(self.files[0])
@@ -98,7 +101,7 @@ class FeatureDataset(Dataset):
             self.aggregates = signed_log1p(X)
             self.model = replace(model, aggregate_names=names)
         self.future: np.ndarray | None = None  # (n_examples, future_days), targets only
-        if model.future_days > 0:
+        if targets and model.future_days > 0:
             horizon = self.meta.config.get("labels", {}).get("horizon_days", model.future_days)
             if model.future_days > horizon:
                 raise UserError(f"model.future_days={model.future_days} exceeds labels.horizon_days={horizon}: "

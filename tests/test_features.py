@@ -166,7 +166,10 @@ def test_derived_labels_and_future_days_match_a_brute_force_count(tmp_path, tiny
     assert labelled.any() and future.any() and not future.all()
     assert np.array_equal((future.sum(1) >= cfg.labels.min_active_days)[labelled], ex["label"][labelled] == 1)
     with pytest.raises(UserError, match="future_days=8 exceeds labels.horizon_days=7"):
-        FeatureDataset(path, dataclasses.replace(model_config_for(cfg.model, meta), future_days=8))
+        FeatureDataset(path, dataclasses.replace(model_config_for(cfg.model, meta), future_days=8), targets=True)
+    plain = FeatureDataset(path, model_config_for(cfg.model, meta))  # predicting: no targets computed
+    assert plain.future is None and "future" not in plain[0]
+    assert np.array_equal(FeatureDataset(path, model_config_for(cfg.model, meta), targets=True)[0]["future"], future[0])
     assert model_config_for(cfg.model, meta).future_days == 7  # -1: the label's horizon
     last = ex["as_of"] == ex["as_of"].max()  # a log ending 3 days after it: days 3..6 unknown (-1)
     cut = future_activity(a, dataclasses.replace(meta, extra=meta.extra | {"data_end": int(ex["as_of"].max()) + 3 * DAY}), 7)

@@ -261,7 +261,7 @@ def test_the_future_objective_learns_next_weeks_days_and_never_reads_unknown_one
 
     path, _, mcfg = sim_store
     assert mcfg.future_days == 7
-    data = FeatureDataset(path, mcfg)
+    data = FeatureDataset(path, mcfg, targets=True)
     train = latest_windows(data, data.select(["train"], labelled=False), 4)
     held_out = data.subset(latest_windows(data, data.select(["val", "test"], labelled=False), 4))
     batches = [collate([data[int(i)] for i in train[j : j + 16]]) for j in range(0, len(train), 16)]

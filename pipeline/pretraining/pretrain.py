@@ -84,7 +84,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
               "skipping the future objective")
     mcfg = replace(model_config_for(cfg.model, meta), aggregates=False, future_days=days)  # encoders only
     out = Paths.of(cfg).pretrain
-    data = FeatureDataset(files, mcfg)
+    data = FeatureDataset(files, mcfg, targets=True)
     empty = [s for s in streams if not data.examples[f"{s}_end"].any()]
     streams = [s for s in streams if s not in empty]
     if empty and d.main:

@@ -96,7 +96,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
 
     meta = read_meta(files[0])
     mcfg = model_config_for(cfg.model, meta)
-    data = FeatureDataset(files, mcfg)
+    data = FeatureDataset(files, mcfg, targets=True)
     mcfg = data.model  # with the hybrid's aggregate columns, saved with the model
     train_idx = data.select(["train"], user_fraction=tc.label_fraction)
     val_idx = data.select(["val"])
