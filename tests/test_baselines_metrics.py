@@ -172,9 +172,25 @@ def test_recall_and_lift_at_the_top():
     assert m["lift_at_top"] == pytest.approx((1 / 2) / (5 / 20))
     flat = binary_metrics(y, np.full(20, 0.6), top_frac=0.1)  # ties count in expectation
     assert flat["recall_at_top"] == pytest.approx(0.1) and flat["lift_at_top"] == pytest.approx(1.0)
+    assert m["precision_at_top"] == pytest.approx(1 / 2)
+    assert m["recall_at_top_of_max"] == pytest.approx((1 / 5) / (2 / 5))  # 2 contacted: at most 2 of 5 found
     c = lift_curve(y, p)
     assert c["frac"][0] == 0 and c["frac"][-1] == 1 and c["recall"][-1] == 1
     assert np.all(np.diff(c["recall"]) >= 0)
+
+
+def test_with_the_disengaged_in_the_majority_the_top_metrics_still_tell_good_from_random():
+    """A MOOC-like split: 80% disengaged. Recall in the top 10% is capped at 0.1 / 0.8 = 0.125
+    for every model, so it barely moves; its share of that cap and precision do."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(5000) < 0.2).astype(int)  # 1 = engaged: 20%
+    good = np.clip(0.2 + 0.6 * y + rng.normal(0, 0.2, len(y)), 0, 1)
+    random_ = rng.random(len(y))
+    g, r = binary_metrics(y, good), binary_metrics(y, random_)
+    assert g["recall_at_top"] - r["recall_at_top"] < 0.03  # 0.125 at best against 0.1
+    assert g["recall_at_top_of_max"] > 0.95 and abs(r["recall_at_top_of_max"] - 0.8) < 0.05
+    assert g["precision_at_top"] == pytest.approx(g["recall_at_top_of_max"])  # k < disengaged: the same figure
+    assert g["lift_at_top"] == pytest.approx(g["precision_at_top"] / (1 - y.mean()))
 
 
 # --- baselines -------------------------------------------------------------------------

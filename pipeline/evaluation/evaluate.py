@@ -168,13 +168,13 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
 
 
 def print_table(metrics: dict, model_name: str, decision) -> None:
-    print(f"\nevaluation of {model_name} (ROC-AUC / PR-AUC of the disengaged / recall in the top 10% riskiest)")
+    print(f"\nevaluation of {model_name} (ROC-AUC / PR-AUC of the disengaged / their recall in the top 10% riskiest, as a share of the most possible)")
     order = sorted(metrics, key=lambda n: -np.nan_to_num(metrics[n]["test"]["roc_auc"]))
     labels = {n: model_name if n == "model" else n for n in order}
     w = max(18, *map(len, labels.values()))
     print(f"  {'':<{w}}" + "".join(f"{s:>26}" for s in EVAL_SPLITS))
     for name in order:
-        cells = "".join(f"{m['roc_auc']:>10.3f}{m['pr_auc']:>8.3f}{m['recall_at_top']:>8.3f}"
+        cells = "".join(f"{m['roc_auc']:>10.3f}{m['pr_auc']:>8.3f}{m['recall_at_top_of_max']:>8.3f}"
                         for m in (metrics[name][s] for s in EVAL_SPLITS))
         print(f"  {labels[name]:<{w}}{cells}")
     if decision:

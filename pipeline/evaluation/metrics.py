@@ -33,13 +33,18 @@ def binary_metrics(y_engaged: np.ndarray, p_engaged: np.ndarray, top_frac: float
     y_engaged: (n,) 0/1; p_engaged: (n,) in [0, 1]. Returns floats: roc_auc, pr_auc (average
     precision of the disengaged by risk), log_loss, brier, ece (equal-width bins, weighted
     by bin size), recall_at_top (share of all disengaged found in the top `top_frac` by
-    risk), lift_at_top (their disengaged rate / the overall rate), prevalence (engaged rate),
-    n. Ranking metrics are NaN when only one class is present; all are NaN when n = 0.
+    risk), precision_at_top (the disengaged share of that top), recall_at_top_of_max
+    (recall_at_top / the most any model can reach there, min(1, k / disengaged): it stays
+    informative when the disengaged are the majority and recall_at_top is capped near
+    top_frac / their share for every model), lift_at_top (precision_at_top / the overall
+    disengaged rate), prevalence (engaged rate), n. Ranking metrics are NaN when only one
+    class is present; all are NaN when n = 0.
     """
     y, p = _check(y_engaged, p_engaged)
     n = len(y)
     out = dict.fromkeys(
-        ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "recall_at_top", "lift_at_top", "prevalence"), float("nan")
+        ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "recall_at_top", "precision_at_top", "recall_at_top_of_max",
+         "lift_at_top", "prevalence"), float("nan")
     )
     out["n"] = n
     if n == 0:
@@ -54,9 +59,12 @@ def binary_metrics(y_engaged: np.ndarray, p_engaged: np.ndarray, top_frac: float
     out["prevalence"] = float(y.mean())
     if disengaged.any():
         curve = lift_curve(y, p)
-        recall = float(np.interp(_top_k(n, top_frac) / n, curve["frac"], curve["recall"]))
+        k, d = _top_k(n, top_frac), int(disengaged.sum())
+        recall = float(np.interp(k / n, curve["frac"], curve["recall"]))
         out["recall_at_top"] = recall
-        out["lift_at_top"] = recall / (_top_k(n, top_frac) / n)
+        out["precision_at_top"] = recall * d / k
+        out["recall_at_top_of_max"] = recall / min(1.0, k / d)
+        out["lift_at_top"] = recall / (k / n)
     return out
 
 

@@ -85,15 +85,22 @@ def plot_calibration(curves: Curves, path, bins: int = 10, title: str = "Calibra
 
 
 def plot_lift(curves: Curves, path, top_frac: float = 0.1, title: str = "Who coaches should contact") -> Path:
-    """Cumulative gains (left) and lift (right) when contacting users by decreasing risk."""
-    fig, (gain, lift) = plt.subplots(1, 2, figsize=(11, 4.5))
+    """Cumulative gains (left), precision among those contacted (middle) and lift (right)
+    when contacting users by decreasing risk, with the best any model could do on the gains."""
+    fig, (gain, prec, lift) = plt.subplots(1, 3, figsize=(16, 4.5))
     for label, (y, p) in curves.items():
         c = lift_curve(y, p)
         gain.plot(c["frac"], c["recall"], label=label)
+        prec.plot(c["frac"][1:], c["lift"][1:] * np.mean(np.asarray(y) == 0), label=label)
         lift.plot(c["frac"][1:], c["lift"][1:], label=label)
+    if curves:
+        share = float(np.mean(np.asarray(next(iter(curves.values()))[0]) == 0))  # disengaged share
+        if share > 0:
+            gain.plot([0, share, 1], [0, 1, 1], ls="-.", c="grey", lw=1, label="best possible")
     gain.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="random")
     lift.axhline(1.0, ls="--", c="grey", lw=1)
-    for ax in (gain, lift):
+    prec.set(ylabel="disengaged share of those contacted", ylim=(0, 1.01), title="precision at k")
+    for ax in (gain, prec, lift):
         ax.axvline(top_frac, ls=":", c="black", lw=1)
         ax.set(xlabel="share of users contacted (by risk)", xlim=(0, 1))
     gain.set(ylabel="share of disengaged users found", ylim=(0, 1.01), title=f"{title}: gains")
