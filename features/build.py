@@ -102,6 +102,7 @@ def build_features(
         n_users = len(user_ids)
         etype = strings(events[C.EVENT_TYPE])  # numpy unicode: vectorised comparisons, no Python str per row
         program_start = _program_start(user_ids, user_row, ts_all, users)
+        program_end = _program_end(user_ids, users)
 
     with timer.step("events"):
         ev = _events_stream(events, etype, user_row, ts_all, n_users, program_start, vocab, fc)
@@ -118,7 +119,7 @@ def build_features(
     with timer.step("examples"):
         streams = {"events": ev, "food": food, "conversation": conv}
         examples, label_stats = _examples(
-            events, etype, user_ids, user_row, ts_all, program_start, streams, calendar, data_end, lc,
+            events, etype, user_ids, user_row, ts_all, (program_start, program_end), streams, calendar, data_end, lc,
             supplied_labels, cfg.data.labels,
         )
     arrays = {
@@ -165,6 +166,17 @@ def _program_start(user_ids, user_row, ts, users: pd.DataFrame | None) -> np.nda
         mapped = secs.reindex(user_ids).to_numpy(dtype=np.float64)
         first = np.where(np.isnan(mapped), first, mapped).astype(np.int64)
     return first
+
+
+def _program_end(user_ids, users: pd.DataFrame | None) -> np.ndarray:
+    """program_end from the users table where known, else never (int64 max), in seconds."""
+    never = np.full(len(user_ids), np.iinfo(np.int64).max)
+    if users is None or C.PROGRAM_END not in users:
+        return never
+    known = users.dropna(subset=[C.PROGRAM_END])
+    secs = pd.Series(known[C.PROGRAM_END].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
+    mapped = secs.reindex(user_ids).to_numpy(dtype=np.float64)
+    return np.where(np.isnan(mapped), never, mapped).astype(np.int64)
 
 
 def _offsets(item_user: np.ndarray, n_users: int) -> np.ndarray:
@@ -227,8 +239,13 @@ def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tu
     }, texts
 
 
-def _examples(events, etype, user_ids, user_row, ts, program_start, streams, calendar, data_end, lc, supplied, labels_path):
+def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar, data_end, lc, supplied, labels_path):
+    program_start, program_end = program
     ev_keys = L.row_keys(streams["events"]["_user"], streams["events"]["ts"])
+    own = C.is_user_activity(etype, strings(events[C.SENDER]))
+    if lc.activity_types:
+        own &= np.isin(etype, [t.lower() for t in lc.activity_types])
+    own_keys = L.row_keys(user_row[own], ts[own])
     label_stats: dict = {}
     if supplied is not None:
         s = L.read_supplied_labels(supplied, pd.Index(user_ids), labels_path)
@@ -240,22 +257,27 @@ def _examples(events, etype, user_ids, user_row, ts, program_start, streams, cal
         grid_user = np.repeat(np.arange(len(user_ids), dtype=np.int32), len(calendar))
         grid_as_of = np.tile(calendar, len(user_ids))
         ex_user, ex_as_of, label = grid_user, grid_as_of, None
-    # Eligible: the program has started and the user has at least one event before as_of.
+    # Eligible: the program has started, has not ended before the label's window does, and
+    # the user has at least one event before as_of (and, with labels.max_inactive_days, own
+    # activity in the days before it). Only events before as_of and static columns decide.
     before = L.first_at_or_after(ev_keys, ex_user, ex_as_of) - streams["events"]["user_offsets"][ex_user]
     eligible = (program_start[ex_user] <= ex_as_of) & (before > 0)
+    eligible &= ex_as_of <= program_end[ex_user] - lc.horizon_days * L.DAY
+    if lc.max_inactive_days is not None:
+        eligible &= _own_items_before(own_keys, ex_user, ex_as_of, lc.max_inactive_days) > 0
     label_stats["ineligible_dropped"] = int((~eligible).sum()) if supplied is not None else 0
     ex_user, ex_as_of = ex_user[eligible], ex_as_of[eligible]
     if label is None:
-        own = C.is_user_activity(etype, strings(events[C.SENDER]))
-        if lc.activity_types:
-            own &= np.isin(etype, [t.lower() for t in lc.activity_types])
-        label = L.derived_labels(L.row_keys(user_row[own], ts[own]), ts[own], ex_user, ex_as_of, lc)
+        label = L.derived_labels(own_keys, ts[own], ex_user, ex_as_of, lc)
         label[ex_as_of + lc.horizon_days * L.DAY > data_end] = UNLABELLED
     else:
         label = label[eligible]
     order = np.lexsort((ex_as_of, ex_user))
     ex_user, ex_as_of, label = ex_user[order], ex_as_of[order], label[order]
     examples = {"user_row": ex_user, "as_of": ex_as_of, "label": label}
+    # Users long gone inflate ROC-AUC with easy negatives: report how many examples they are.
+    quiet = _own_items_before(own_keys, ex_user, ex_as_of, 28) == 0
+    label_stats["inactive_28d_share"] = round(float(quiet.mean()), 4) if len(quiet) else 0.0
     examples["split"] = L.assign_splits(L.user_splits(user_ids, lc), ex_user, ex_as_of, label, lc.oot_cutoffs, dates)
     for name, s in streams.items():
         keys = ev_keys if name == "events" else L.row_keys(s["_user"], s["ts"])
@@ -266,6 +288,11 @@ def _examples(events, etype, user_ids, user_row, ts, program_start, streams, cal
             start = s["user_offsets"][ex_user]
         examples[f"{name}_start"], examples[f"{name}_end"] = start, end
     return examples, label_stats
+
+
+def _own_items_before(own_keys: np.ndarray, ex_user: np.ndarray, ex_as_of: np.ndarray, days: int) -> np.ndarray:
+    """Own-activity items of each example's user in [as_of - days, as_of)."""
+    return L.first_at_or_after(own_keys, ex_user, ex_as_of) - L.first_at_or_after(own_keys, ex_user, ex_as_of - days * L.DAY)
 
 
 def _summary(arrays, timer: Timer, text_stats: dict, label_stats: dict) -> dict:

@@ -47,6 +47,12 @@ class LabelConfig:
     val_frac: float = 0.15
     split_salt: str = "engagement-v1"
     include_unlabelled: bool = False  # also emit cutoffs whose horizon is incomplete (scoring)
+    # Eligibility (docs/contract.md): leave out a user with no own activity in the
+    # max_inactive_days before as_of (already gone; None: keep everyone), and cutoffs after
+    # last_cutoff (an instant; None: up to the data's end). A users-table program_end ends
+    # a user's eligibility too: the label's window must fit before it.
+    max_inactive_days: int | None = None
+    last_cutoff: str | None = None
 
 
 @dataclass

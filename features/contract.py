@@ -38,6 +38,7 @@ EVENT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9_.:\-]{0,63}$"
 
 # Side tables.
 PROGRAM_START = "program_start"
+PROGRAM_END = "program_end"  # optional: a user is eligible only while the program runs
 FOOD_ID = "food_id"
 AS_OF = "as_of"
 LABEL = "label"

@@ -62,6 +62,8 @@ def cutoff_calendar(first_ts: int, data_end: int, cfg: LabelConfig) -> np.ndarra
         start = day0 + pd.Timedelta(days=(cfg.cutoff_weekday - day0.weekday()) % 7 or 7)
     step = cfg.cutoff_every_days * DAY
     last = data_end if cfg.include_unlabelled else data_end - cfg.horizon_days * DAY
+    if cfg.last_cutoff:
+        last = min(last, int(to_utc(cfg.last_cutoff).timestamp()))
     first = int(start.timestamp())
     return np.arange(first, last + 1, step, dtype=np.int64) if last >= first else np.zeros(0, np.int64)
 

@@ -193,12 +193,14 @@ def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFram
 
 
 def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
-    """users side table -> (user_id, program_start UTC or NaT). Duplicate ids keep the first."""
+    """users side table -> (user_id, program_start, program_end; UTC or NaT). Duplicate ids
+    keep the first."""
     require_columns(raw, [C.USER_ID], path, "users")
     users = pd.DataFrame({C.USER_ID: clean_strings(raw[C.USER_ID])})
-    if C.PROGRAM_START in raw.columns:
-        users[C.PROGRAM_START], _ = parse_timestamps(raw[C.PROGRAM_START])
-    else:
-        users[C.PROGRAM_START] = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[us, UTC]")
+    for col in (C.PROGRAM_START, C.PROGRAM_END):
+        if col in raw.columns:
+            users[col], _ = parse_timestamps(raw[col])
+        else:
+            users[col] = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[us, UTC]")
     users = users.dropna(subset=[C.USER_ID]).drop_duplicates(C.USER_ID, keep="first")
     return users.reset_index(drop=True)

@@ -81,25 +81,27 @@ def rewrite_the_future(events: pd.DataFrame, cut: pd.Timestamp) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame(at_cut + newcomers)], ignore_index=True)
 
 
-def test_leakage_changing_everything_at_or_after_as_of_leaves_every_example_unchanged(tmp_path, tiny_encoder):
+@pytest.mark.parametrize("eligibility", [[], ["labels.max_inactive_days=7"]], ids=["default", "max_inactive_days"])
+def test_leakage_changing_everything_at_or_after_as_of_leaves_every_example_unchanged(tmp_path, tiny_encoder, eligibility):
     """docs/design.md §3: for every user at once, events at or after as_of are changed, moved,
     deleted or added (with foods, meals, event types, content and users that only exist
     later, which must not renumber any vocabulary), or all deleted; every example at that
-    as_of keeps exactly the same tensors. Only labels (and splits) may differ."""
+    as_of keeps exactly the same tensors. Only labels (and splits) may differ. With an
+    eligibility rule on, the same users stay eligible."""
     events = make_events(n_users=10, weeks=6, seed=1)
     scoring = "labels.include_unlabelled=true"  # an as_of stays an example when the log ends there
-    path, cfg = build_store(tmp_path, events, tiny_encoder, "a", scoring)
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "a", scoring, *eligibility)
     as_ofs = np.unique(load_arrays(path, ("examples",))[0]["examples"]["as_of"])
     as_of = int(as_ofs[len(as_ofs) // 2])
     cut = pd.Timestamp(as_of, unit="s", tz="UTC")
     before = tensors_at(path, cfg, as_of)
-    assert len(before) >= 8  # nearly every user is an example at this as_of
+    assert len(before) >= (4 if eligibility else 8)  # nearly every user, or every recently active one
     variants = {
         "rewritten": (rewrite_the_future(events, cut), ()),
         "deleted": (events[events.ts < cut], (f"data.until={cut.isoformat()}",)),
     }
     for name, (changed, extra) in variants.items():
-        path2, _ = build_store(tmp_path, changed, tiny_encoder, name, scoring, *extra)
+        path2, _ = build_store(tmp_path, changed, tiny_encoder, name, scoring, *eligibility, *extra)
         report = json.loads((tmp_path / name / "validated" / "validation.json").read_text())
         assert report["quarantined"] == 0 and report["accepted"] == len(changed)  # every change arrived
         after = tensors_at(path2, cfg, as_of)
@@ -109,6 +111,44 @@ def test_leakage_changing_everything_at_or_after_as_of_leaves_every_example_unch
             assert fa.keys() == fb.keys()
             for k in fa:
                 assert torch.equal(fa[k], fb[k]), f"{name}: {k} changed for user {user!r} at as_of {cut}"
+
+
+def test_users_who_leave_flood_the_examples_unless_eligibility_ends(tmp_path, tiny_encoder, capsys):
+    """Six learners active for two weeks of a 12-week log, two active throughout: every week
+    the leavers stay eligible as easy negatives, unless max_inactive_days, program_end or
+    last_cutoff ends their eligibility."""
+    rng = np.random.default_rng(0)
+    rows = [{"user_id": f"u{u}", "ts": START + pd.Timedelta(days=int(d), hours=int(rng.integers(8, 20))),
+             "event_type": "water_log", "value": 250.0}
+            for u in range(8) for d in range(0, 84 if u < 2 else 14) if rng.random() < 0.7]
+    events = pd.DataFrame(rows).sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    flood_path, _ = build_store(tmp_path, events, tiny_encoder, "flood")
+    flood = load_arrays(flood_path, ("examples",))[0]["examples"]
+    out = capsys.readouterr().out
+    assert "no own activity in the 28 days before as_of" in out and "labels.max_inactive_days" in out
+    leavers = flood["user_row"] >= 2
+    assert leavers.mean() > 0.6 and (flood["label"][leavers & (flood["as_of"] > int(START.timestamp()) + 21 * 86400)] == 0).all()
+
+    quiet_path, _ = build_store(tmp_path, events, tiny_encoder, "quiet", "labels.max_inactive_days=14")
+    quiet = load_arrays(quiet_path, ("examples",))[0]["examples"]
+    last_seen = int((START + pd.Timedelta(days=14)).timestamp())
+    assert (quiet["as_of"][quiet["user_row"] >= 2] <= last_seen + 14 * 86400).all()
+    assert (quiet["user_row"] < 2).sum() == (flood["user_row"] < 2).sum()  # the active stay
+    assert "easy negatives" not in capsys.readouterr().out
+
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(8)],
+                          "program_end": [START + pd.Timedelta(days=84 if u < 2 else 21) for u in range(8)]})
+    users.to_parquet(tmp_path / "users.parquet")
+    ended_path, _ = build_store(tmp_path, events, tiny_encoder, "ended", f"data.users={tmp_path / 'users.parquet'}")
+    ended = load_arrays(ended_path, ("examples",))[0]["examples"]
+    end = int((START + pd.Timedelta(days=21)).timestamp())
+    assert (ended["as_of"][ended["user_row"] >= 2] + 7 * 86400 <= end).all()  # the label's window fits
+    assert (ended["user_row"] < 2).sum() == (flood["user_row"] < 2).sum()
+
+    cut = (START + pd.Timedelta(days=35)).isoformat()
+    capped_path, _ = build_store(tmp_path, events, tiny_encoder, "capped", f"labels.last_cutoff={cut}")
+    capped = load_arrays(capped_path, ("examples",))[0]["examples"]
+    assert capped["as_of"].max() <= int(pd.Timestamp(cut).timestamp()) < flood["as_of"].max()
 
 
 def test_round_trip_what_is_written_is_what_is_read(tmp_path, tiny_encoder):

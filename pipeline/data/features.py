@@ -119,6 +119,9 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     return out
 
 
+INACTIVE_WARN = 0.3  # the share of long-inactive examples above which the summary points at eligibility
+
+
 def print_summary(m: dict) -> None:
     v = m["validation"]
     lines = [
@@ -137,5 +140,12 @@ def print_summary(m: dict) -> None:
             f"  message vectors: {mv['messages']:,} messages, {mv['unique']:,} distinct, "
             f"{mv['cached']:,} from cache, {mv['encoded']:,} encoded in {mv['seconds']}s"
         )
+    quiet = m.get("labels", {}).get("inactive_28d_share")
+    if quiet is not None:
+        lines.append(f"  examples whose user had no own activity in the 28 days before as_of: {quiet:.1%}")
+        if quiet > INACTIVE_WARN:
+            lines.append("  many examples are users long gone (easy negatives that inflate ROC-AUC): see "
+                         "labels.max_inactive_days, labels.last_cutoff and program_end in the users table "
+                         "(docs/contract.md#eligibility)")
     lines.append("  seconds per step: " + ", ".join(f"{k} {s}" for k, s in m["seconds"].items()))
     print("\n".join(lines))
