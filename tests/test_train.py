@@ -458,6 +458,16 @@ def test_the_saved_model_carries_its_calibration_and_serves_the_logged_predictio
     subset = data.subset(preds["example"].to_numpy())
     _, _, p = loop.predict(model, loop.loader(subset, 16, collate), torch.device("cpu"))
     np.testing.assert_allclose(p, preds["p_engaged"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # A finish run again (after a kill between its save and done.json) fits on the raw logits
+    # again, not on top of its first fit.
+    import dataclasses
+
+    import pipeline.training.train as T
+
+    T._finish(cfg, dataclasses.replace(result, run_id=None), FeatureDataset(feature_files(Paths.of(cfg).features),
+              model.config, targets=True), model.config, torch.device("cpu"), "again")
+    again = load_model(result.checkpoint)[1]["model_config"]
+    assert (again["calibration_scale"], again["calibration_bias"]) == pytest.approx((a, b), rel=1e-4, abs=1e-5)
     # Without calibration the same weights give other probabilities, the same ranking.
     cfg.train.calibrate, cfg.train.run_name = False, "raw"
     raw = pd.read_parquet(train(cfg).run_dir / "predictions.parquet").sort_values("example")

@@ -193,6 +193,8 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
     model, ckpt = load_model(result.checkpoint, device)
     scale, bias = 1.0, 0.0
     if cfg.train.calibrate:
+        # Fitted on the raw logits: a best.pt calibrated by an interrupted _finish starts over.
+        model.config = replace(model.config, calibration_scale=1.0, calibration_bias=0.0)
         val = data.subset(data.select(["val"]))
         _, y, p = loop.predict(model, loop.loader(val, cfg.train.eval_batch_size, collate, loop.by_length(val)), device)
         scale, bias = calibration.fit_platt(p, y)
