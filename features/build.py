@@ -175,8 +175,10 @@ def _program_end(user_ids, users: pd.DataFrame | None) -> np.ndarray:
         return never
     known = users.dropna(subset=[C.PROGRAM_END])
     secs = pd.Series(known[C.PROGRAM_END].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
-    mapped = secs.reindex(user_ids).to_numpy(dtype=np.float64)
-    return np.where(np.isnan(mapped), never, mapped).astype(np.int64)
+    mapped = secs.reindex(user_ids)  # float64, NaN where unknown: never cast that to int64
+    ok = mapped.notna().to_numpy()
+    never[ok] = mapped.to_numpy()[ok].astype(np.int64)
+    return never
 
 
 def _offsets(item_user: np.ndarray, n_users: int) -> np.ndarray:
@@ -262,7 +264,7 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
     # activity in the days before it). Only events before as_of and static columns decide.
     before = L.first_at_or_after(ev_keys, ex_user, ex_as_of) - streams["events"]["user_offsets"][ex_user]
     eligible = (program_start[ex_user] <= ex_as_of) & (before > 0)
-    eligible &= ex_as_of <= program_end[ex_user] - lc.horizon_days * L.DAY
+    eligible &= ex_as_of + lc.horizon_days * L.DAY <= program_end[ex_user]
     if lc.max_inactive_days is not None:
         eligible &= _own_items_before(own_keys, ex_user, ex_as_of, lc.max_inactive_days) > 0
     label_stats["ineligible_dropped"] = int((~eligible).sum()) if supplied is not None else 0

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import warnings
 
 import h5py
 import numpy as np
@@ -144,6 +145,14 @@ def test_users_who_leave_flood_the_examples_unless_eligibility_ends(tmp_path, ti
     end = int((START + pd.Timedelta(days=21)).timestamp())
     assert (ended["as_of"][ended["user_row"] >= 2] + 7 * 86400 <= end).all()  # the label's window fits
     assert (ended["user_row"] < 2).sum() == (flood["user_row"] < 2).sum()
+
+    from features.build import _program_end  # unknown ends stay "never", whatever the table holds
+
+    half = users.assign(program_end=[users.program_end[0], pd.NaT, *users.program_end[2:]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NaN cast to int64 warns (and gives garbage)
+        ends = _program_end(np.array(["u0", "u1", "u9"], dtype=object), half)
+    assert ends[1] == ends[2] == np.iinfo(np.int64).max and ends[0] == int(users.program_end[0].timestamp())
 
     cut = (START + pd.Timedelta(days=35)).isoformat()
     capped_path, _ = build_store(tmp_path, events, tiny_encoder, "capped", f"labels.last_cutoff={cut}")
