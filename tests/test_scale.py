@@ -119,6 +119,11 @@ def test_length_batches_give_ranks_disjoint_batches_of_similar_length(n):
         def padded(batches):
             return sum(len(b) * lengths[b].max() for b in batches)
         assert padded([np.asarray(b) for b in e0]) < 0.8 * padded([random[i:i + 4] for i in range(0, n, 4)])
+        # DDP waits for the slowest rank: the ranks' batches of one step are neighbours in length.
+        r0, r1 = (loop.LengthBatches(lengths, 3, 0, 4, 0, r, WORLD, window=5).batches for r in range(WORLD))
+        gap = np.mean([abs(lengths[a].max() - lengths[b].max()) for a, b in zip(r0, r1)])
+        shuffled = np.random.default_rng(0).permutation(len(r1))
+        assert gap < 0.6 * np.mean([abs(lengths[a].max() - lengths[r1[j]].max()) for a, j in zip(r0, shuffled)])
         with pytest.raises(UserError, match="batching"):
             loop.epoch_sampler("sorted", np.zeros(3), 0, 0, 4)
 

@@ -91,14 +91,24 @@ class LengthBatches(Sampler[list[int]]):
         n = len(lengths)
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g).numpy()
+        lengths = np.asarray(lengths)
         span = batch_size * window
-        batches = []
+        # Batches go out in groups of `world` neighbours in length, one per rank at the same
+        # step, so the ranks' steps take about as long (DDP waits for the slowest); with one
+        # rank a group is one batch and this is a plain shuffle of the batches.
+        groups, spare = [], []
         for lo in range(0, n, span):
             chunk = order[lo : lo + span]
-            chunk = chunk[np.argsort(-np.asarray(lengths)[chunk], kind="stable")]  # longest first
-            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        shuffle = torch.randperm(len(batches), generator=g).numpy()
-        batches = [batches[i] for i in shuffle]
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first
+            cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            whole = len(cut) // world * world
+            groups += [cut[i : i + world] for i in range(0, whole, world)]
+            spare += cut[whole:]
+        spare.sort(key=lambda b: -lengths[b].max())  # a window's odd batches, paired by length too
+        whole = len(spare) // world * world
+        groups += [spare[i : i + world] for i in range(0, whole, world)]
+        shuffle = torch.randperm(len(groups), generator=g).numpy()
+        batches = [b for i in shuffle for b in groups[i]] + spare[whole:]
         per_rank = len(batches) // world
         self.batches = [b.tolist() for b in batches[rank : per_rank * world : world]][start_batch:]
 
