@@ -156,29 +156,30 @@ def _user_rows(user_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return col.filter(pa.array(change)).to_numpy(zero_copy_only=False), user_row
 
 
+def _users_seconds(user_ids, users: pd.DataFrame | None, column: str, default: np.ndarray) -> np.ndarray:
+    """A users-table timestamp column in epoch seconds per user row, `default` (int64, one
+    per user) where the table has no value; NaN is never cast to int64."""
+    out = default.copy()
+    if users is None or column not in users:
+        return out
+    known = users.dropna(subset=[column])
+    secs = pd.Series(known[column].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
+    mapped = secs.reindex(user_ids)  # float64, NaN where unknown
+    ok = mapped.notna().to_numpy()
+    out[ok] = mapped.to_numpy()[ok].astype(np.int64)
+    return out
+
+
 def _program_start(user_ids, user_row, ts, users: pd.DataFrame | None) -> np.ndarray:
     """program_start from the users table where known, else the user's first event."""
     first = np.full(len(user_ids), np.iinfo(np.int64).max)
     np.minimum.at(first, user_row, ts)
-    if users is not None and C.PROGRAM_START in users:
-        known = users.dropna(subset=[C.PROGRAM_START])
-        secs = pd.Series(known[C.PROGRAM_START].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
-        mapped = secs.reindex(user_ids).to_numpy(dtype=np.float64)
-        first = np.where(np.isnan(mapped), first, mapped).astype(np.int64)
-    return first
+    return _users_seconds(user_ids, users, C.PROGRAM_START, first)
 
 
 def _program_end(user_ids, users: pd.DataFrame | None) -> np.ndarray:
     """program_end from the users table where known, else never (int64 max), in seconds."""
-    never = np.full(len(user_ids), np.iinfo(np.int64).max)
-    if users is None or C.PROGRAM_END not in users:
-        return never
-    known = users.dropna(subset=[C.PROGRAM_END])
-    secs = pd.Series(known[C.PROGRAM_END].astype("int64").to_numpy() // 10**6, index=known[C.USER_ID].to_numpy())
-    mapped = secs.reindex(user_ids)  # float64, NaN where unknown: never cast that to int64
-    ok = mapped.notna().to_numpy()
-    never[ok] = mapped.to_numpy()[ok].astype(np.int64)
-    return never
+    return _users_seconds(user_ids, users, C.PROGRAM_END, np.full(len(user_ids), np.iinfo(np.int64).max))
 
 
 def _offsets(item_user: np.ndarray, n_users: int) -> np.ndarray:

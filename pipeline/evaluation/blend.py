@@ -9,16 +9,12 @@ log-odds is the simplest ensemble that can use that, with two numbers learned on
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, logit
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from pipeline.training.calibration import fit_platt
+from pipeline.training.calibration import fit_platt, logit_of
 
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the sequence model's share of the logit
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7))
 
 
 def fit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -27,7 +23,7 @@ def fit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray) -> tuple[
     one class in `y`: (1.0, 1.0, 0.0)."""
     if len(np.unique(y)) < 2:
         return 1.0, 1.0, 0.0
-    zm, zo = _logit(p_model), _logit(p_other)
+    zm, zo = logit_of(p_model), logit_of(p_other)
     scores = [roc_auc_score(y, w * zm + (1 - w) * zo) for w in WEIGHTS]
     w = float(WEIGHTS[len(WEIGHTS) - 1 - int(np.argmax(scores[::-1]))])
     return (w, *fit_platt(expit(w * zm + (1 - w) * zo), y))
@@ -35,4 +31,4 @@ def fit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray) -> tuple[
 
 def blend(p_model: np.ndarray, p_other: np.ndarray, weight: float, scale: float, bias: float) -> np.ndarray:
     """p_engaged of the blend (NaN where either input is NaN)."""
-    return expit(scale * (weight * _logit(p_model) + (1 - weight) * _logit(p_other)) + bias)
+    return expit(scale * (weight * logit_of(p_model) + (1 - weight) * logit_of(p_other)) + bias)

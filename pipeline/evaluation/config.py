@@ -11,7 +11,7 @@ class EvalConfig:
     calibration_bins: int = 10
     attention_users: int = 3
     # Also score a blend of the sequence model with the hgb baseline (pipeline/evaluation/blend.py):
-    # their logits averaged with a weight and a temperature picked on validation.
+    # their logits averaged with a weight, then Platt-scaled, both picked on validation.
     blend: bool = True
     baselines: list[str] = field(
         default_factory=lambda: ["prevalence", "active_last_week", "logistic", "hgb"]

@@ -78,11 +78,13 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {[*OBJECTIVES, FUTURE]}")
     # The future objective needs the days after each window in the event log: with supplied
     # labels (data.labels) the log may stop where the label's window starts (KDD Cup).
-    days = model_config_for(replace(cfg.model, future_days=-1), meta).future_days if FUTURE in pc.objectives else 0
+    # (model_config_for resolves future_days=-1 to the label's horizon, or to 0 with supplied labels.)
+    sized = model_config_for(replace(cfg.model, future_days=-1), meta)
+    days = sized.future_days if FUTURE in pc.objectives else 0
     if FUTURE in pc.objectives and not days and d.main:
         print("pretrain: labels are supplied (data.labels), so the log need not show the days after a window; "
               "skipping the future objective")
-    mcfg = replace(model_config_for(cfg.model, meta), aggregates=False, future_days=days)  # encoders only
+    mcfg = replace(sized, aggregates=False, future_days=days)  # encoders only
     out = Paths.of(cfg).pretrain
     data = FeatureDataset(files, mcfg, targets=True)
     empty = [s for s in streams if not data.examples[f"{s}_end"].any()]

@@ -14,7 +14,8 @@ from scipy.special import expit, logit
 SCALE_BOUNDS = (0.05, 20.0)  # a scale outside this range means something else is wrong
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit_of(p: np.ndarray) -> np.ndarray:
+    """Log-odds of probabilities, clipped to [1e-7, 1 - 1e-7] so 0 and 1 stay finite (float64)."""
     return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7))
 
 
@@ -31,12 +32,11 @@ def fit_platt(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     y = np.asarray(y, dtype=np.float64)
     if len(y) == 0 or len(np.unique(y)) < 2:
         return 1.0, 0.0
-    z = _logit(p)
+    z = logit_of(p)
 
     def loss(ab):
-        u = ab[0] * z + ab[1]
-        r = expit(u) - y  # gradient of the log loss in u
-        return float(np.mean(np.logaddexp(0.0, u) - y * u)), np.array([np.mean(r * z), np.mean(r)])
+        r = expit(ab[0] * z + ab[1]) - y  # gradient of the log loss in u = a z + b
+        return log_loss_at(z, y, ab[0], ab[1]), np.array([np.mean(r * z), np.mean(r)])
 
     res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[SCALE_BOUNDS, (None, None)])
     return float(res.x[0]), float(res.x[1])
@@ -44,4 +44,4 @@ def fit_platt(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def apply_platt(p: np.ndarray, scale: float, bias: float) -> np.ndarray:
     """Probabilities predicted without calibration, mapped through (scale, bias) (float64)."""
-    return expit(scale * _logit(p) + bias)
+    return expit(scale * logit_of(p) + bias)
