@@ -151,6 +151,7 @@ class PerItemReads(FeatureDataset):
         self.indices = np.asarray(indices)
         self.aggregates = None  # the hybrid's inputs are not part of this comparison
         self.future = None  # nor the training-only targets of the auxiliary head
+        self.attributes = None  # nor user attributes (the simulator has none)
         with h5py.File(self.files[0], "r") as f:
             self.file_of = np.zeros(len(f["examples"]["as_of"]), dtype=np.int64)
         # a number per example's user, as the dataset derives it once per process (not an item read)

@@ -31,7 +31,7 @@ _MAX_PAIRS = 1 << 24  # (example, item) pairs expanded at once when counting dis
 # The datasets the features read: everything but message vectors, which can be gigabytes.
 INPUTS = {
     "examples": tuple(LAYOUT["examples"]),
-    "users": ("program_start",),
+    "users": ("program_start", "attr_codes", "attr_values"),
     "events": ("user_offsets", "ts", "type_id", "value", "value_delta", "has_value"),
     "conversation": ("user_offsets", "ts", "sender"),
     "food": ("user_offsets", "ts", "meal_offsets"),
@@ -246,12 +246,33 @@ def aggregate_features(
     foods = _window_sum(np.diff(arrays["food"]["meal_offsets"]), lo7, food.end)
     cols["foods_per_meal_7d"] = foods / np.maximum(food.end - lo7, 1)
     cols |= _conversation_features(conv, sender)
+    cols |= attribute_features(arrays["users"], meta, ev.ex_user)
 
     names = list(cols)
     X = np.empty((len(rows), len(names)), dtype=np.float32)
     for j, n in enumerate(names):
         X[:, j] = cols[n]  # scalars broadcast (an empty stream)
     return X, names
+
+
+def attribute_features(users: dict, meta: StoreMeta, user_row: np.ndarray) -> dict[str, np.ndarray]:
+    """The user attributes of each example's user (static columns, the same at every as_of):
+    numeric ones as `user_<name>` (0 where missing) plus `user_<name>_missing`; categorical
+    ones one-hot, `user_<name>=<value>` per known value (`user_<name>#<bucket>` for a hashed
+    column) and `user_<name>=?` for a missing or unknown value."""
+    attrs, cols = meta.attributes, {}
+    for j, name in enumerate(attrs["numeric"]):
+        v = users["attr_values"][user_row, j].astype(np.float64)
+        cols[f"user_{_token(name)}"] = np.nan_to_num(v, nan=0.0)
+        cols[f"user_{_token(name)}_missing"] = np.isnan(v)
+    for j, name in enumerate(attrs["categorical"]):
+        code = users["attr_codes"][user_row, j]
+        known = meta.vocab["attributes"].get(name)
+        labels = [f"={v}" for v in known] if known is not None else [f"#{b}" for b in range(attrs["n_ids"] - 2)]
+        cols[f"user_{_token(name)}=?"] = code < 2
+        for i, label in enumerate(labels):
+            cols[f"user_{_token(name)}{label}"] = code == i + 2
+    return cols
 
 
 def _weight_features(ev: _Stream, e: dict, types: list[str]) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ from features import timebuckets as tb
 from features.config import FeatureConfig, Sections, sections_dict
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
-from features.vocab import Vocab, content_buckets, pseudonyms, sender_ids, shard_of, strings
+from features.validate import user_attributes
+from features.vocab import FIRST, Vocab, content_buckets, pseudonyms, sender_ids, shard_of, strings
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def build_features(
         etype = strings(events[C.EVENT_TYPE])  # numpy unicode: vectorised comparisons, no Python str per row
         program_start = _program_start(user_ids, user_row, ts_all, users)
         program_end = _program_end(user_ids, users)
+        attributes, attr = _attributes(user_ids, users, vocab, fc)
 
     with timer.step("events"):
         ev = _events_stream(events, etype, user_row, ts_all, n_users, program_start, vocab, fc)
@@ -123,7 +125,7 @@ def build_features(
             supplied_labels, cfg.data.labels,
         )
     arrays = {
-        "users": {"key": pseudonyms(user_ids, fc.pseudonym_key), "program_start": program_start},
+        "users": {"key": pseudonyms(user_ids, fc.pseudonym_key), "program_start": program_start, **attr},
         **{name: {k: v for k, v in s.items() if not k.startswith("_")} for name, s in streams.items()},
         "examples": examples,
     }
@@ -137,6 +139,7 @@ def build_features(
         vocab=vocab.as_dict(),
         config=config if config is not None else sections_dict(cfg),
         content_buckets=fc.content_buckets,
+        attributes=attributes,
         shard=fc.shard,
         num_shards=fc.num_shards,
         extra={"data_end": data_end, "calendar": calendar.tolist()},
@@ -180,6 +183,28 @@ def _program_start(user_ids, user_row, ts, users: pd.DataFrame | None) -> np.nda
 def _program_end(user_ids, users: pd.DataFrame | None) -> np.ndarray:
     """program_end from the users table where known, else never (int64 max), in seconds."""
     return _users_seconds(user_ids, users, C.PROGRAM_END, np.full(len(user_ids), np.iinfo(np.int64).max))
+
+
+def _attributes(user_ids, users: pd.DataFrame | None, vocab: Vocab, fc) -> tuple[dict, dict[str, np.ndarray]]:
+    """User attributes per user row: (their description for StoreMeta.attributes, the arrays
+    `attr_codes` (n_users, n_categorical) int32 ids, 1 = missing or unknown, and `attr_values`
+    (n_users, n_numeric) float32, NaN = missing). Static columns: nothing here depends on time."""
+    kinds = user_attributes(users)
+    if fc.attributes is not None:
+        unknown = sorted(set(fc.attributes) - set(kinds["categorical"] + kinds["numeric"]))
+        if unknown:
+            raise UserError(f"features.attributes names {unknown}, which the users table (data.users) does not have "
+                            f"as attributes; it has {kinds['categorical'] + kinds['numeric']}")
+        kinds = {k: [c for c in cols if c in fc.attributes] for k, cols in kinds.items()}
+    cap = fc.attribute_max_categories
+    rows = users.set_index(C.USER_ID).reindex(user_ids) if users is not None else pd.DataFrame(index=user_ids)
+    vocab.extend_attributes(users, kinds["categorical"], cap)
+    codes = np.ones((len(user_ids), len(kinds["categorical"])), np.int32)
+    for j, col in enumerate(kinds["categorical"]):
+        codes[:, j] = vocab.attribute_ids(col, rows[col], cap)
+    values = np.stack([rows[c].to_numpy(np.float32, na_value=np.nan) for c in kinds["numeric"]], axis=1) \
+        if kinds["numeric"] else np.zeros((len(user_ids), 0), np.float32)
+    return kinds | {"n_ids": cap + FIRST}, {"attr_codes": codes, "attr_values": values}
 
 
 def _offsets(item_user: np.ndarray, n_users: int) -> np.ndarray:

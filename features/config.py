@@ -15,9 +15,12 @@ PSEUDONYM_KEY_SPEC = "${oc.env:ENGAGEMENT_PSEUDONYM_KEY," + DEMO_PSEUDONYM_KEY +
 @dataclass
 class DataConfig:
     # Where raw events come from: "files" (yours, at data.events), "simulator" (written to
-    # <workdir>/raw on first use) or "kddcup2015" (converted from data.adapter_input).
+    # <workdir>/raw on first use), "mapping" (your files converted by the mapping YAML at
+    # data.mapping into <workdir>/raw, docs/mapping.md) or "kddcup2015" (the bundled mapping
+    # configs/mappings/kddcup2015.yaml).
     source: str = "files"
-    adapter_input: str = ""
+    mapping: str = ""
+    adapter_input: str = ""  # the folder a mapping reads; "" keeps the mapping's own `input`
     # Raw (or already validated) events: a Parquet/CSV file or a folder of partitions.
     events: str = ""
     users: str | None = None  # optional side table (user_id, program_start)
@@ -64,6 +67,11 @@ class FeatureConfig:
     max_msg_no: int = 1024  # message numbers are capped here
     max_day: int = 730  # day of program is capped here
     content_buckets: int = 512  # content ids are hashed into this many buckets
+    # User attributes (docs/contract.md#user-attributes): the users-table columns used as static
+    # features (None: every column but user_id/program_start/program_end; []: none), and the
+    # most categories one categorical column keeps (more at its first build: hashed buckets).
+    attributes: list[str] | None = None
+    attribute_max_categories: int = 64
     # Key of the keyed hash that pseudonymises user ids (and message digests) in artifacts.
     # Set ENGAGEMENT_PSEUDONYM_KEY in production; saved configs never contain the value.
     pseudonym_key: str = PSEUDONYM_KEY_SPEC

@@ -9,6 +9,9 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
     user (B,) i64: equal for examples of one user (a hash of the pseudonymised key, the same
                    in every build and shard; pretraining keeps a user's rows apart by it)
     aggregates (B, F) f32, signed log1p: only with model.aggregates (the hybrid)
+    attr_codes (B, C) i64, attr_values (B, 2N) f32: the user's categorical attribute ids (1 =
+                   missing/unknown) and numeric attributes (signed log1p, 0 where missing,
+                   then N missing flags); only when the model has attributes
     future (B, D) f32: own activity (1/0) on each of the D days from as_of, -1 after the data's
                    end, with model.future_days and `targets=True`; a training target (the
                    auxiliary head, the future objective of pretraining), never a model input
@@ -58,7 +61,38 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
         # (KDD Cup's logs end where its label window starts), so no such head then.
         supplied = bool(meta.config.get("data", {}).get("labels"))
         extra["future_days"] = 0 if supplied else int(meta.config.get("labels", {}).get("horizon_days", 7))
+    if model.attributes:
+        attrs = meta.attributes
+        extra |= {"categorical_attributes": list(attrs["categorical"]), "numeric_attributes": list(attrs["numeric"]),
+                  "n_attribute_ids": int(attrs["n_ids"])}
     return replace(model, **meta.sizes(), **extra)
+
+
+def has_attributes(model: ModelConfig) -> bool:
+    return bool(model.categorical_attributes or model.numeric_attributes)
+
+
+def attributes_of(files: list[Path], model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per example of `files` (in order), the user's attributes the model was built with,
+    matched by name (a store without one reads missing): (n, C) int64 ids, 1 = missing or
+    unknown, and (n, 2N) float32, signed log1p of the numeric values (0 where missing) then
+    their missing flags."""
+    codes, values = [], []
+    for f in files:
+        arrays, meta = load_arrays(f, ("examples", "users"))
+        rows, users, have = arrays["examples"]["user_row"], arrays["users"], meta.attributes
+        c = np.ones((len(rows), len(model.categorical_attributes)), np.int64)
+        for j, name in enumerate(model.categorical_attributes):
+            if name in have["categorical"]:
+                c[:, j] = users["attr_codes"][rows, have["categorical"].index(name)]
+        v = np.full((len(rows), len(model.numeric_attributes)), np.nan, np.float32)
+        for j, name in enumerate(model.numeric_attributes):
+            if name in have["numeric"]:
+                v[:, j] = users["attr_values"][rows, have["numeric"].index(name)]
+        codes.append(np.where(c >= model.n_attribute_ids, 1, c))
+        missing = np.isnan(v)
+        values.append(np.concatenate([signed_log1p(np.nan_to_num(v, nan=0.0)), missing.astype(np.float32)], axis=1))
+    return np.concatenate(codes), np.concatenate(values)
 
 
 def user_numbers(user_key: np.ndarray) -> np.ndarray:
@@ -100,6 +134,9 @@ class FeatureDataset(Dataset):
             X, names = aggregates_of(self.files, model.aggregate_names)
             self.aggregates = signed_log1p(X)
             self.model = replace(model, aggregate_names=names)
+        self.attributes: tuple[np.ndarray, np.ndarray] | None = None  # per example, see attributes_of
+        if has_attributes(self.model):
+            self.attributes = attributes_of(self.files, self.model)
         self.future: np.ndarray | None = None  # (n_examples, future_days), targets only
         if targets and model.future_days > 0:
             horizon = self.meta.config.get("labels", {}).get("horizon_days", model.future_days)
@@ -171,6 +208,8 @@ class FeatureDataset(Dataset):
         item = {"label": float(e["label"]), "example": g, "user": int(self.user_number[g])}
         if self.aggregates is not None:
             item["aggregates"] = self.aggregates[g]
+        if self.attributes is not None:
+            item["attr_codes"], item["attr_values"] = self.attributes[0][g], self.attributes[1][g]
         if self.future is not None:
             item["future"] = self.future[g]
         presence = []
@@ -239,6 +278,9 @@ def collate(items: list[dict]) -> dict:
     }
     if "aggregates" in items[0]:
         batch["aggregates"] = torch.from_numpy(np.stack([it["aggregates"] for it in items]))  # (B, F)
+    for k in ("attr_codes", "attr_values"):
+        if k in items[0]:
+            batch[k] = torch.from_numpy(np.stack([it[k] for it in items]))  # (B, C) / (B, 2N)
     if "future" in items[0]:
         batch["future"] = torch.from_numpy(np.stack([it["future"] for it in items]))  # (B, future_days)
     for s in STREAMS:

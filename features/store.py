@@ -23,7 +23,8 @@ from common.files import atomic_path
 
 # 2: the vocabularies attribute holds the senders too (sizes() reads it); a version-1 file
 # lacks it, so readers ask for a rebuild instead of failing on a missing key.
-SCHEMA_VERSION = 2
+# 3: user attributes (users/attr_codes, users/attr_values, the `attributes` attribute).
+SCHEMA_VERSION = 3
 
 STREAMS = ("conversation", "food", "events")
 SPLITS = ("train", "val", "test", "oot")  # split codes 0..3; oot = out-of-time test
@@ -32,7 +33,9 @@ FEATURE_FILE = "features.h5"  # an unsharded build; shards: shard_file_name(i, n
 
 # Datasets per group; dtypes are the on-disk types.
 LAYOUT: dict[str, dict[str, str]] = {
-    "users": {"key": "S16", "program_start": "i8"},
+    # attr_codes (n_users, n_categorical) ids, 1 = missing/unknown; attr_values (n_users,
+    # n_numeric), NaN = missing: the users table's further columns, StoreMeta.attributes names them
+    "users": {"key": "S16", "program_start": "i8", "attr_codes": "i4", "attr_values": "f4"},
     "conversation": {
         "user_offsets": "i8", "ts": "i8", "embedding": "f2", "sender": "i1",
         "msg_no": "i4", "dt_bucket": "i2",
@@ -69,6 +72,8 @@ class StoreMeta:
     content_buckets: int
     shard: int | None = None
     num_shards: int = 1
+    # {"categorical": [names], "numeric": [names], "n_ids": ids per categorical column}
+    attributes: dict[str, Any] = field(default_factory=lambda: {"categorical": [], "numeric": [], "n_ids": 2})
     extra: dict[str, Any] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:

@@ -193,8 +193,10 @@ def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFram
 
 
 def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
-    """users side table -> (user_id, program_start, program_end; UTC or NaT). Duplicate ids
-    keep the first."""
+    """users side table -> (user_id, program_start, program_end; UTC or NaT) plus every further
+    column as a user attribute (docs/contract.md#user-attributes): numbers and booleans as
+    float64, anything else as stripped strings, "" and missing as missing. Timestamp columns
+    and columns without any value are left out with a warning. Duplicate ids keep the first."""
     require_columns(raw, [C.USER_ID], path, "users")
     users = pd.DataFrame({C.USER_ID: clean_strings(raw[C.USER_ID])})
     for col in (C.PROGRAM_START, C.PROGRAM_END):
@@ -202,5 +204,30 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
             users[col], _ = parse_timestamps(raw[col])
         else:
             users[col] = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[us, UTC]")
+    for col in raw.columns:
+        if col in (C.USER_ID, C.PROGRAM_START, C.PROGRAM_END):
+            continue
+        values = raw[col]
+        if pd.api.types.is_datetime64_any_dtype(values):
+            log.warning("%s: users column %r holds timestamps and is not used as an attribute "
+                        "(give a number, e.g. days since signup, or a category)", path, col)
+            continue
+        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+            values = pd.to_numeric(values, errors="coerce").astype("float64")
+            values = values.where(np.isfinite(values))
+        else:
+            values = clean_strings(values)
+        if values.isna().all():
+            log.warning("%s: users column %r has no values and is not used as an attribute", path, col)
+            continue
+        users[str(col)] = values
     users = users.dropna(subset=[C.USER_ID]).drop_duplicates(C.USER_ID, keep="first")
     return users.reset_index(drop=True)
+
+
+def user_attributes(users: pd.DataFrame | None) -> dict[str, list[str]]:
+    """The attribute columns of a normalised users table by kind: {"categorical": [...],
+    "numeric": [...]}, each in table order."""
+    cols = [] if users is None else [c for c in users.columns if c not in (C.USER_ID, C.PROGRAM_START, C.PROGRAM_END)]
+    numeric = [c for c in cols if pd.api.types.is_float_dtype(users[c])]
+    return {"categorical": [c for c in cols if c not in numeric], "numeric": numeric}

@@ -5,6 +5,12 @@ append-only and persisted next to the feature file, so a token keeps its id acro
 rebuilds and a model trained on last week's build reads this week's correctly; a token a
 model has never seen maps to 1 (unknown).
 
+User attributes (categorical columns of the users table) have one vocabulary per column,
+append-only in sorted order of first sight, of at most `max_categories` values (later values
+read as unknown); a column with more distinct values than that at its first build is hashed
+into `max_categories` buckets from then on (stored as null). Either way its ids are < 2 +
+max_categories, so a model's embedding table never needs to grow.
+
 Senders are the exception: a closed vocabulary fixed by the contract (validation admits no
 other sender), so they need no unknown id: 0 = padding, 1.. = `contract.SENDERS` in order
 (1 user, 2 coach)."""
@@ -38,6 +44,8 @@ class Vocab:
             "meals": list(tokens.get("meals", C.MEALS)),
             "foods": [int(f) for f in tokens.get("foods", [])],
         }
+        # column -> values (id = index + 2), or None for a hashed column
+        self.attributes: dict[str, list[str] | None] = dict(tokens.get("attributes", {}))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
@@ -45,11 +53,12 @@ class Vocab:
         return cls(json.loads(path.read_text())) if path.exists() else cls()
 
     def save(self, path: str | Path) -> None:
-        write_text_atomic(json.dumps(self.tokens), path)
+        write_text_atomic(json.dumps(self.tokens | {"attributes": self.attributes}), path)
 
     def as_dict(self) -> dict[str, list]:
         """Every vocabulary, as stored in the feature file's attributes."""
-        return {k: list(v) for k, v in self.tokens.items()} | {"senders": list(C.SENDERS)}
+        return {k: list(v) for k, v in self.tokens.items()} | {"senders": list(C.SENDERS), "attributes": {
+            k: None if v is None else list(v) for k, v in self.attributes.items()}}
 
     def _append(self, kind: str, tokens: list) -> None:
         known = set(self.tokens[kind])
@@ -70,6 +79,29 @@ class Vocab:
         foods = events[C.FOOD_IDS]
         parents = pc.list_parent_indices(foods)
         self._append("foods", [int(f) for f in _by_first_seen(pc.list_flatten(foods), ts.take(parents))])
+
+    def extend_attributes(self, users: pd.DataFrame, columns: list[str], max_categories: int) -> None:
+        """Append the values of categorical attribute `columns` not yet known (see the module
+        docstring for the cap and hashing)."""
+        for col in columns:
+            values = sorted(users[col].dropna().astype(str).unique())
+            if col not in self.attributes:
+                self.attributes[col] = None if len(values) > max_categories else []
+            known = self.attributes[col]
+            if known is not None:
+                seen = set(known)
+                known += [v for v in values if v not in seen][: max(max_categories - len(known), 0)]
+
+    def attribute_ids(self, col: str, values: pd.Series, max_categories: int) -> np.ndarray:
+        """Vectorised value -> id of attribute `col`; missing and unknown values -> UNKNOWN."""
+        known = self.attributes.get(col, [])
+        strings_ = values.astype("string")
+        if known is None:
+            distinct = pd.unique(strings_.dropna())
+            bucket = {v: FIRST + _digest_int(v, f"attribute:{col}") % max_categories for v in distinct}
+            return strings_.map(bucket).fillna(UNKNOWN).to_numpy(np.int32)
+        pos = pd.Index(known).get_indexer(strings_.fillna("\x00"))  # a missing value matches nothing
+        return np.where(pos < 0, UNKNOWN, pos + FIRST).astype(np.int32)
 
     def ids(self, kind: str, values: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Vectorised token -> id; missing values -> UNKNOWN."""

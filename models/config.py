@@ -30,6 +30,14 @@ class ModelConfig:
     # Filled by the first FeatureDataset that computes them: the aggregate columns the model
     # is trained on (later stores are matched by name).
     aggregate_names: list[str] = field(default_factory=list)
+    # User attributes (the users table's further columns, docs/contract.md#user-attributes):
+    # embedded into the fusion input when the feature store has any (false: ignored). The
+    # names and the ids per categorical column are filled from the store, and later stores
+    # are matched by name.
+    attributes: bool = True
+    categorical_attributes: list[str] = field(default_factory=list)
+    numeric_attributes: list[str] = field(default_factory=list)
+    n_attribute_ids: int = 2
     # Dense auxiliary targets (issue 14): a second output of the fusion head predicts the
     # user's own activity on each of the next `future_days` days (-1: every day of the label's
     # horizon, labels.horizon_days, unless labels are supplied (data.labels): then none; 0: no

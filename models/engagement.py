@@ -25,6 +25,8 @@ class EngagementModel(nn.Module):
 
     fusion input = [cls_stream for enabled streams] + [presence flag of each enabled stream]
     (+ [projected aggregate features] with `config.aggregates`, the hybrid)
+    (+ [user attributes: summed embeddings of the categorical ones + a linear map of the
+    numeric ones] when the config names attributes)
     -> LayerNorm -> Linear -> GELU -> Dropout -> Linear -> logit.
     """
 
@@ -55,7 +57,15 @@ class EngagementModel(nn.Module):
             if not config.aggregate_names:
                 raise ValueError("model.aggregates=true needs aggregate_names (filled from the feature store)")
             self.aggregate_proj = nn.Sequential(nn.Linear(len(config.aggregate_names), D), nn.GELU())
-        A = D if config.aggregates else 0
+        # User attributes -> (B, D): one embedding table per categorical column (stacked in
+        # one table, column j's ids offset by j * n_attribute_ids), summed, plus the numeric
+        # values and their missing flags through a linear map.
+        n_cat, n_num = len(config.categorical_attributes), len(config.numeric_attributes)
+        self.attribute_embedding = nn.Embedding(n_cat * config.n_attribute_ids, D) if n_cat else None
+        if n_cat:
+            self.register_buffer("attribute_offsets", torch.arange(n_cat) * config.n_attribute_ids, persistent=False)
+        self.attribute_values = nn.Linear(2 * n_num, D) if n_num else None
+        A = (D if config.aggregates else 0) + (D if n_cat or n_num else 0)
         self.head = nn.Sequential(
             nn.LayerNorm(S * D + S + A),
             nn.Linear(S * D + S + A, H),
@@ -76,7 +86,8 @@ class EngagementModel(nn.Module):
             batch: the collated batch (see features' collate): per enabled stream a dict of
                 batch-first (B, T, ...) tensors with `padding_mask` (B, T) bool, True =
                 padding; `presence` (B, 3) float32, 1 where the stream has >= 1 item;
-                `aggregates` (B, F) float32 with `config.aggregates`.
+                `aggregates` (B, F) float32 with `config.aggregates`; `attr_codes` (B, C)
+                int64 and `attr_values` (B, 2N) float32 when the config names attributes.
             labels: optional (B,) float32 in {0, 1}, 1 = engaged next week.
 
         Returns:
@@ -90,7 +101,9 @@ class EngagementModel(nn.Module):
         parts = states + [presence]
         if self.aggregate_proj is not None:
             parts.append(self.aggregate_proj(batch["aggregates"]))  # (B, F) -> (B, D)
-        x = torch.cat(parts, dim=-1)  # (B, S*D + S [+ D])
+        if self.attribute_embedding is not None or self.attribute_values is not None:
+            parts.append(self._attributes(batch))  # (B, D)
+        x = torch.cat(parts, dim=-1)  # (B, S*D + S [+ D] [+ D])
         hidden = self.head[:-1](x)  # (B, H)
         logits = self.head[-1](hidden).squeeze(-1)  # (B, 1) -> (B,)
         if (self.config.calibration_scale, self.config.calibration_bias) != (1.0, 0.0):  # fitted after training
@@ -105,6 +118,15 @@ class EngagementModel(nn.Module):
                 aux = F.binary_cross_entropy_with_logits(future, target.clamp(min=0), weight=known, reduction="sum")
                 loss = loss + self.config.future_weight * aux / known.sum().clamp(min=1)
         return logits, loss
+
+    def _attributes(self, batch: dict[str, Any]) -> torch.Tensor:
+        out = 0
+        if self.attribute_embedding is not None:
+            ids = batch["attr_codes"] + self.attribute_offsets  # (B, C)
+            out = out + self.attribute_embedding(ids).sum(dim=1)  # (B, C, D) -> (B, D)
+        if self.attribute_values is not None:
+            out = out + self.attribute_values(batch["attr_values"])  # (B, 2N) -> (B, D)
+        return F.gelu(out)
 
     def set_output_bias(self, prevalence: float) -> None:
         """Start the logit at the training prevalence (log-odds) so the initial loss equals

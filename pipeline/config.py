@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from common.errors import UserError
+from common.errors import UserError, config_error
 from common.files import write_text_atomic
 from features.config import DataConfig, FeatureConfig, LabelConfig, public
 from models.config import ModelConfig
@@ -77,9 +77,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except UserError:
         raise
     except Exception as e:  # keep omegaconf's message and key, drop the traceback
-        key = getattr(e, "full_key", None)
-        where = f" (key {key})" if key else ""
-        raise UserError(f"config {path or '<defaults>'}{where}: {str(e).splitlines()[0]}") from None
+        raise config_error(e, f"config {path or '<defaults>'}") from None
     return cfg
 
 

@@ -15,7 +15,7 @@ README_MAX_LINES = 250
 # The pages README and the code point at; each must exist (a missing one is a broken promise).
 PAGES = ("design", "contract", "configuration", "models", "pretraining", "evaluation", "mlflow",
          "production", "scaling", "benchmarks", "privacy", "dependencies", "results", "layout",
-         "testing")
+         "testing", "mapping")
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
 PYTHON_M = re.compile(r"python3?\s+-m\s+([A-Za-z_][\w.]*)")

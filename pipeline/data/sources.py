@@ -1,19 +1,23 @@
-"""Make sure the raw inputs a config names exist: run the simulator or a public-data
-adapter on first use (and again when its settings changed); user files are left alone."""
+"""Make sure the raw inputs a config names exist: run the simulator or convert files with a
+mapping (features/adapters/mapping.py) on first use, and again when its settings, the
+mapping or the mapped files changed; user files (data.source: files) are left alone."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from common import stamps
 from common.errors import UserError
+from features.adapters.mapping import Mapping, convert, input_files, load_mapping
+from features.io import fingerprint
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
 
 log = logging.getLogger(__name__)
 STAMP = "source.json"
-SOURCES = ("files", "simulator", "kddcup2015")
+SOURCES = ("files", "simulator", "mapping", "kddcup2015")
 
 
 def ensure_raw(cfg: Config) -> None:
@@ -23,7 +27,11 @@ def ensure_raw(cfg: Config) -> None:
     if source == "files":
         return
     raw = Paths.of(cfg).raw
-    settings = to_dict(cfg)["sim"] if source == "simulator" else {"input": cfg.data.adapter_input}
+    if source == "simulator":
+        settings = to_dict(cfg)["sim"]
+    else:
+        mapping = config_mapping(cfg)
+        settings = {"mapping": asdict(mapping), "inputs": fingerprint(input_files(mapping))}
     fp = stamps.fingerprint(source, settings)
     if Path(cfg.data.events).exists() and stamps.is_current(raw / STAMP, fp) is not None:
         return
@@ -33,7 +41,26 @@ def ensure_raw(cfg: Config) -> None:
         simulate_to_dir(cfg.sim, raw)
         save_config(cfg, raw)
     else:
-        from features.adapters.kddcup2015 import convert
-
-        convert(cfg.data.adapter_input, raw)
+        _check_data_paths(cfg, convert(mapping, raw))
     stamps.mark_done(raw / STAMP, fp, source=source, settings=settings)
+
+
+def config_mapping(cfg: Config) -> Mapping:
+    """The mapping a config converts with: data.mapping, or the bundled KDD Cup one; it reads
+    data.adapter_input when that is set, else the mapping's own `input`."""
+    from features.adapters.kddcup2015 import MAPPING
+
+    path = MAPPING if cfg.data.source == "kddcup2015" else cfg.data.mapping
+    if not path:
+        raise UserError("data.source=mapping needs data.mapping: the path of a mapping YAML (docs/mapping.md)")
+    mapping = load_mapping(path)
+    return replace(mapping, input=cfg.data.adapter_input) if cfg.data.adapter_input else mapping
+
+
+def _check_data_paths(cfg: Config, written: dict[str, Path]) -> None:
+    """A converted table that the config does not read is a mapping wasted: say so."""
+    for name, path in written.items():
+        given = getattr(cfg.data, name)
+        if not given or Path(given).resolve() != path.resolve():
+            log.warning("the mapping wrote %s but data.%s is %s; set data.%s: ${workdir}/raw/%s to use it",
+                        path, name, given, name, path.name)

@@ -67,6 +67,46 @@ def data_checks(data: FeatureDataset, rows: np.ndarray, streams: list[str]) -> l
     return out
 
 
+# An attribute that alone ranks the train labels this well is worth a look: a column such as
+# a churn date or a cancellation flag tells the label, and nothing will work without it.
+ATTRIBUTE_LEAK_WARN = 0.95
+
+
+def attribute_checks(data: FeatureDataset, rows: np.ndarray, heldout: np.ndarray) -> list[CheckResult]:
+    """One line per user attribute the model reads: its missing share, its categories, and
+    how well it alone ranks the labels of the `heldout` rows (ROC-AUC of the attribute as the
+    only score: a category scores its engaged rate over the train `rows`, so many small
+    categories cannot look predictive by chance; a number scores itself, either direction).
+    WARN above ATTRIBUTE_LEAK_WARN."""
+    if data.attributes is None:
+        return []
+    from sklearn.metrics import roc_auc_score
+
+    codes, values = data.attributes
+    labels = data.examples["label"]
+    m = data.model
+    n_num = len(m.numeric_attributes)
+    columns = [(n, codes[:, j], codes[:, j] < 2, True) for j, n in enumerate(m.categorical_attributes)]
+    columns += [(n, values[:, j], values[:, n_num + j] > 0, False) for j, n in enumerate(m.numeric_attributes)]
+    y = labels[heldout]
+    out = []
+    for name, x, missing, categorical in columns:
+        if categorical:
+            n = np.bincount(x[rows], minlength=m.n_attribute_ids)
+            rate = np.bincount(x[rows], weights=labels[rows], minlength=m.n_attribute_ids) / np.maximum(n, 1)
+            score, kind = rate[x[heldout]], f"{int((n > 0).sum())} categories"
+        else:
+            score, kind = x[heldout], "numeric"
+        auc = roc_auc_score(y, score) if 0 < y.mean() < 1 else 0.5
+        auc = max(auc, 1 - auc)
+        detail = (f"{kind}, {missing[rows].mean():.1%} missing, alone ranks the validation labels "
+                  f"at ROC-AUC {auc:.3f}")
+        if auc > ATTRIBUTE_LEAK_WARN:
+            detail += "; so high it may tell the label (a churn date, a cancellation?): see docs/contract.md#user-attributes"
+        out.append(CheckResult(f"data: attribute {name}", True, detail, {"auc": auc}, warn=auc > ATTRIBUTE_LEAK_WARN))
+    return out
+
+
 def exit_code(results: list[CheckResult]) -> int:
     """1 when any check fails, else 0 (warnings do not fail the command)."""
     return int(any(not r.passed for r in results))
@@ -97,7 +137,7 @@ def diagnose(
 
     streams = [s for s in STREAMS if s in mcfg.streams]
     leak = "conversation" if "conversation" in streams else streams[0]
-    results = data_checks(data, rows, streams) + run_diagnostics(
+    results = data_checks(data, rows, streams) + attribute_checks(data, rows, data.select(["val"])) + run_diagnostics(
         factory, batches, leak_stream=leak, leak_steps=leak_steps, overfit_steps=overfit_steps,
         start_prevalence=prevalence,
     )
