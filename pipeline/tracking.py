@@ -1,5 +1,6 @@
 """MLflow tracking (docs/design.md §8): one run per stage with the resolved config as params and
-`config.yaml`, the data fingerprint as a logged input, the git commit, metrics and plots.
+`config.yaml`, the data fingerprint as a logged input, the git commit, metrics and plots, and
+a short markdown description (`describe`) that the UI shows on the run's page.
 
 Tracking URI: `tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
 working directory; artifacts of a new experiment go beside a SQLite file (mlartifacts/).
@@ -21,10 +22,12 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
+from features.store import build_id, feature_files
 from pipeline.config import Config, flat_params, to_yaml
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
+NOTE = "mlflow.note.content"  # the tag the MLflow UI shows and edits as a run's description
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -74,14 +77,22 @@ def stage_run(
 ) -> Iterator[str | None]:
     """An MLflow run for one stage; yields its run id (None on ranks other than 0).
 
-    data: {"path": feature file, "digest": source fingerprint} logged as the run's input."""
+    data: {"path": feature file, "digest": source fingerprint} logged as the run's input; its
+    feature build is named in the run's description and its `build_id` tag."""
     if not is_rank_zero():
         yield None
         return
     setup(cfg)
+    tags = dict(tags or {})
+    if data:
+        tags["build_id"] = build_id(feature_files(Path(data["path"]).parent))
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name) as run:
         if not resume_run_id:
-            mlflow.set_tags({"stage": stage, "git_commit": git_commit(), "config_name": cfg.name, **(tags or {})})
+            kind = tags.get("kind", stage)
+            tags[NOTE] = describe(what(kind, run_name, tags), tags.get("build_id"))
+            if kind == "model":
+                tags[NOTE] += "\n\nTest ROC-AUC: not evaluated yet (`make evaluate` adds it here)."
+            mlflow.set_tags({"stage": stage, "git_commit": git_commit(), "config_name": cfg.name, **tags})
             params = {k: str(v)[:500] for k, v in flat_params(cfg).items()}
             for chunk in _chunks(list(params.items()), 100):
                 mlflow.log_params(dict(chunk))
@@ -89,6 +100,40 @@ def stage_run(
             if data:
                 log_dataset(data["path"], data["digest"])
         yield run.info.run_id
+
+
+WHAT = {  # a run's kind in words, for its description
+    "pretrain": "**Pretraining** of the stream encoders on their self-supervised objectives (no labels)",
+    "oracle": "**Oracle**, the simulator's own P(engaged): the ceiling no model can beat",
+    "hgb": "**Gradient boosting** baseline (HistGradientBoosting on per-user aggregates)",
+    "logistic": "**Logistic regression** baseline on per-user aggregates",
+    "prevalence": "**Prevalence** baseline: the train engaged rate, for everyone",
+    "active_last_week": "**Active last week** baseline: the train engaged rate with / without activity "
+                        "on enough days of the last week",
+}
+
+
+def what(kind: str, name: str, tags: dict[str, str]) -> str:
+    """What run `name` is, in words. kind: a run's `kind` tag (model, pretrain, oracle) or a
+    baseline's name; a sequence model is described from the tags train gives it."""
+    if kind == "pretrain":
+        return f"{WHAT[kind]}: {name.removeprefix('pretrain-')}"
+    if kind != "model":
+        return WHAT.get(kind, f"**{kind}** `{name}`")
+    fraction = f"{float(tags['label_fraction']):.0%}" if tags.get("label_fraction") else "?"
+    hybrid = ", with the baselines' aggregates" if tags.get("aggregates") == "True" else ""
+    return (f"**Sequence model** `{name}`: {tags.get('init', '?')} encoders, {fraction} of the training "
+            f"labels, streams {tags.get('streams', '?')}, {tags.get('pooling', '?')} pooling{hybrid}")
+
+
+def describe(what: str, build: str | None, test_auc: float | None = None, hgb_auc: float | None = None) -> str:
+    """A run's description (markdown): what it is, on which feature build and, once
+    evaluated, its test ROC-AUC beside gradient boosting's on the same examples."""
+    parts = [what + ".", f"Feature build `{build}`." if build else "Feature build not recorded."]
+    if _is_number(test_auc):
+        beside = f" (gradient boosting {hgb_auc:.3f} on the same examples)" if _is_number(hgb_auc) else ""
+        parts.append(f"Test ROC-AUC **{test_auc:.3f}**{beside}.")
+    return "\n\n".join(parts)
 
 
 def _chunks(items: list, n: int):

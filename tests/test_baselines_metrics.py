@@ -1,5 +1,11 @@
 """Aggregate features against a brute-force pandas count, leakage, metrics against hand
-computations, baselines' honesty (train labels only), and that the plots are written."""
+computations, baselines' honesty (train labels only), and that the plots are written and
+readable: legends beside the curves, figures as wide as the MLflow UI shows, tick labels
+apart."""
+
+from itertools import combinations
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -287,6 +293,94 @@ def test_plots_write_png_files(tmp_path):
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
     with pytest.raises(ValueError, match="heads"):
         plots.plot_attention([att], ["CLS", "x"], tmp_path / "bad.png")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, drawn as they would be saved, kept open."""
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        made.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    yield made
+    plt.close("all")
+
+
+def _seven_curves(n: int = 300) -> dict:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    names = ["pretrained-100pct-all-cls", "prevalence", "active_last_week", "logistic", "hgb", "blend with hgb", "oracle"]
+    return {name: (y, np.clip(0.5 + 0.1 * (i + 1) * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1))
+            for i, name in enumerate(names)}
+
+
+def test_legends_cover_no_data_and_every_figure_fits_the_width_the_ui_shows(figures, tmp_path):
+    curves = _seven_curves()
+    plots.plot_roc(curves, tmp_path / "roc.png")
+    plots.plot_pr(curves, tmp_path / "pr.png")
+    plots.plot_calibration(curves, tmp_path / "cal.png")
+    plots.plot_lift(curves, tmp_path / "lift.png")
+    for fig, name in zip(figures, ("roc", "pr", "calibration", "lift")):
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1, name
+        entries = [t.get_text() for t in legends[0].get_texts()]
+        assert all(any(e.startswith(label) for e in entries) for label in curves), name  # every curve named
+        box = legends[0].get_window_extent()
+        for ax in fig.axes:  # the data area of every panel
+            assert not box.overlaps(ax.get_window_extent()), f"{name}: the legend covers {ax.get_title()!r}"
+        assert fig.get_tightbbox().width <= plots.WIDTH, name  # inches, legend included
+        assert min(t.get_fontsize() for t in legends[0].get_texts()) >= plots.FONT
+
+
+def _shown_labels(axis) -> list:
+    return [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+
+
+@pytest.mark.parametrize("items", [5, 40, 128])
+def test_attention_tick_labels_are_legible_and_apart_at_every_length(figures, tmp_path, items):
+    rng = np.random.default_rng(0)
+    n = 1 + items
+    maps = [rng.dirichlet(np.ones(n), size=(4, n)) for _ in range(2)]  # 2 layers x (4 heads, 1+T, 1+T)
+    labels = ["CLS"] + [f"content_view {i} 18.3d-32.5d ago" for i in range(items)]
+    plots.plot_attention(maps, labels, tmp_path / "att.png", "events attention, user 0123abcd")
+    (fig,) = figures
+    maps_axes = [ax for ax in fig.axes if ax.get_title().startswith("layer")]
+    assert len(maps_axes) == 2
+    shown = _shown_labels(fig.axes[2].xaxis)  # the bottom panel ([CLS] per head) carries the key labels
+    if n <= 30:
+        assert len(shown) == n  # short sequences: every item named
+    assert len(shown) >= min(n, 20)
+    assert fig.get_tightbbox().width <= plots.WIDTH
+    for ax in fig.axes:  # maps, [CLS] strip and colour bars
+        for axis in (ax.xaxis, ax.yaxis):
+            texts = _shown_labels(axis)
+            assert all(t.get_fontsize() >= plots.FONT for t in texts)
+            for a, b in combinations([t.get_window_extent() for t in texts], 2):
+                assert not a.overlaps(b), f"{ax.get_title()!r}: tick labels overlap"
+
+
+def test_attention_takes_each_users_fullest_example_for_distinct_users():
+    from pipeline.evaluation.attention import chosen_examples
+
+    #                     rows: 0     1     2     3     4     5
+    user_key = np.array([b"a", b"a", b"b", b"c", b"c", b"d"])
+    conversation = np.array([9, 8, 3, 0, 2, 1])  # items per example in each stream
+    food = np.array([9, 0, 3, 5, 2, 1])
+    zeros = np.zeros(6, int)
+    data = SimpleNamespace(user_key=user_key, examples={
+        "conversation_start": zeros, "conversation_end": conversation, "food_start": zeros, "food_end": food})
+    rows = np.arange(6)
+    # a's two windows are the two fullest: a once, then the users whose examples have both streams.
+    assert chosen_examples(data, rows, ["conversation", "food"], 3).tolist() == [0, 2, 4]
+    assert chosen_examples(data, rows, ["conversation", "food"], 9).tolist() == [0, 2, 4, 5]
+    assert chosen_examples(data, rows[[1, 4]], ["conversation", "food"], 3).tolist() == [4, 1]  # 2 streams beat 1
+    assert chosen_examples(data, rows[:0], ["conversation"], 3).tolist() == []
 
 
 def test_the_blend_weighs_an_informative_model_and_ignores_noise():

@@ -4,17 +4,19 @@ uninterrupted one, and a run of another world size is neither reused nor resumed
 
 import json
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
 import pipeline.pretraining.pretrain as P
 from features.dataset import FeatureDataset, collate, user_numbers
-from features.store import feature_files
+from features.store import build_id, feature_files
 from models.encoders import ENCODERS
 from models.engagement import EngagementModel
 from pipeline.paths import Paths
 from pipeline.pretraining.pretrain import DONE, LAST, pretrain, run_fingerprint
+from pipeline.tracking import NOTE
 from pipeline.training import loop
 
 
@@ -97,6 +99,8 @@ def test_pretrain_saves_the_encoders_it_trained_which_load_into_the_engagement_m
         assert not any(p.requires_grad for p in model.encoders[stream].parameters())
     again = pretrain(cfg)  # the same inputs: reused, not retrained
     assert again.skipped and again.run_id == result.run_id
+    note = mlflow.MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.tags[NOTE]  # the UI's description
+    assert note.startswith("**Pretraining**") and f"Feature build `{build_id([path])}`" in note
 
 
 def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(cfg, tmp_path, monkeypatch):

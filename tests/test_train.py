@@ -19,6 +19,7 @@ from pipeline.evaluation import registry
 from pipeline.evaluation.compare import compare
 from pipeline.evaluation.evaluate import BLEND, evaluate
 from pipeline.paths import Paths
+from pipeline.tracking import NOTE
 from pipeline.training.train import LAST, train
 
 
@@ -71,6 +72,11 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     cfg.train.run_name = "good"
     cfg.train.epochs = 3
     good = train(cfg)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    bid = json.loads((good.run_dir / "done.json").read_text())["build_id"]
+    note = client.get_run(good.run_id).data.tags[NOTE]  # the run's description in the UI
+    assert note.startswith("**Sequence model** `good`: scratch encoders, 100% of the training labels")
+    assert f"`{bid}`" in note and "not evaluated yet" in note
     first = evaluate(cfg, good.run_dir)
     assert first.decision.promoted and first.decision.reason == "no champion yet"
     for name in ("model", "prevalence", "active_last_week", "logistic", "hgb", "oracle"):
@@ -88,8 +94,6 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert d.promoted is False and d.reason == "champion is as good or better"
     assert d.champion == pytest.approx(first.metrics["model"]["val"]["roc_auc"], abs=1e-6)  # re-scored, same examples
     assert registry.champion_version(cfg).run_id == good.run_id
-    tracking_uri = cfg.tracking.uri
-    client = mlflow.MlflowClient(tracking_uri)
     tags = client.get_run(bad_run_id).data.tags
     assert tags["promoted"] == "False" and "gate_champion_val_roc_auc" in client.get_run(bad_run_id).data.metrics
 
@@ -101,7 +105,23 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.digest
     arts = {a.path for a in client.list_artifacts(good.run_id, "plots")}
     assert {"plots/roc_test.png", "plots/calibration_oot.png", "plots/lift_test.png"} <= arts
-    assert any(a.startswith("plots/attention_") for a in arts)
+    # One attention figure per stream for each of eval.attention_users distinct test users
+    # (the tiny store's fullest test users have items in every stream).
+    attention = [a.removeprefix("plots/attention_").removesuffix(".png").split("_") for a in arts if "attention_" in a]
+    users = {user for _, user in attention}
+    assert len(users) == cfg.eval.attention_users and len(attention) == len(users) * 3
+    assert {stream for stream, _ in attention} == {"conversation", "food", "events"}
+
+    # Every run says what it is, on which build, and its test ROC-AUC beside gradient boosting's.
+    auc = {n: f"{m['test']['roc_auc']:.3f}" for n, m in first.metrics.items()}
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])}
+    for name, what, key in [("good", "**Sequence model** `good`", "model"), ("good+hgb", "**Blend**", BLEND),
+                            ("logistic", "**Logistic regression**", "logistic"), ("oracle", "**Oracle**", "oracle"),
+                            ("prevalence", "**Prevalence**", "prevalence"), ("hgb", "**Gradient boosting**", "hgb")]:
+        note = runs[name].data.tags[NOTE]
+        assert note.startswith(what) and f"Feature build `{bid}`" in note, name
+        assert f"Test ROC-AUC **{auc[key]}**" in note, name
+        assert (f"(gradient boosting {auc['hgb']} on the same examples)" in note) == (name != "hgb"), name
 
     # compare reads it all back from MLflow, in every format.
     out = io.StringIO()

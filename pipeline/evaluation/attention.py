@@ -1,5 +1,5 @@
 """Attention maps of the trained model for a few (pseudonymised) test users: which past
-messages or events the [CLS] token and the items attend to."""
+messages, meals or events the [CLS] token and the items attend to."""
 
 from __future__ import annotations
 
@@ -16,34 +16,46 @@ from pipeline.config import Config
 from pipeline.evaluation import plots
 from pipeline.training.train import BEST
 
-SENDER = {1: "U", 2: "C"}
+
+def chosen_examples(data: FeatureDataset, rows: np.ndarray, streams: list[str], n_users: int) -> np.ndarray:
+    """One example per user for `n_users` distinct users: each user's fullest example (most
+    streams with items, then most items), fullest users first. Distinct users, because a
+    user's windows at successive dates are near copies (and would share a file name)."""
+    if not len(rows):
+        return rows
+    lengths = np.stack([data.examples[f"{s}_end"][rows] - data.examples[f"{s}_start"][rows] for s in streams])
+    order = np.lexsort((rows, -lengths.sum(0), -(lengths > 0).sum(0)))  # last key first: fullest, then row
+    _, first = np.unique(data.user_key[rows[order]], return_index=True)  # each user's fullest example
+    return rows[order[np.sort(first)][:n_users]]
+
+
+def tick_labels(stream: str, item: dict, vocab: dict) -> list[str]:
+    """One name per item: who wrote a message / the event type / the meal, and how long
+    before the example's date (its `recency` bucket), after "CLS"."""
+    field, names = {"conversation": ("sender", ["pad"] + vocab["senders"]),  # sender ids have no "unknown"
+                    "events": ("type_id", ["pad", "unk"] + vocab["event_types"]),
+                    "food": ("meal", ["pad", "unk"] + vocab["meals"])}[stream]
+    ago = tb.describe()
+    return ["CLS"] + [f"{names[int(a)] if int(a) < len(names) else '?'} {ago[int(b)]} ago"
+                      for a, b in zip(item[field], item["recency"])]
 
 
 @torch.no_grad()
 def attention_plots(cfg: Config, run_dir: Path, files: list[Path], rows: np.ndarray, out: Path) -> list[Path]:
-    """One PNG per chosen example: rows = layers, columns = heads, ticks = items."""
+    """One PNG per (user, stream with items) for `eval.attention_users` test users."""
     model, _ = load_model(run_dir / BEST)
-    stream = "conversation" if "conversation" in model.streams else model.streams[0]
     data = FeatureDataset(files, model.config)
-    if not len(rows):
-        return []
-    length = data.examples[f"{stream}_end"][rows] - data.examples[f"{stream}_start"][rows]
-    chosen = rows[np.argsort(-length, kind="stable")[: cfg.eval.attention_users]]
-    names = ["pad", "unk"] + read_meta(files[0]).vocab["event_types"]
-    dt_names = tb.describe()
+    vocab = read_meta(files[0]).vocab
     paths = []
-    for i in chosen:
+    for i in chosen_examples(data, rows, list(model.streams), cfg.eval.attention_users):
         item = data.subset([i])[0]
         batch = collate([item])
-        maps = [m[0].numpy() for m in model.encoders[stream].attention_maps(batch[stream])]  # layers x (H, 1+T, 1+T)
-        s = item[stream]
-        if stream == "conversation":
-            ticks = [f"{SENDER.get(int(a), '?')} {dt_names[int(b)]}" for a, b in zip(s["sender"], s["dt_bucket"])]
-        elif stream == "events":
-            ticks = [names[int(t)] if int(t) < len(names) else "?" for t in s["type_id"]]
-        else:
-            ticks = [f"meal {dt_names[int(b)]}" for b in s["dt_bucket"]]
         user = data.user_key[i].decode()[:8]
-        path = out / f"attention_{stream}_{user}.png"
-        paths.append(plots.plot_attention(maps, ["CLS"] + ticks, path, f"{stream} attention, user {user}"))
+        for stream in model.streams:
+            if not len(item[stream]["position"]):
+                continue  # no items: nothing to attend to
+            maps = [m[0].numpy() for m in model.encoders[stream].attention_maps(batch[stream])]  # layers x (H, 1+T, 1+T)
+            names = tick_labels(stream, item[stream], vocab)
+            path = out / f"attention_{stream}_{user}.png"
+            paths.append(plots.plot_attention(maps, names, path, f"{stream} attention, user {user}"))
     return paths

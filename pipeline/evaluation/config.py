@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class EvalConfig:
     top_frac: float = 0.1  # recall / lift at the top 10% riskiest users
     calibration_bins: int = 10
-    attention_users: int = 3
+    attention_users: int = 3  # distinct test users with attention plots, one figure per stream each
     # Also score a blend of the sequence model with the hgb baseline (pipeline/evaluation/blend.py):
     # their logits averaged with a weight, then Platt-scaled, both picked on validation.
     blend: bool = True

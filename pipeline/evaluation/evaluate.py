@@ -126,11 +126,18 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
         return
     bid = build_id(files)
     tracking.setup(cfg)
+    client = tracking.client(cfg)
+    test_auc = {name: m["test"]["roc_auc"] for name, m in metrics.items()}
+
+    def note(what: str, name: str) -> str:  # the run's description: beside gradient boosting's test ROC-AUC
+        return tracking.describe(what, bid, test_auc[name], None if name == "hgb" else test_auc.get("hgb"))
+
+    model_what = tracking.what("model", run_dir.name, client.get_run(run_id).data.tags)
     with mlflow.start_run(run_id=run_id):
         for s in EVAL_SPLITS:
             tracking.log_metrics(metrics["model"][s], prefix=f"{s}_")
             tracking.log_metrics({f"{s}_oracle_roc_auc": metrics.get("oracle", {}).get(s, {}).get("roc_auc")})
-        mlflow.set_tag("build_id", bid)
+        mlflow.set_tags({"build_id": bid, tracking.NOTE: note(model_what, "model")})
         plot_dir = run_dir / "plots"
         for s in ("test", "oot"):
             curves = {n: (labels[rows[s]], p[rows[s]]) for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
@@ -143,28 +150,39 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
         from pipeline.evaluation.attention import attention_plots
 
         tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    client = tracking.client(cfg)
-    if blend_params is not None and not client.search_runs([exp.experiment_id], f"tags.blend_of = '{run_id}'"):
+    exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    common = {"stage": "evaluate", "build_id": bid, "config_name": cfg.name, "git_commit": tracking.git_commit()}
+    if blend_params is not None:
         w, a, b = blend_params  # one blend run per model run
-        with mlflow.start_run(run_name=f"{run_dir.name}+hgb"):
-            mlflow.set_tags({"stage": "evaluate", "kind": "blend", "blend_of": run_id, "build_id": bid,
-                             "config_name": cfg.name, "git_commit": tracking.git_commit()})
-            mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
-            for s in EVAL_SPLITS:
-                tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
+        text = note(f"**Blend** of the sequence model `{run_dir.name}` (test ROC-AUC {test_auc['model']:.3f}) with "
+                    "gradient boosting: their logits averaged with a weight, then Platt-scaled, both picked on "
+                    "validation", BLEND)
+        if _new_run(client, exp_id, f"tags.blend_of = '{run_id}'", text):
+            with mlflow.start_run(run_name=f"{run_dir.name}+hgb", description=text):
+                mlflow.set_tags(common | {"kind": "blend", "blend_of": run_id})
+                mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
+                for s in EVAL_SPLITS:
+                    tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
     # Baselines and the oracle: one run each per feature build, created once.
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "baseline"
-        found = client.search_runs([exp.experiment_id], f"tags.build_id = '{bid}' and tags.baseline = '{name}'")
-        if found:
+        text = note(tracking.what(name, name, {}), name)
+        if not _new_run(client, exp_id, f"tags.build_id = '{bid}' and tags.baseline = '{name}'", text):
             continue
-        with mlflow.start_run(run_name=name):
-            mlflow.set_tags({"stage": "evaluate", "kind": kind, "baseline": name, "build_id": bid,
-                             "config_name": cfg.name, "git_commit": tracking.git_commit()})
+        with mlflow.start_run(run_name=name, description=text):
+            mlflow.set_tags(common | {"kind": kind, "baseline": name})
             tracking.log_dataset(str(files[0]), read_meta(files[0]).source_fingerprint, context="evaluation")
             for s in EVAL_SPLITS:
                 tracking.log_metrics(metrics[name][s], prefix=f"{s}_")
+
+
+def _new_run(client, exp_id: str, where: str, description: str) -> bool:
+    """False when an earlier evaluate logged the run `where` finds: it only gets
+    `description` (runs logged before descriptions have none)."""
+    found = client.search_runs([exp_id], where, max_results=1)
+    if found:
+        client.set_tag(found[0].info.run_id, tracking.NOTE, description)
+    return not found
 
 
 def print_table(metrics: dict, model_name: str, decision) -> None:
