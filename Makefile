@@ -32,7 +32,7 @@ $(TORCH_SPEC): FORCE
 FORCE:
 
 .PHONY: help install demo demo-kdd test test-full lint simulate validate features pretrain \
-        train evaluate experiments compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui \
+        train evaluate experiments compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui serve \
         jobs-list clean clean-data
 
 help: ## list targets
@@ -95,6 +95,9 @@ train-ddp: $(STAMP) ## training through torchrun + DDP (NPROC processes; gloo on
 
 pretrain-ddp: $(STAMP) ## pretraining through torchrun + DDP
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pipeline pretrain --config $(CONFIG) $(ARGS)
+
+serve: $(STAMP) ## serve CONFIG's champion on http://127.0.0.1:5001/invocations (mlflow models serve)
+	$(PY) -m pipeline serve --config $(CONFIG) $(ARGS)
 
 mlflow-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_TRACKING_URI or ./mlflow.db)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \

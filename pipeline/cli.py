@@ -25,6 +25,7 @@ STAGES = {
     "evaluate": "evaluate the latest model and the baselines; register and gate the champion",
     "compare": "print MLflow runs side by side",
     "diagnose": "checks that explain why a model learns nothing; exits 1 if any check fails",
+    "serve": "serve the champion over HTTP on 127.0.0.1 (`mlflow models serve`, /invocations)",
     "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
     "experiments": "pretrained vs scratch at 5/20/100%% labels, ablations, pooling (configs/experiments.yaml)",
 }
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--all-builds", action="store_true", help="also runs on older feature builds")
         if name == "experiments":
             p.add_argument("--only", help="comma-separated experiment names")
+        if name == "serve":
+            p.add_argument("--port", type=int, default=5001)
+            p.add_argument("--host", default="127.0.0.1", help="loopback by default: put a gateway in front")
     return parser
 
 
@@ -124,6 +128,10 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
         from pipeline.experiments import experiments
 
         experiments(args.config or "configs/demo.yaml", args.overrides, args.only.split(",") if args.only else None)
+    elif stage == "serve":
+        from pipeline.serving import serve
+
+        return serve(cfg, args.host, args.port)
     elif stage == "demo":
         from pipeline.demo import demo
 

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from common.errors import UserError
 from features.dataset import FeatureDataset, collate
 from features.store import StoreMeta, read_meta
 from models.checkpoint import load_model
@@ -20,6 +21,7 @@ from models.engagement import EngagementModel
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.evaluation.metrics import binary_metrics
+from pipeline.serving import LOGGED_MODEL_TAG
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,17 @@ def champion_version(cfg: Config):
         return None
 
 
+def load_champion(cfg: Config):
+    """The champion as its MLflow pyfunc model, loaded by alias (what any notebook does)."""
+    tracking.setup(cfg)
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}@{CHAMPION}")
+    except MlflowException as e:
+        raise UserError(f"the champion of {cfg.tracking.model_name!r} cannot be loaded as an MLflow model "
+                        f"({str(e).splitlines()[0]}); a version registered before models were logged holds a "
+                        "checkpoint only: train and evaluate again (`make train evaluate`)") from None
+
+
 def download_model(cfg: Config, run_id: str) -> Path:
     return tracking.download(run_id, MODEL_FILE, cfg)
 
@@ -69,7 +82,15 @@ def register(cfg: Config, run_id: str):
     for mv in client.search_model_versions(f"name='{name}'"):
         if mv.run_id == run_id:
             return mv
-    return client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    # The version is the run's logged pyfunc model (pipeline/serving.py): its signature shows
+    # on the version's page and `models:/<name>@champion` loads it.
+    model_id = client.get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+    if model_id is None:  # a run trained before models were logged: its checkpoint only
+        log.warning("run %s has no logged MLflow model; its version holds the checkpoint only and cannot be "
+                    "loaded with mlflow.pyfunc (train it again to get one)", run_id)
+        return client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    # mlflow.register_model also tags the logged model with its versions (the UI's link both ways).
+    return mlflow.register_model(f"models:/{model_id}", name)
 
 
 def misfit(model_config: ModelConfig, meta: StoreMeta) -> str | None:

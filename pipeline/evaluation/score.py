@@ -7,8 +7,8 @@ lives in its own folder so it never overwrites the training features."""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -20,37 +20,19 @@ import pyarrow.parquet as pq
 from common.errors import UserError
 from common.files import atomic_path
 from features import contract as C
-from features.dataset import FeatureDataset, collate
+from features.io import read_table
 from features.normalise import to_utc
 from features.store import read_meta
-from features.validate import EVENTS
+from features.validate import EVENTS, REPORT, USERS
 from features.vocab import pseudonyms
-from models.checkpoint import load_model
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.data.features import features_stage
 from pipeline.data.validate import ensure_validated
 from pipeline.evaluation import registry
 from pipeline.paths import Paths
-from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 COLUMNS = ["user_id", "as_of", "risk", "rank", "model_name", "model_version", "run_id"]
-
-
-def scoring_config(cfg: Config, as_of: str) -> Config:
-    """A config whose feature build holds one cutoff, `as_of`, unlabelled, for all users."""
-    base = Paths.of(cfg)
-    day = to_utc(as_of).strftime("%Y-%m-%d")
-    return replace(
-        cfg,
-        workdir=str(base.root / "scoring" / day),
-        data=replace(cfg.data, until=to_utc(as_of).isoformat()),
-        labels=replace(cfg.labels, first_cutoff=to_utc(as_of).isoformat(), include_unlabelled=True,
-                       oot_cutoffs=0, lookback_days=cfg.labels.lookback_days),
-        features=replace(cfg.features, cache_dir=str(base.text_cache), vocab_path=str(base.vocab), shard=None,
-                         num_shards=1),
-    )
 
 
 def default_output(cfg: Config, as_of: str) -> Path:
@@ -66,22 +48,20 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
         raise UserError(f"no '{registry.CHAMPION}' version of model {cfg.tracking.model_name!r} in "
                         f"{tracking.tracking_uri(cfg)}; train and evaluate one first (`make train evaluate`, "
                         "or `python -m jobs run weekly-retrain --as-of DATE`)")
-    # Validate (or simulate) once, in the main workdir; the scoring build reads the result.
+    # Validate (or simulate) once, in the main workdir; the champion, loaded by its alias as
+    # any notebook would, scores the validated events with the pipeline's own feature code.
     vdir = ensure_validated(cfg)
-    scfg = scoring_config(replace(cfg, data=replace(cfg.data, source="files", events=str(vdir))), as_of)
-    path = features_stage(scfg)
+    scorer = registry.load_champion(cfg).unwrap_python_model().scorer
+    events = pq.read_table(vdir / EVENTS)
+    users = read_table(vdir / USERS, "users") if (vdir / USERS).exists() else None
+    workdir = Paths.of(cfg).root / "scoring" / to_utc(as_of).strftime("%Y-%m-%d")
+    report = json.loads((vdir / REPORT).read_text())
+    keys, p, path = scorer.score_table(events, users, as_of, workdir, cache_dir=Paths.of(cfg).text_cache,
+                                       source_fingerprint=report["source_fingerprint"])
     instant = int(to_utc(as_of).timestamp())
-    model, _ = load_model(registry.download_model(cfg, champion.run_id))
-    data = FeatureDataset(path, model.config)
-    rows = np.flatnonzero(data.examples["as_of"] == instant)
-    if not len(rows):
-        raise UserError(f"no user is eligible at {as_of}: nobody has events before it in {cfg.data.events}")
-    ids, _, p = loop.predict(model, loop.loader(data.subset(rows), 256, collate), next(model.parameters()).device)
-    keys = data.user_key[ids]
     # Back from pseudonyms to the ids coaches use, through the same keyed hash.
-    users = pq.read_table(vdir / EVENTS, columns=[C.USER_ID])[C.USER_ID].unique().to_numpy(
-        zero_copy_only=False)
-    raw = pd.Series(users, index=pseudonyms(users, cfg.features.pseudonym_key))
+    ids = events[C.USER_ID].unique().to_numpy(zero_copy_only=False)
+    raw = pd.Series(ids, index=pseudonyms(ids, scorer.cfg.features.pseudonym_key))
     risk = 1.0 - p.astype(np.float64)
     order = np.lexsort((keys, -risk))  # riskiest first; ties broken by pseudonym, stably
     rank = np.empty(len(order), np.int64)

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -22,7 +23,7 @@ from features.store import SPLITS, build_id, feature_files, read_meta
 from models.checkpoint import load_model, save_model
 from models.config import ModelConfig
 from models.engagement import EngagementModel
-from pipeline import tracking
+from pipeline import serving, tracking
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
 from pipeline.training import calibration, loop
@@ -208,6 +209,9 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
     if result.run_id:
         tracking.log_artifacts([result.checkpoint], "model")
         tracking.log_artifacts([result.run_dir / PREDICTIONS])
+        # The MLflow model (pipeline/serving.py): load by alias, serve, score raw events anywhere.
+        info = serving.log_engagement_model(result.checkpoint, cfg, data.meta.vocab, result.run_dir)
+        mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc,
                               "calibration_scale": scale, "calibration_bias": bias})
     stamps.mark_done(result.run_dir / DONE, fingerprint, run_id=result.run_id, best_epoch=result.best_epoch,

@@ -1,0 +1,172 @@
+"""The trained model as an MLflow pyfunc model (issue 16): logged with a signature, registered
+as the run's logged model, loaded by alias in a fresh process, scoring raw events exactly as
+the nightly job does, and served over HTTP by `mlflow models serve`."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.evaluation import registry
+from pipeline.evaluation.score import score
+from pipeline.serving import LOGGED_MODEL_TAG, LOGGED_NAME, OUTPUT
+from pipeline.training.train import train
+from tests.test_train import _free_port
+
+AS_OF = "2026-02-02"  # a Monday inside the test simulator's weeks
+
+
+@pytest.fixture(scope="module")
+def champion(sim_store_files, tiny_encoder_dir, tmp_path_factory):
+    """A tiny trained model registered as the champion: (config, run id, version)."""
+    import copy
+
+    _, cfg = sim_store_files
+    cfg = copy.deepcopy(cfg)
+    tmp = tmp_path_factory.mktemp("serving")
+    cfg.train.init, cfg.train.epochs = "scratch", 1
+    cfg.features.text_encoder = str(tiny_encoder_dir)  # what the store was built with: the bundle names it
+    cfg.tracking.uri, cfg.tracking.experiment = f"sqlite:///{tmp}/mlflow.db", "serving"
+    cfg.workdir = str(tmp / "w")  # its own runs and scores; the features are the shared store's
+    import shutil
+
+    shutil.copytree(sim_store_files[0].parent.parent, tmp / "w")
+    result = train(cfg)
+    mv = registry.register(cfg, result.run_id)
+    registry.set_champion(cfg, mv.version)
+    return cfg, result.run_id, mv.version
+
+
+def test_the_run_logs_a_model_with_signature_and_the_version_is_that_logged_model(champion):
+    cfg, run_id, version = champion
+    client = registry.tracking.client(cfg)
+    model_id = client.get_run(run_id).data.tags[LOGGED_MODEL_TAG]
+    logged = client.get_logged_model(model_id)
+    assert logged.name == LOGGED_NAME and logged.source_run_id == run_id
+    mv = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
+    assert mv.version == version and mv.source == f"models:/{model_id}" and mv.run_id == run_id
+    assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
+        {"name": cfg.tracking.model_name, "version": version}]
+    info = mlflow.models.get_model_info(f"models:/{cfg.tracking.model_name}@champion")
+    inputs = {c["name"]: c for c in info.signature.inputs.to_dict()}
+    assert {n for n, c in inputs.items() if c["required"]} == {"user_id", "ts", "event_type"}
+    assert inputs["food_ids"]["type"] == inputs["ts"]["type"] == "any"
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == OUTPUT
+    assert {p.name for p in info.signature.params.params} == {"as_of", "user_ids"}
+
+
+def test_a_fresh_process_loads_the_champion_by_alias_and_scores_as_the_nightly_job(champion, tmp_path):
+    cfg, _, _ = champion
+    out = tmp_path / "pyfunc.parquet"
+    code = (
+        "import mlflow, pandas as pd, sys\n"
+        f"mlflow.set_tracking_uri({cfg.tracking.uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{cfg.tracking.model_name}@champion')\n"
+        f"events = pd.read_parquet({cfg.data.events!r})\n"
+        # The users table's columns ride along on the event rows (program_start here).
+        f"events = events.merge(pd.read_parquet({cfg.data.users!r}), on='user_id', how='left')\n"
+        f"model.predict(events, params={{'as_of': '{AS_OF}'}}).to_parquet({str(out)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    pyfunc = pd.read_parquet(out)
+    assert list(pyfunc.columns) == OUTPUT and pyfunc.user_id.is_unique
+    assert np.allclose(pyfunc.risk, 1 - pyfunc.p_engaged) and (pyfunc.as_of == pd.Timestamp(AS_OF, tz="UTC")).all()
+    nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))
+    merged = nightly.merge(pyfunc, on="user_id", how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all() and len(merged) > 20  # the same users
+    assert np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)  # the same scores
+    events = pd.read_parquet(cfg.data.events)
+    assert set(pyfunc.user_id) <= set(events.user_id.dropna())  # raw ids back, as given
+
+
+def test_predict_takes_as_of_as_a_column_and_pseudonyms_on_request(champion):
+    cfg, _, _ = champion
+    model = registry.load_champion(cfg)
+    events = pd.read_parquet(cfg.data.events)
+    events = events[events.user_id.isin(events.user_id.dropna().unique()[:5])]
+    by_param = model.predict(events, params={"as_of": AS_OF})
+    by_column = model.predict(events.assign(as_of=AS_OF))
+    pd.testing.assert_frame_equal(by_param, by_column)
+    hidden = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
+    assert not set(hidden.user_id) & set(by_param.user_id) and hidden.user_id.str.len().eq(16).all()
+    with pytest.raises(Exception, match="no as_of"):
+        model.predict(events)
+
+
+@pytest.mark.slow  # starts `mlflow models serve` (~30 s): `make test-full`
+def test_mlflow_models_serve_answers_invocations_with_the_same_scores(champion, tmp_path):
+    cfg, _, _ = champion
+    port = _free_port()
+    from pipeline.serving import serve_command
+
+    cmd, env = serve_command(cfg, "127.0.0.1", port)  # what `make serve` runs
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            assert proc.poll() is None, "the server exited"
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        events = pd.read_parquet(cfg.data.events)
+        events = events[events.user_id.isin(events.user_id.dropna().unique()[:6])]
+        payload = {"dataframe_split": json.loads(events.assign(ts=events.ts.astype(str)).to_json(orient="split",
+                                                                                                  index=False)),
+                   "params": {"as_of": AS_OF}}
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        served = pd.DataFrame(answer["predictions"])
+        local = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
+        assert served.user_id.tolist() == local.user_id.tolist()
+        assert np.allclose(served.risk, local.risk, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow  # starts `mlflow server` (~15 s): `make test-full`
+def test_the_rest_api_shows_the_alias_the_logged_model_and_its_signature(champion, tmp_path):
+    cfg, run_id, version = champion
+    port = _free_port()
+    db = cfg.tracking.uri.removeprefix("sqlite:///")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{db}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+        def get(path: str) -> dict:
+            return json.loads(urllib.request.urlopen(f"{api}/{path}", timeout=10).read())
+
+        for _ in range(120):
+            assert proc.poll() is None, "the server exited"
+            try:
+                get("experiments/search?max_results=1")
+                break
+            except OSError:
+                time.sleep(0.5)
+        mv = get(f"registered-models/alias?name={cfg.tracking.model_name}&alias=champion")["model_version"]
+        assert mv["version"] == str(version) and mv["run_id"] == run_id
+        model_id = mv["source"].removeprefix("models:/")
+        logged = get(f"logged-models/{model_id}")["model"]["info"]
+        assert logged["name"] == "engagement" and logged["source_run_id"] == run_id
+        # The signature, as the UI reads it: the MLmodel file of the logged model, over HTTP.
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        try:
+            sig = mlflow.models.get_model_info(f"models:/{cfg.tracking.model_name}@champion").signature
+        finally:
+            mlflow.set_tracking_uri(cfg.tracking.uri)
+        assert {c["name"] for c in sig.inputs.to_dict()} >= {"user_id", "ts", "event_type", "food_ids"}
+        assert {p.name for p in sig.params.params} == {"as_of", "user_ids"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
