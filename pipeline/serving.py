@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import tempfile
 from dataclasses import replace
@@ -29,8 +30,9 @@ import pyarrow.compute as pc
 
 from common.errors import UserError
 from features import contract as C
+from features.aggregates import aggregates_of
 from features.build import build_features
-from features.dataset import FeatureDataset, collate
+from features.dataset import FeatureDataset, collate, load_examples
 from features.normalise import to_utc
 from features.store import write_store
 from features.text_vectors import TextEncoder, embed_messages
@@ -38,11 +40,13 @@ from features.validate import normalise_users, validate_events
 from features.vocab import Vocab, pseudonyms
 from models.checkpoint import load_model
 from pipeline.config import Config, load_config, save_config
+from pipeline.evaluation.baselines import predict
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 BUNDLE = "bundle"  # the pyfunc's artifact key and folder name
 MODEL, CONFIG, VOCAB = "model.pt", "config.yaml", "vocab.json"
+ESTIMATOR = "estimator.pkl"  # a gradient-boosting bundle: (fitted estimator, aggregate names, attributes)
 LOGGED_NAME = "engagement"  # name of the logged model in the run (MLflow 3 "Logged models")
 LOGGED_MODEL_TAG = "logged_model_id"  # the run's tag naming it: registry.register links versions to it
 OUTPUT = ["user_id", "as_of", "p_engaged", "risk"]
@@ -66,17 +70,31 @@ class Scorer:
 
     def __init__(self, directory: str | Path):
         directory = Path(directory)
-        self.model, _ = load_model(directory / MODEL)
+        self.model = self.estimator = None  # a sequence model, or gradient boosting on aggregates
+        if (directory / ESTIMATOR).exists():
+            with open(directory / ESTIMATOR, "rb") as f:
+                self.estimator, self.aggregate_names, self.attributes = pickle.load(f)
+        else:
+            self.model, _ = load_model(directory / MODEL)
+            m = self.model.config
+            self.attributes = [*m.categorical_attributes, *m.numeric_attributes]
         self.cfg = load_config(directory / CONFIG)  # resolves the pseudonym key from the environment
         self.vocab_tokens = json.loads((directory / VOCAB).read_text())
         self._encoder: TextEncoder | None = None
 
     @staticmethod
-    def write_bundle(directory: str | Path, checkpoint: Path, cfg: Config, vocab: dict) -> Path:
-        """vocab: the vocabularies of the feature build the model was trained on (StoreMeta.vocab)."""
+    def write_bundle(directory: str | Path, cfg: Config, vocab: dict, checkpoint: Path | None = None,
+                     estimator: tuple | None = None) -> Path:
+        """A sequence model's `checkpoint`, or gradient boosting's `estimator` (fitted model,
+        aggregate names, attribute names); vocab: the vocabularies of the feature build it was
+        trained on (StoreMeta.vocab)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint, directory / MODEL)
+        if checkpoint is not None:
+            shutil.copyfile(checkpoint, directory / MODEL)
+        else:
+            with open(directory / ESTIMATOR, "wb") as f:
+                pickle.dump(estimator, f)
         save_config(cfg, directory, CONFIG)
         (directory / VOCAB).write_text(json.dumps(vocab))
         return directory
@@ -85,7 +103,7 @@ class Scorer:
         if self._encoder is None:
             fc = self.cfg.features
             encoder = TextEncoder.load(fc.text_encoder, fc.text_device)
-            if encoder.dim != self.model.config.text_dim:
+            if self.model is not None and encoder.dim != self.model.config.text_dim:
                 raise UserError(f"features.text_encoder={fc.text_encoder!r} gives {encoder.dim}-d message vectors; "
                                 f"the model was trained on {self.model.config.text_dim}-d ones from another encoder")
             self._encoder = encoder
@@ -104,7 +122,8 @@ class Scorer:
         if events.num_rows == 0:
             raise UserError(f"no event before as_of={as_of}: nobody can be scored")
         fc, workdir = scfg.features, Path(workdir)
-        has_messages = bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
+        # Gradient boosting reads no message vectors: it needs no text encoder.
+        has_messages = self.model is not None and bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
         cache = Path(cache_dir) if cache_dir else workdir / "text_cache"
 
         def embed(texts):
@@ -117,12 +136,21 @@ class Scorer:
             encoder.identity if encoder else "none", Vocab(self.vocab_tokens), None, source_fingerprint=source_fingerprint,
         )
         path = write_store(workdir / "features.h5", built.arrays, built.meta)
-        data = FeatureDataset(path, self.model.config)
-        rows = np.flatnonzero(data.examples["as_of"] == instant)
+        if self.estimator is not None:
+            examples, user_key, _ = load_examples([path])
+            rows = np.flatnonzero(examples["as_of"] == instant)
+            X, _ = aggregates_of([path], self.aggregate_names)
+            p = predict(self.estimator, X[rows]) if len(rows) else np.zeros(0)
+            keys = user_key[rows]
+        else:
+            data = FeatureDataset(path, self.model.config)
+            rows = np.flatnonzero(data.examples["as_of"] == instant)
+            ids, _, p = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate),
+                                     next(self.model.parameters()).device)
+            keys = data.user_key[ids]
         if not len(rows):
             raise UserError(f"no user is eligible at {as_of}")
-        ids, _, p = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate), next(self.model.parameters()).device)
-        return data.user_key[ids], p.astype(np.float64), path
+        return keys, np.asarray(p, np.float64), path
 
     def predict(self, raw: pd.DataFrame, as_of: str, user_ids: str = "raw") -> pd.DataFrame:
         """Raw events (the event contract; users-table columns such as program_start or the
@@ -147,9 +175,7 @@ class Scorer:
         return out.sort_values(["risk", "user_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
     def _users_from_rows(self, raw: pd.DataFrame) -> pd.DataFrame | None:
-        m = self.model.config
-        cols = [c for c in (C.PROGRAM_START, C.PROGRAM_END, *m.categorical_attributes, *m.numeric_attributes)
-                if c in raw.columns]
+        cols = [c for c in (C.PROGRAM_START, C.PROGRAM_END, *self.attributes) if c in raw.columns]
         if not cols or C.USER_ID not in raw.columns:
             return None
         first = raw[[C.USER_ID, *cols]].groupby(C.USER_ID, sort=False).first().reset_index()
@@ -197,7 +223,7 @@ def input_example() -> pd.DataFrame:
     return df
 
 
-def signature(model_config) -> mlflow.models.ModelSignature:
+def signature(categorical: list[str], numeric: list[str]) -> mlflow.models.ModelSignature:
     """Inputs: the event contract (user_id, ts, event_type required; the rest and any
     users-table column the model reads optional, and as_of as a column instead of the
     parameter); params: as_of, user_ids; outputs: OUTPUT.
@@ -206,14 +232,13 @@ def signature(model_config) -> mlflow.models.ModelSignature:
     validation checks them, with its reason codes, as for a batch build."""
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
-    anything = [C.USER_ID, C.TS, C.FOOD_IDS, C.CONTENT_ID, C.PROGRAM_START, C.PROGRAM_END,
-                *model_config.categorical_attributes]
+    anything = [C.USER_ID, C.TS, C.FOOD_IDS, C.CONTENT_ID]
     required = {C.USER_ID, C.TS, C.EVENT_TYPE}
     cols = [ColSpec(AnyType() if c in anything else "double" if c == C.VALUE else "string", c, required=c in required)
             for c in C.ALL_COLUMNS]
     cols += [ColSpec(AnyType(), c, required=False) for c in (C.PROGRAM_START, C.PROGRAM_END, "as_of")]
-    cols += [ColSpec(AnyType(), c, required=False) for c in model_config.categorical_attributes]
-    cols += [ColSpec("double", c, required=False) for c in model_config.numeric_attributes]
+    cols += [ColSpec(AnyType(), c, required=False) for c in categorical]
+    cols += [ColSpec("double", c, required=False) for c in numeric]
     outputs = Schema([ColSpec("string", "user_id"), ColSpec("datetime", "as_of"), ColSpec("double", "p_engaged"),
                       ColSpec("double", "risk")])
     params = ParamSchema([ParamSpec("as_of", "string", ""), ParamSpec("user_ids", "string", "raw")])
@@ -233,11 +258,24 @@ def log_engagement_model(checkpoint: Path, cfg: Config, vocab: dict, workdir: Pa
     """Log the model in the active run as an MLflow pyfunc model named LOGGED_NAME (MLflow 3:
     a logged-model entity shown under the run's "Logged models"); returns its ModelInfo.
     vocab: the training build's vocabularies (StoreMeta.vocab)."""
-    bundle = Scorer.write_bundle(Path(workdir) / BUNDLE, checkpoint, cfg, vocab)
-    model_config = load_model(checkpoint)[0].config
+    m = load_model(checkpoint)[0].config
+    bundle = Scorer.write_bundle(Path(workdir) / BUNDLE, cfg, vocab, checkpoint=checkpoint)
+    return _log_pyfunc(bundle, m.categorical_attributes, m.numeric_attributes)
+
+
+def log_baseline_model(estimator, aggregate_names: list[str], meta, cfg: Config, workdir: Path):
+    """The same for gradient boosting on the aggregates (the baseline's run), fitted on the
+    build `meta` describes; it scores raw events through the same feature build."""
+    attrs = meta.attributes
+    bundle = Scorer.write_bundle(Path(workdir) / BUNDLE, cfg, meta.vocab, estimator=(
+        estimator, list(aggregate_names), [*attrs["categorical"], *attrs["numeric"]]))
+    return _log_pyfunc(bundle, attrs["categorical"], attrs["numeric"])
+
+
+def _log_pyfunc(bundle: Path, categorical: list[str], numeric: list[str]):
     return mlflow.pyfunc.log_model(
         name=LOGGED_NAME, python_model=EngagementPyfunc(), artifacts={BUNDLE: str(bundle)},
-        signature=signature(model_config), input_example=(input_example(), {"as_of": "2026-01-12"}),
+        signature=signature(categorical, numeric), input_example=(input_example(), {"as_of": "2026-01-12"}),
         pip_requirements=requirements(),
     )
 

@@ -170,3 +170,28 @@ def test_the_rest_api_shows_the_alias_the_logged_model_and_its_signature(champio
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_gradient_boosting_is_logged_as_a_model_too_and_scores_raw_events_as_in_evaluation(champion):
+    from features.dataset import load_examples
+    from features.store import build_id, feature_files
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.paths import Paths
+
+    cfg, run_id, _ = champion
+    evaluate(cfg)  # the run the fixture trained; logs the baselines, hgb with its model
+    client = registry.tracking.client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    hgb = client.search_runs([exp], "tags.baseline = 'hgb'")[0]
+    model = mlflow.pyfunc.load_model(f"models:/{hgb.data.tags[LOGGED_MODEL_TAG]}")
+    events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
+    scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
+    # The evaluation's own hgb predictions of the same users at the same cutoff.
+    files = feature_files(Paths.of(cfg).features)
+    examples, user_key, _ = load_examples(files)
+    cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"]
+    at = examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())
+    expected = pd.Series(cached.to_numpy()[at], index=user_key[at].astype(str)).dropna()
+    assert len(expected) > 20
+    got = scored.set_index("user_id")["p_engaged"].reindex(expected.index)
+    assert np.allclose(got, expected, atol=1e-9)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from common.errors import UserError
+from common.files import atomic_path
 from features import contract as C
 from features.aggregates import aggregates_of
 from features.dataset import load_examples
 from features.normalise import parse_timestamps
 from features.store import SPLITS, UNLABELLED, build_id, feature_files, read_meta
 from features.vocab import pseudonyms
-from pipeline import tracking
+from pipeline import serving, tracking
 from pipeline.config import Config
 from pipeline.evaluation import plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
@@ -53,6 +55,9 @@ def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict
     fitted = fit_baselines(X, examples["label"], examples["split"], names, cfg.eval.baselines,
                            seed=cfg.train.seed, min_active_days=cfg.labels.min_active_days, threads=1)
     labelled = examples["label"] != UNLABELLED
+    if "hgb" in fitted:  # kept for the baseline run's MLflow model (`_log`)
+        with atomic_path(_estimator_file(cfg, files)) as tmp, open(tmp, "wb") as f:
+            pickle.dump((fitted["hgb"], names), f)
     out = {}
     for name, model in fitted.items():
         p = np.full(len(X), np.nan)
@@ -60,6 +65,10 @@ def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict
         out[name] = p
     pd.DataFrame(out).to_parquet(cache)
     return out
+
+
+def _estimator_file(cfg: Config, files: list[Path]) -> Path:
+    return Paths.of(cfg).features / f"baselines-{build_id(files)}-hgb.pkl"
 
 
 def oracle_predictions(cfg: Config, examples: dict, user_key: np.ndarray) -> np.ndarray | None:
@@ -174,6 +183,13 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
             tracking.log_dataset(str(files[0]), read_meta(files[0]).source_fingerprint, context="evaluation")
             for s in EVAL_SPLITS:
                 tracking.log_metrics(metrics[name][s], prefix=f"{s}_")
+            if name == "hgb" and (fitted := _estimator_file(cfg, files)).exists():
+                # Gradient boosting as an MLflow model too: it scores raw events like the sequence model.
+                with open(fitted, "rb") as f:
+                    estimator, names = pickle.load(f)
+                info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg,
+                                                  fitted.with_suffix(""))
+                mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
 
 
 def _new_run(client, exp_id: str, where: str, description: str) -> bool:
