@@ -13,6 +13,7 @@ score from the pyfunc equals the job's for the same user and as-of.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle
@@ -51,6 +52,13 @@ LOGGED_NAME = "engagement"  # name of the logged model in the run (MLflow 3 "Log
 LOGGED_MODEL_TAG = "logged_model_id"  # the run's tag naming it: registry.register links versions to it
 OUTPUT = ["user_id", "as_of", "p_engaged", "risk"]
 USER_ID_MODES = ("raw", "pseudonym")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder(name: str, device: str) -> TextEncoder:
+    """One copy per process of a text encoder: every model loaded here (and the input example
+    MLflow scores when a model is logged) shares it."""
+    return TextEncoder.load(name, device)
 
 
 def scoring_config(cfg: Config, as_of: str) -> Config:
@@ -102,7 +110,7 @@ class Scorer:
     def encoder(self) -> TextEncoder:
         if self._encoder is None:
             fc = self.cfg.features
-            encoder = TextEncoder.load(fc.text_encoder, fc.text_device)
+            encoder = _load_encoder(fc.text_encoder, fc.text_device)
             if self.model is not None and encoder.dim != self.model.config.text_dim:
                 raise UserError(f"features.text_encoder={fc.text_encoder!r} gives {encoder.dim}-d message vectors; "
                                 f"the model was trained on {self.model.config.text_dim}-d ones from another encoder")

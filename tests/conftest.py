@@ -56,7 +56,8 @@ def sim_store_files(tmp_path_factory, tiny_encoder):
     from pipeline.data.features import features_stage
 
     root = tmp_path_factory.mktemp("sim")
-    cfg = load_config("configs/test.yaml", [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db"])
+    cfg = load_config("configs/test.yaml", [f"workdir={root}/w", f"tracking.uri=sqlite:///{root}/mlflow.db",
+                                            f"features.text_encoder={tiny_encoder.name}"])
     path = features_stage(cfg, encoder=tiny_encoder)
     return path, cfg
 

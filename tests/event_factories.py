@@ -49,6 +49,6 @@ def build_store(tmp_path, events: pd.DataFrame, encoder, name: str = "w", *overr
     events.to_parquet(src)
     cfg = load_config("configs/test.yaml", [
         f"workdir={tmp_path / name}", f"data.events={src}", "data.source=files", "data.users=null",
-        "data.foods=null", "data.truth=null", *overrides,
+        "data.foods=null", "data.truth=null", *([f"features.text_encoder={encoder.name}"] if encoder else []), *overrides,
     ])
     return features_stage(cfg, encoder=encoder), cfg

@@ -172,6 +172,7 @@ def test_the_rest_api_shows_the_alias_the_logged_model_and_its_signature(champio
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
 def test_gradient_boosting_is_logged_as_a_model_too_and_scores_raw_events_as_in_evaluation(champion):
     from features.dataset import load_examples
     from features.store import build_id, feature_files

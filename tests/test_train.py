@@ -71,6 +71,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monke
 def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_path):
     cfg.train.run_name = "good"
     cfg.train.epochs = 3
+    cfg.eval.attention_users = 2  # configs/test.yaml draws none
     good = train(cfg)
     client = mlflow.MlflowClient(cfg.tracking.uri)
     bid = json.loads((good.run_dir / "done.json").read_text())["build_id"]
