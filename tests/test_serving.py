@@ -173,26 +173,53 @@ def test_the_rest_api_shows_the_alias_the_logged_model_and_its_signature(champio
 
 
 @pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
-def test_gradient_boosting_is_logged_as_a_model_too_and_scores_raw_events_as_in_evaluation(champion):
+def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
+    import copy
+
     from features.dataset import load_examples
     from features.store import build_id, feature_files
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.paths import Paths
 
-    cfg, run_id, _ = champion
-    evaluate(cfg)  # the run the fixture trained; logs the baselines, hgb with its model
-    client = registry.tracking.client(cfg)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    hgb = client.search_runs([exp], "tags.baseline = 'hgb'")[0]
-    model = mlflow.pyfunc.load_model(f"models:/{hgb.data.tags[LOGGED_MODEL_TAG]}")
-    events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
-    scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
-    # The evaluation's own hgb predictions of the same users at the same cutoff.
-    files = feature_files(Paths.of(cfg).features)
-    examples, user_key, _ = load_examples(files)
-    cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"]
-    at = examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())
-    expected = pd.Series(cached.to_numpy()[at], index=user_key[at].astype(str)).dropna()
-    assert len(expected) > 20
-    got = scored.set_index("user_id")["p_engaged"].reindex(expected.index)
-    assert np.allclose(got, expected, atol=1e-9)
+    cfg, run_id, version = champion
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.champion_hgb = True  # gradient boosting competes for the alias too
+    try:
+        result = evaluate(cfg)  # the run the fixture trained; logs the baselines, hgb with its model
+        client = registry.tracking.client(cfg)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        hgb = client.search_runs([exp], "tags.baseline = 'hgb'")[0]
+        model = mlflow.pyfunc.load_model(f"models:/{hgb.data.tags[LOGGED_MODEL_TAG]}")
+        events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
+        scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
+        # The evaluation's own hgb predictions of the same users at the same cutoff.
+        files = feature_files(Paths.of(cfg).features)
+        examples, user_key, _ = load_examples(files)
+        cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"]
+        at = examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())
+        expected = pd.Series(cached.to_numpy()[at], index=user_key[at].astype(str)).dropna()
+        assert len(expected) > 20
+        assert np.allclose(scored.set_index("user_id")["p_engaged"].reindex(expected.index), expected, atol=1e-9)
+
+        # The alias went to the better of the two on validation, and the nightly job scores with it.
+        val = {"model": result.metrics["model"]["val"]["roc_auc"], "hgb": result.metrics["hgb"]["val"]["roc_auc"]}
+        champ = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
+        assert champ.run_id == (hgb.info.run_id if val["hgb"] > val["model"] else run_id)
+        nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))
+        by_champion = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
+        merged = nightly.merge(by_champion, on="user_id")
+        assert len(merged) == len(nightly) > 20 and np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)
+
+        # With gradient boosting as the champion: the nightly job scores with it, and the gate
+        # re-scores it on the candidate's examples (its val ROC-AUC, as evaluate measured it).
+        hgb_version = registry.register(cfg, hgb.info.run_id).version
+        registry.set_champion(cfg, hgb_version)
+        nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly-hgb.parquet"))
+        assert (nightly.model_version == str(hgb_version)).all()
+        raw = model.predict(events, params={"as_of": AS_OF}).set_index("user_id")["risk"]
+        assert np.allclose(nightly.set_index("user_id")["risk"], raw.reindex(nightly.user_id), atol=1e-9)
+        rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
+        decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
+        assert decision.champion == pytest.approx(val["hgb"]) and not decision.promoted
+    finally:
+        registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model

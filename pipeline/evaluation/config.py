@@ -13,6 +13,10 @@ class EvalConfig:
     # Also score a blend of the sequence model with the hgb baseline (pipeline/evaluation/blend.py):
     # their logits averaged with a weight, then Platt-scaled, both picked on validation.
     blend: bool = True
+    # Gradient boosting also competes for the `champion` alias (its run's MLflow model scores raw
+    # events like the sequence model; pipeline/serving.py): the best of the two on
+    # tracking.promote_metric then serves. Off by default: the champion is a sequence model.
+    champion_hgb: bool = False
     baselines: list[str] = field(
         default_factory=lambda: ["prevalence", "active_last_week", "logistic", "hgb"]
     )

@@ -125,6 +125,11 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     decision = None
     if run_id:
         decision = registry.gate(cfg, run_id, files, rows, labels, {s: scores["model"][r] for s, r in rows.items()})
+        if cfg.eval.champion_hgb and (hgb_run := _baseline_run(cfg, files, "hgb")) is not None:
+            # Gradient boosting as a candidate too: the champion is the better of the two.
+            hgb_decision = registry.gate(cfg, hgb_run, files, rows, labels, {s: scores["hgb"][r] for s, r in rows.items()})
+            print(f"  champion gate for hgb: candidate {hgb_decision.candidate:.4f} -> "
+                  f"{'PROMOTED' if hgb_decision.promoted else 'kept'} ({hgb_decision.reason})")
     print_table(metrics, run_dir.name, decision)
     (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None}, default=float, indent=1))
     return EvalResult(run_id, metrics, decision)
@@ -190,6 +195,14 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg,
                                                   fitted.with_suffix(""))
                 mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
+
+
+def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
+    """The run id of baseline `name` on this feature build, when it logged an MLflow model."""
+    client = tracking.client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    found = client.search_runs([exp], f"tags.build_id = '{build_id(files)}' and tags.baseline = '{name}'", max_results=1)
+    return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
 
 
 def _new_run(client, exp_id: str, where: str, description: str) -> bool:

@@ -112,6 +112,17 @@ def score_on(model: EngagementModel, files: list[Path], rows: np.ndarray) -> np.
     return p
 
 
+def score_baseline_on(cfg: Config, version: str, files: list[Path], rows: np.ndarray) -> np.ndarray:
+    """p_engaged of a registered gradient-boosting version on given example rows: its
+    estimator on these files' aggregate columns (matched by name)."""
+    from features.aggregates import aggregates_of
+    from pipeline.evaluation.baselines import predict
+
+    scorer = mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}/{version}").unwrap_python_model().scorer
+    X, _ = aggregates_of(files, scorer.aggregate_names)
+    return predict(scorer.estimator, X[rows])
+
+
 def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.ndarray],
          labels: np.ndarray, candidate_p: dict[str, np.ndarray]) -> GateDecision:
     """Register the candidate; move `champion` to it only if it beats the current champion
@@ -137,14 +148,16 @@ def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.n
         promoted, reason, champ = False, "already the champion", cand
     else:
         # failures propagate: the gate fails, champion stays
-        champion_model, _ = load_model(download_model(cfg, current.run_id))
-        why = misfit(champion_model.config, read_meta(files[0]))
+        baseline = tracking.client(cfg).get_run(current.run_id).data.tags.get("kind") == "baseline"
+        champion_model = None if baseline else load_model(download_model(cfg, current.run_id))[0]
+        why = None if baseline else misfit(champion_model.config, read_meta(files[0]))
         if why:
             promoted = False
             reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
                       f"({why}); to move it by hand: python -m jobs promote --version {mv.version}")
         else:
-            champ = binary_metrics(labels[rows], score_on(champion_model, files, rows))[metric]
+            p = score_baseline_on(cfg, current.version, files, rows) if baseline else score_on(champion_model, files, rows)
+            champ = binary_metrics(labels[rows], p)[metric]
             if not np.isfinite(champ):
                 promoted = False
                 reason = (f"not promoted: the champion's {cfg.tracking.promote_metric} is undefined on these "
