@@ -82,19 +82,28 @@ def build_features(
     supplied_labels: pd.DataFrame | None = None,
     source_fingerprint: str = "",
     config: dict | None = None,
+    facts: dict | None = None,
 ) -> Built:
     """Build every array of the store from normalised, (user_id, ts)-sorted events. `config`
     is the resolved config recorded in the store (default: the data, labels and features
-    sections of `cfg`)."""
+    sections of `cfg`). `facts`: the global facts of a streaming validation's summary
+    (features/stream.py) when `events` are one shard's partition only: the first and last
+    event of the whole log and the vocabularies' first-seen order come from there."""
     timer = Timer()
     fc, lc = cfg.features, cfg.labels
     check_shards(fc)
     with timer.step("prepare"):
         ts_all = _ts_seconds(events[C.TS])
-        first_ts, data_end = int(ts_all.min()), (int(ts_all.max()) // L.DAY + 1) * L.DAY
+        first, last = (facts["ts_min_us"] // 1_000_000, facts["ts_max_us"] // 1_000_000) if facts else (
+            int(ts_all.min()), int(ts_all.max()))
+        first_ts, data_end = int(first), (int(last) // L.DAY + 1) * L.DAY
         if cfg.data.until:  # the log ends at `until` by definition, even after a quiet day
             data_end = int(to_utc(cfg.data.until).timestamp())
-        vocab.extend(events, cfg.data.foods)
+        vocab.extend_catalog(cfg.data.foods)
+        if facts:
+            vocab.extend_in_order(facts["first_seen"])
+        else:
+            vocab.extend(events)
         calendar = L.cutoff_calendar(first_ts, data_end, lc)
         if fc.shard is not None:  # after global facts, before per-user work
             keep = shard_of(events[C.USER_ID].to_numpy(zero_copy_only=False), fc.num_shards) == fc.shard

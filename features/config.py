@@ -28,6 +28,10 @@ class DataConfig:
     labels: str | None = None  # optional (user_id, as_of, label); overrides derived labels
     truth: str | None = None  # simulator only: (user_id, as_of, p_engaged) -> oracle AUC
     until: str | None = None  # ignore events at/after this instant, as if the log ended there
+    # 0: validate the whole input in memory into one events.parquet; N: stream it in record
+    # batches into N user-shard partitions (docs/scaling.md#streaming-validation), each of
+    # which a shard of a build with features.num_shards=N reads alone.
+    stream_partitions: int = 0
     allowed_event_types: list[str] | None = None  # None: open vocabulary
     max_future_days: float = 1.0  # timestamps later than now + this are quarantined
     min_weight_kg: float = 20.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,13 @@ REPORT = "validation.json"
 EVENTS = "events.parquet"
 USERS = "users.parquet"
 QUARANTINE = "quarantine.parquet"
+
+
+def validated_events(vdir: str | Path) -> Path:
+    """Where a validation wrote its accepted events: events.parquet, or the folder of
+    partitions of a streaming validation (features/stream.py); pyarrow reads either."""
+    vdir = Path(vdir)
+    return vdir / EVENTS if (vdir / EVENTS).exists() else vdir / "events"
 
 
 @dataclass

@@ -68,17 +68,31 @@ class Vocab:
         """Append tokens not yet known: the foods side table's ids first (a static order),
         then tokens in order of their first appearance in time. Later data can therefore
         only append, never renumber what earlier data produced (no id depends on the future)."""
+        self.extend_catalog(foods_path)
+        self._extend_events(events)
+
+    def extend_catalog(self, foods_path: str | None) -> None:
         if foods_path:
             catalog = read_table(foods_path, "foods")
             if C.FOOD_ID in catalog:
                 ids = pd.to_numeric(catalog[C.FOOD_ID], errors="coerce").dropna().astype(int)
                 self._append("foods", ids.sort_values().tolist())
+
+    def _extend_events(self, events: pa.Table) -> None:
         ts = events[C.TS]
-        self._append("event_types", _by_first_seen(events[C.EVENT_TYPE], ts))
-        self._append("meals", _by_first_seen(events[C.MEAL], ts))
         foods = events[C.FOOD_IDS]
         parents = pc.list_parent_indices(foods)
-        self._append("foods", [int(f) for f in _by_first_seen(pc.list_flatten(foods), ts.take(parents))])
+        self.extend_in_order({
+            "event_types": _by_first_seen(events[C.EVENT_TYPE], ts), "meals": _by_first_seen(events[C.MEAL], ts),
+            "foods": _by_first_seen(pc.list_flatten(foods), ts.take(parents)),
+        })
+
+    def extend_in_order(self, first_seen: dict[str, list]) -> None:
+        """Append tokens already in order of first appearance (per kind), as `extend` does
+        from events; a streaming validation's summary gives them (features/stream.py)."""
+        self._append("event_types", list(first_seen["event_types"]))
+        self._append("meals", list(first_seen["meals"]))
+        self._append("foods", [int(f) for f in first_seen["foods"]])
 
     def extend_attributes(self, users: pd.DataFrame, columns: list[str], max_categories: int) -> None:
         """Append the values of categorical attribute `columns` not yet known (see the module

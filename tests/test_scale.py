@@ -297,12 +297,17 @@ def test_three_shards_hold_exactly_the_examples_and_tensors_of_one_build(sim_sto
         seen += keys
     assert len(seen) == len(set(seen)) and set(seen) == whole_users
 
+    assert_same_examples(whole_file, shard_files, whole_cfg)
+
+
+def assert_same_examples(whole_file, shard_files, cfg) -> None:
+    """A shard set holds exactly the examples and tensors of one unsharded build."""
     # Global facts agree, so one model config fits every shard.
     metas = [read_meta(f) for f in [whole_file, *shard_files]]
     assert all(m.sizes() == metas[0].sizes() and m.vocab == metas[0].vocab for m in metas)
     assert all(m.extra["calendar"] == metas[0].extra["calendar"] for m in metas)
 
-    mcfg = model_config_for(whole_cfg.model, metas[0])
+    mcfg = model_config_for(cfg.model, metas[0])
     whole, sharded = FeatureDataset(whole_file, mcfg), FeatureDataset(shard_files, mcfg)
     kw, ks = _keyed(whole), _keyed(sharded)
     assert kw.keys() == ks.keys() and len(kw) > 100

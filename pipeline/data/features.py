@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from common import stamps
 from common.errors import UserError
+from features import stream
 from features import validate as V
 from features.build import build_features, check_shards
 from features.io import fingerprint, read_table
@@ -80,7 +81,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     if _up_to_date(out, key):
         print(f"features: {out} is up to date (same inputs and settings); reusing it")
         return out
-    events = pq.read_table(vdir / V.EVENTS)
+    events, facts = _events_of(vdir, cfg)
     if cfg.data.until:  # as if the log ended there (backfills, scoring a past date)
         until = pa.scalar(to_utc(cfg.data.until), pa.timestamp("us", tz="UTC"))
         events = events.filter(pc.less(events["ts"], until))
@@ -100,7 +101,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     built = build_features(
         events, users, cfg, embed if has_messages else None,
         encoder.dim if has_messages else 0, encoder.identity if has_messages else "none", vocab, labels,
-        source_fingerprint=report["source_fingerprint"], config=to_dict(cfg),
+        source_fingerprint=report["source_fingerprint"], config=to_dict(cfg), facts=facts,
     )
     write_store(out, built.arrays, built.meta)
     vocab.save(vocab_path)
@@ -117,6 +118,20 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     save_config(cfg, out.parent, config_name(out, cfg))
     print_summary(manifest)
     return out
+
+
+def _events_of(vdir: Path, cfg: Config) -> tuple[pa.Table, dict | None]:
+    """The validated events this build reads, and the global facts when they are one shard's
+    partition only: a shard of a build whose features.num_shards equals the partitions of a
+    streaming validation reads its own partition (memory: its users, not the whole log)."""
+    path = V.validated_events(vdir)
+    summary = vdir / stream.SUMMARY
+    if path.is_dir() and summary.exists() and cfg.features.shard is not None:
+        facts = json.loads(summary.read_text())
+        if facts["num_partitions"] == cfg.features.num_shards and not cfg.data.until:
+            part = path / stream.partition_name(cfg.features.shard, cfg.features.num_shards)
+            return pq.read_table(part), facts
+    return pq.read_table(path), None
 
 
 INACTIVE_WARN = 0.3  # the share of long-inactive examples above which the summary points at eligibility

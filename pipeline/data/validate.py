@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pandas as pd
 from common import stamps
 from common.errors import UserError
 from features import contract as C
+from features import stream
 from features import validate as V
 from features.io import fingerprint, read_table, write_parquet_atomic
 from pipeline.config import Config, save_config
@@ -39,7 +41,7 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
     out = Paths.of(cfg).validated
     source, files = _sources(cfg)
     fp = _fingerprint(source, fingerprint(files), settings)
-    old = stamps.is_current(out / V.REPORT, fp) if (out / V.EVENTS).exists() else None
+    old = stamps.is_current(out / V.REPORT, fp) if V.validated_events(out).exists() else None
     if old is not None and V.future_rows_now_due(old, cfg.data, now):
         log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: validating again",
                  old.get("earliest_future_ts"))
@@ -53,7 +55,10 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
 
 def _sources(cfg: Config) -> tuple[dict, list[str]]:
     """Which inputs validation reads: as recorded in validation.json, and as files."""
-    return {"events": cfg.data.events, "users": cfg.data.users}, [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
+    source = {"events": cfg.data.events, "users": cfg.data.users}
+    if cfg.data.stream_partitions:  # another layout of the same rows
+        source["stream_partitions"] = cfg.data.stream_partitions
+    return source, [cfg.data.events] + ([cfg.data.users] if cfg.data.users else [])
 
 
 def _fingerprint(source: dict, source_fingerprint: str, settings: dict) -> str:
@@ -67,8 +72,10 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     out = Path(out) if out else Paths.of(cfg).validated
     started = time.perf_counter()
     source, files = _sources(cfg)
-    raw = read_table(cfg.data.events, "events", provenance=True)
     users = V.normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
+    if cfg.data.stream_partitions:
+        return _validate_streaming(cfg, out, users, now, source, files, started)
+    raw = read_table(cfg.data.events, "events", provenance=True)
     # Extra columns (here the provenance) pass through to the quarantine untouched.
     result = V.validate_events(raw, cfg.data, users, now)
     report = result.report | {
@@ -83,8 +90,29 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
             f"({C.REASONS[top]}); see docs/contract.md"
         )
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / stream.PARTITIONS, ignore_errors=True)  # a streaming validation's, now stale
     write_parquet_atomic(result.events, out / V.EVENTS)
     write_parquet_atomic(result.quarantine, out / V.QUARANTINE)
+    return _finish(cfg, out, users, report)
+
+
+def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, files: list, started: float) -> Path:
+    """data.stream_partitions: the input in record batches into user-shard partitions
+    (features/stream.py), the same report."""
+    for stale in (out / V.EVENTS, out / V.QUARANTINE):
+        stale.unlink(missing_ok=True)
+    counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions, users,
+                                           now or pd.Timestamp.now(tz="UTC"))
+    if counts["accepted"] == 0:
+        raise UserError(f"{cfg.data.events}: no row passed validation ({counts['reasons']}); see docs/contract.md")
+    report = counts | {
+        "settings": V.validation_settings(cfg.data), "validated_at": str(now or pd.Timestamp.now(tz="UTC")),
+        "source": source, "source_fingerprint": fingerprint(files), "seconds": round(time.perf_counter() - started, 2),
+    }
+    return _finish(cfg, out, users, report)
+
+
+def _finish(cfg: Config, out: Path, users, report: dict) -> Path:
     if users is not None:
         write_parquet_atomic(users, out / V.USERS)
     elif (out / V.USERS).exists():

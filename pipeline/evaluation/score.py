@@ -23,7 +23,7 @@ from features import contract as C
 from features.io import read_table
 from features.normalise import to_utc
 from features.store import read_meta
-from features.validate import EVENTS, REPORT, USERS
+from features.validate import REPORT, USERS, validated_events
 from features.vocab import pseudonyms
 from pipeline import tracking
 from pipeline.config import Config
@@ -52,7 +52,7 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
     # any notebook would, scores the validated events with the pipeline's own feature code.
     vdir = ensure_validated(cfg)
     scorer = registry.load_champion(cfg).unwrap_python_model().scorer
-    events = pq.read_table(vdir / EVENTS)
+    events = pq.read_table(validated_events(vdir))
     users = read_table(vdir / USERS, "users") if (vdir / USERS).exists() else None
     workdir = Paths.of(cfg).root / "scoring" / to_utc(as_of).strftime("%Y-%m-%d")
     report = json.loads((vdir / REPORT).read_text())

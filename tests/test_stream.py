@@ -1,0 +1,105 @@
+"""Streaming validation (issue 17 part 1): batch by batch into user-shard partitions, with the
+same rules, counts and rows as validating the whole table at once."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from features import contract as C
+from features.config import DataConfig
+from features.io import read_table
+from features.stream import PARTITIONS, QUARANTINE, SUMMARY, partition_name, validate_to_partitions
+from features.validate import validate_events
+from features.vocab import Vocab, shard_of
+
+NOW = pd.Timestamp("2026-06-01", tz="UTC")
+
+
+def _rows(table) -> pd.DataFrame:
+    """Rows as comparable text, in a canonical order (row order within one user and second
+    is not part of the contract)."""
+    df = table.to_pandas() if hasattr(table, "to_pandas") else table
+    df = df.astype(str)
+    return df.sort_values(list(df.columns)).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """The test simulator's events (with its dirty rows) plus exact copies of 40 rows placed
+    in other files: duplicates that only meet after batching."""
+    from pipeline.simulator.config import SimConfig
+    from pipeline.simulator.run import simulate
+
+    events = simulate(SimConfig(users=30, weeks=4, truth_samples=1, dirty_fraction=0.01))["events"]
+    d = tmp_path_factory.mktemp("raw")
+    half = len(events) // 2
+    events.iloc[:half].to_parquet(d / "a.parquet")
+    pd.concat([events.iloc[half:], events.sample(40, random_state=0)]).to_parquet(d / "b.parquet")
+    return d
+
+
+def test_streaming_validation_equals_validating_everything_at_once(raw, tmp_path):
+    data = DataConfig(events=str(raw))
+    whole = validate_events(read_table(raw, provenance=True), data, None, NOW)
+    report = validate_to_partitions(raw, data, tmp_path, num_partitions=3, now=NOW, batch_rows=500)
+    for k in ("rows_in", "accepted", "duplicates", "quarantined", "reasons", "users", "event_types"):
+        assert report[k] == whole.report[k], k
+    assert report["duplicates"] >= 40 and report["quarantined"] > 0
+    assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
+
+    parts = [pq.read_table(tmp_path / PARTITIONS / partition_name(p, 3)) for p in range(3)]
+    for p, t in enumerate(parts):  # each partition: only its shard's users, sorted by (user, ts)
+        users = t[C.USER_ID].to_numpy(zero_copy_only=False)
+        assert (shard_of(users, 3) == p).all()
+        keys = list(zip(users, t[C.TS].to_pylist()))
+        assert keys == sorted(keys)
+    import pyarrow as pa
+
+    pd.testing.assert_frame_equal(_rows(pa.concat_tables(parts)), _rows(whole.events))
+    cols = ["source_file", "source_row", "reason"]
+    quarantined = pd.concat([pq.read_table(f, columns=cols).to_pandas(ignore_metadata=True) for f in sorted((tmp_path / QUARANTINE).glob("*.parquet"))])
+    pd.testing.assert_frame_equal(_rows(quarantined[cols]), _rows(whole.quarantine[cols]))
+
+    # The global facts: vocabularies in the order an in-memory build appends them.
+    summary = json.loads((tmp_path / SUMMARY).read_text())
+    vocab = Vocab({"event_types": [], "meals": [], "foods": []})
+    vocab.extend(whole.events)
+    assert summary["first_seen"]["event_types"] == vocab.tokens["event_types"]
+    assert summary["first_seen"]["meals"] == vocab.tokens["meals"]
+    assert summary["first_seen"]["foods"] == vocab.tokens["foods"]
+    assert summary["ts_min"] == str(whole.events[C.TS].to_pandas().min().to_pydatetime())
+
+
+def test_a_shard_without_users_still_gets_its_partition(raw, tmp_path):
+    report = validate_to_partitions(raw, DataConfig(events=str(raw)), tmp_path, num_partitions=64, now=NOW)
+    files = sorted((tmp_path / PARTITIONS).glob("*.parquet"))
+    assert len(files) == 64 and sum(pq.read_metadata(f).num_rows for f in files) == report["accepted"]
+    assert not list((tmp_path / PARTITIONS).glob(".*"))  # no temporary left behind
+    assert np.isclose(report["users"], 30, atol=1)
+
+
+def test_shards_that_read_only_their_partition_build_what_one_whole_build_does(sim_store_files, tiny_encoder,
+                                                                               tmp_path, monkeypatch):
+    import pipeline.data.features as F
+    from pipeline.config import load_config
+    from pipeline.data.features import features_stage
+    from tests.test_scale import assert_same_examples
+
+    whole_file, whole_cfg = sim_store_files  # validated in memory, built unsharded
+    overrides = [f"workdir={tmp_path / 'w'}", "data.stream_partitions=3", "features.num_shards=3",
+                 f"features.text_encoder={tiny_encoder.name}"]
+    reads = []
+    real = F.pq.read_table
+    monkeypatch.setattr(F.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    shard_files = []
+    for i in range(3):
+        cfg = load_config("configs/test.yaml", [*overrides, f"features.shard={i}"])
+        shard_files.append(features_stage(cfg, encoder=tiny_encoder))
+    validated = tmp_path / "w" / "validated"
+    assert not (validated / "events.parquet").exists() and (validated / PARTITIONS).is_dir()
+    assert_same_examples(whole_file, shard_files, whole_cfg)
+    events_read = [r for r in reads if f"validated/{PARTITIONS}" in r and not r.endswith(".tmp")]  # .tmp: validation
+    assert events_read == [str(validated / PARTITIONS / partition_name(i, 3)) for i in range(3)]  # its own only
