@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weeks", type=int)
             p.add_argument("--seed", type=int)
             p.add_argument("--out", help="output folder (default: <workdir>/raw)")
+            p.add_argument("--chunk-users", type=int, help="simulate and write this many users at a time (a multiple "
+                           "of 500): memory follows it; the files differ from an in-memory run's")
         if name in ("validate", "features"):
             p.add_argument("--events", help="events file or folder (overrides data.events)")
             p.add_argument("--users", help="users side table (overrides data.users)")
@@ -92,7 +94,8 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
     if stage == "simulate":
         from pipeline.simulator.run import simulate_to_dir
 
-        out = simulate_to_dir(cfg.sim, Path(args.out) if args.out else Paths.of(cfg).raw)
+        out = simulate_to_dir(cfg.sim, Path(args.out) if args.out else Paths.of(cfg).raw,
+                              chunk_users=getattr(args, "chunk_users", None))
         save_config(cfg, out)
     elif stage == "validate":
         from pipeline.data.sources import ensure_raw

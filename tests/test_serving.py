@@ -61,7 +61,23 @@ def test_the_run_logs_a_model_with_signature_and_the_version_is_that_logged_mode
     assert {p.name for p in info.signature.params.params} == {"as_of", "user_ids"}
 
 
-def test_a_fresh_process_loads_the_champion_by_alias_and_scores_as_the_nightly_job(champion, tmp_path):
+def test_the_champion_loaded_by_alias_scores_raw_events_as_the_nightly_job(champion, tmp_path):
+    cfg, _, _ = champion
+    events = pd.read_parquet(cfg.data.events)
+    # The users table's columns ride along on the event rows (program_start here).
+    events = events.merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
+    pyfunc = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
+    assert list(pyfunc.columns) == OUTPUT and pyfunc.user_id.is_unique
+    assert np.allclose(pyfunc.risk, 1 - pyfunc.p_engaged) and (pyfunc.as_of == pd.Timestamp(AS_OF, tz="UTC")).all()
+    nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))
+    merged = nightly.merge(pyfunc, on="user_id", how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all() and len(merged) > 20  # the same users
+    assert np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)  # the same scores
+    assert set(pyfunc.user_id) <= set(events.user_id.dropna())  # raw ids back, as given
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and mlflow (~10 s): `make test-full`
+def test_a_fresh_process_loads_the_champion_by_alias_with_only_the_project_installed(champion, tmp_path):
     cfg, _, _ = champion
     out = tmp_path / "pyfunc.parquet"
     code = (
@@ -74,15 +90,11 @@ def test_a_fresh_process_loads_the_champion_by_alias_and_scores_as_the_nightly_j
         f"model.predict(events, params={{'as_of': '{AS_OF}'}}).to_parquet({str(out)!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-    pyfunc = pd.read_parquet(out)
-    assert list(pyfunc.columns) == OUTPUT and pyfunc.user_id.is_unique
-    assert np.allclose(pyfunc.risk, 1 - pyfunc.p_engaged) and (pyfunc.as_of == pd.Timestamp(AS_OF, tz="UTC")).all()
+    fresh = pd.read_parquet(out)
     nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))
-    merged = nightly.merge(pyfunc, on="user_id", how="outer", indicator=True)
-    assert (merged["_merge"] == "both").all() and len(merged) > 20  # the same users
-    assert np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)  # the same scores
-    events = pd.read_parquet(cfg.data.events)
-    assert set(pyfunc.user_id) <= set(events.user_id.dropna())  # raw ids back, as given
+    merged = nightly.merge(fresh, on="user_id", how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all() and len(merged) > 20
+    assert np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)
 
 
 def test_predict_takes_as_of_as_a_column_and_pseudonyms_on_request(champion):

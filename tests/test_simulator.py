@@ -41,6 +41,7 @@ from features.contract import (
 )
 from pipeline.cli import run_stage
 from pipeline.config import Config
+from pipeline.simulator import run
 from pipeline.simulator.catalog import CITIES
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.run import (
@@ -49,6 +50,7 @@ from pipeline.simulator.run import (
     day_zero,
     run_simulation,
     simulate,
+    simulate_to_dir,
 )
 
 DAY = pd.Timedelta(days=1)
@@ -254,6 +256,46 @@ def test_dirty_rows_are_only_rejectable_rows():
     )
     assert rejectable.all()
     assert duplicate.any() and extra[USER_ID].isna().any() and (sender == "bot").any()
+
+
+def test_chunked_files_do_not_depend_on_the_chunk_size(tmp_path, monkeypatch):
+    """Users seeded in blocks (of 30 here): chunks of one and of two blocks write the same
+    tables, in the in-memory path's schema; each block's dirt follows its clean rows."""
+    monkeypatch.setattr(run, "SEED_BLOCK", 30)
+    sim = SimConfig(users=100, weeks=3, seed=5, truth_samples=8, dirty_fraction=0.02)
+    with pytest.raises(UserError, match="multiple of 30"):
+        simulate_to_dir(sim, tmp_path / "bad", chunk_users=45)
+    one, two, whole = (
+        simulate_to_dir(sim, tmp_path / name, chunk_users=chunk)
+        for name, chunk in (("one", 30), ("two", 60), ("whole", None))
+    )
+    clean = simulate_to_dir(
+        SimConfig(**{**vars(sim), "dirty_fraction": 0.0}), tmp_path / "clean", chunk_users=60
+    )
+    for name in TABLES:
+        a, b = (pq.read_table(d / f"{name}.parquet") for d in (one, two))
+        assert a.equals(b)
+        assert a.schema.equals(pq.read_schema(whole / f"{name}.parquet"), check_metadata=True)
+    groups = [pq.ParquetFile(d / "events.parquet").num_row_groups for d in (one, two)]
+    assert groups == [4, 2]  # one row group per chunk: 30+30+30+10 users, then 60+40
+
+    users, truth = (pd.read_parquet(two / f"{name}.parquet") for name in ("users", "truth"))
+    assert users[USER_ID].tolist() == [f"u{i:05d}" for i in range(100)]
+    assert truth.equals(truth.sort_values([USER_ID, AS_OF], ignore_index=True))
+    for as_of, cut in truth.groupby(AS_OF):  # every started user at every cutoff
+        assert set(cut[USER_ID]) == set(users.loc[users[PROGRAM_START] < as_of, USER_ID])
+
+    # Dirt never shifts the clean events: each block's clean rows equal the dirt-free run's,
+    # sorted by (user_id, ts), followed by that block's own dirty rows.
+    clean_events = pq.read_table(clean / "events.parquet")
+    keys = list(zip(clean_events[USER_ID].to_pylist(), clean_events[TS].to_pylist()))
+    assert keys == sorted(keys)
+    block = np.array([int(u[1:]) // 30 for u in clean_events[USER_ID].to_pylist()])
+    dirty = pq.ParquetFile(one / "events.parquet")
+    for g in range(dirty.num_row_groups):
+        rows, mine = dirty.read_row_group(g), clean_events.filter(block == g)
+        assert rows.slice(0, mine.num_rows).equals(mine)
+        assert rows.num_rows - mine.num_rows == round(0.02 * mine.num_rows) > 0
 
 
 def _row_keys(df: pd.DataFrame) -> pd.Series:

@@ -3,6 +3,12 @@
 `simulate(sim)` returns the tables as DataFrames; `simulate_to_dir` writes them as Parquet
 (events, users, foods, truth) and logs a one-paragraph summary. Hidden traits and life
 events never reach the files: `users.parquet` holds only user_id and program_start.
+
+`simulate_to_dir(..., chunk_users=N)` writes a log larger than memory: users are simulated
+in blocks of `SEED_BLOCK`, each seeded from (seed, block) alone, and appended N users at a
+time, so peak memory follows N and the files do not. Users never interact (the food catalog
+is fixed, coaches have no capacity), so a block needs nothing from the others. The chunked
+tables differ from the in-memory ones for the same seed, whose random streams span all users.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,7 @@ from pipeline.simulator.truth import p_engaged
 log = logging.getLogger(__name__)
 P_ENGAGED = "p_engaged"
 TABLES = ("events", "users", "foods", "truth")
+SEED_BLOCK = 500  # users per independently seeded block of the chunked path (~1 s each)
 
 
 @dataclass
@@ -65,17 +73,27 @@ def day_zero(start_date: str) -> pd.Timestamp:
     return t
 
 
-def run_simulation(sim: SimConfig) -> Simulation:
-    """Simulate `sim.users` users for `sim.weeks` weeks; deterministic for `sim.seed`."""
+def check_sim(sim: SimConfig) -> None:
+    """Refuse a `sim` section that cannot be simulated, naming the key."""
     if sim.users < 1 or sim.weeks < 2 or sim.truth_samples < 1:
         raise UserError(f"sim needs users >= 1, weeks >= 2 and truth_samples >= 1; got {sim}")
     if not 0.0 <= sim.dirty_fraction < 0.5:
         raise UserError(f"sim.dirty_fraction={sim.dirty_fraction} must lie in [0, 0.5)")
+    day_zero(sim.start_date)
+
+
+def run_simulation(sim: SimConfig) -> Simulation:
+    """Simulate `sim.users` users for `sim.weeks` weeks; deterministic for `sim.seed`."""
+    check_sim(sim)
+    return simulate_users(sim, np.arange(sim.users), np.random.SeedSequence(sim.seed))
+
+
+def simulate_users(sim: SimConfig, users: np.ndarray, seq: np.random.SeedSequence) -> Simulation:
+    """Simulate the users numbered `users` (consecutive, out of `sim.users`) from `seq`."""
     t0 = time.perf_counter()
     day0 = day_zero(sim.start_date)
-    n, n_days = sim.users, 7 * sim.weeks
+    n, n_days = len(users), 7 * sim.weeks
     # Independent streams: the truth's replicas or the dirty rows never shift the events.
-    seq = np.random.SeedSequence(sim.seed)
     rng_dyn, rng_truth, rng_evt, rng_dirty = (np.random.default_rng(s) for s in seq.spawn(4))
     rnd = random.Random(int(seq.generate_state(1)[0]))  # text composition
 
@@ -96,8 +114,8 @@ def run_simulation(sim: SimConfig) -> Simulation:
 
     day0_us = day0.value // 1000  # ns -> µs
     clock = Clock(day0_us, tr.start_day, per.start_off)
-    width = max(5, len(str(n - 1)))
-    user_ids = np.array([f"u{i:0{width}d}" for i in range(n)], dtype=object)
+    width = max(5, len(str(sim.users - 1)))
+    user_ids = np.array([f"u{i:0{width}d}" for i in users], dtype=object)
     msgs = plan_and_write(hist, tr, per, cat, clock, day0.weekday(), rng_evt, rnd)
     blocks = logged_events(hist, per, cat, clock, msgs.user_counts, rng_evt) + [msgs.block]
     clean = assemble_events(blocks, user_ids)
@@ -138,15 +156,61 @@ def simulate(sim: SimConfig) -> dict[str, pd.DataFrame]:
     return {name: _to_pandas(t) for name, t in res.tables.items()}
 
 
-def simulate_to_dir(sim: SimConfig, out_dir: str | Path) -> Path:
-    """Write events/users/foods/truth.parquet into `out_dir`."""
+def simulate_to_dir(sim: SimConfig, out_dir: str | Path, chunk_users: int | None = None) -> Path:
+    """Write events/users/foods/truth.parquet into `out_dir`: all users at once, or with
+    `chunk_users` (a multiple of `SEED_BLOCK`) that many at a time (the module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if chunk_users:
+        return _write_chunked(sim, out, chunk_users)
     res = run_simulation(sim)
     for name, table in res.tables.items():
         with atomic_path(out / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
     log.info("%s; wrote %s", _paragraph(sim, res.stats), out)
+    return out
+
+
+def _write_chunked(sim: SimConfig, out: Path, chunk_users: int) -> Path:
+    """Append each chunk's events, users and truth to the files (one row group or more per
+    chunk). Users are numbered in chunk order, so users and truth stay sorted and so do the
+    events, except that each block's dirty rows follow its clean rows."""
+    check_sim(sim)
+    if chunk_users < 1 or chunk_users % SEED_BLOCK:
+        raise UserError(
+            f"chunk_users={chunk_users} must be a multiple of {SEED_BLOCK} (users are seeded in "
+            f"blocks of {SEED_BLOCK}, so the files do not depend on the chunk size); e.g. "
+            f"{max(1, round(chunk_users / SEED_BLOCK)) * SEED_BLOCK}"
+        )
+    t0, events, dirty = time.perf_counter(), 0, 0
+    with ExitStack() as stack:
+        writers: dict[str, pq.ParquetWriter] = {}
+        for lo in tqdm(range(0, sim.users, chunk_users), desc="chunks", disable=None, leave=False):
+            hi = min(lo + chunk_users, sim.users)
+            blocks = [
+                simulate_users(
+                    sim, np.arange(b, min(b + SEED_BLOCK, hi)),
+                    np.random.SeedSequence(sim.seed, spawn_key=(b // SEED_BLOCK,)),
+                )
+                for b in range(lo, hi, SEED_BLOCK)
+            ]  # fmt: skip
+            for name in ("events", "users", "truth"):
+                table = pa.concat_tables([res.tables[name] for res in blocks])
+                if name not in writers:  # writers close before atomic_path renames
+                    tmp = stack.enter_context(atomic_path(out / f"{name}.parquet"))
+                    writers[name] = stack.enter_context(pq.ParquetWriter(tmp, table.schema))
+                writers[name].write_table(table)
+            events += sum(res.stats["events"] for res in blocks)
+            dirty += sum(res.stats["dirty_rows"] for res in blocks)
+        with atomic_path(out / "foods.parquet") as tmp:
+            pq.write_table(blocks[0].tables["foods"], tmp)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "simulated %s users x %s weeks (seed %s) in chunks of %s users in %.1f s: %s events "
+        "(%s/s), %s dirty rows appended; wrote %s",
+        f"{sim.users:,}", sim.weeks, sim.seed, f"{chunk_users:,}", seconds, f"{events:,}",
+        f"{events / seconds:,.0f}", f"{dirty:,}", out,
+    )  # fmt: skip
     return out
 
 
