@@ -262,30 +262,31 @@ def requirements() -> list[str]:
                                            "scikit-learn", "omegaconf")]
 
 
-def log_engagement_model(checkpoint: Path, cfg: Config, vocab: dict, workdir: Path):
+def log_engagement_model(checkpoint: Path, cfg: Config, vocab: dict):
     """Log the model in the active run as an MLflow pyfunc model named LOGGED_NAME (MLflow 3:
     a logged-model entity shown under the run's "Logged models"); returns its ModelInfo.
     vocab: the training build's vocabularies (StoreMeta.vocab)."""
     m = load_model(checkpoint)[0].config
-    bundle = Scorer.write_bundle(Path(workdir) / BUNDLE, cfg, vocab, checkpoint=checkpoint)
-    return _log_pyfunc(bundle, m.categorical_attributes, m.numeric_attributes)
+    return _log_pyfunc(m.categorical_attributes, m.numeric_attributes, cfg, vocab, checkpoint=checkpoint)
 
 
-def log_baseline_model(estimator, aggregate_names: list[str], meta, cfg: Config, workdir: Path):
+def log_baseline_model(estimator, aggregate_names: list[str], meta, cfg: Config):
     """The same for gradient boosting on the aggregates (the baseline's run), fitted on the
     build `meta` describes; it scores raw events through the same feature build."""
     attrs = meta.attributes
-    bundle = Scorer.write_bundle(Path(workdir) / BUNDLE, cfg, meta.vocab, estimator=(
-        estimator, list(aggregate_names), [*attrs["categorical"], *attrs["numeric"]]))
-    return _log_pyfunc(bundle, attrs["categorical"], attrs["numeric"])
+    bundled = (estimator, list(aggregate_names), [*attrs["categorical"], *attrs["numeric"]])
+    return _log_pyfunc(attrs["categorical"], attrs["numeric"], cfg, meta.vocab, estimator=bundled)
 
 
-def _log_pyfunc(bundle: Path, categorical: list[str], numeric: list[str]):
-    return mlflow.pyfunc.log_model(
-        name=LOGGED_NAME, python_model=EngagementPyfunc(), artifacts={BUNDLE: str(bundle)},
-        signature=signature(categorical, numeric), input_example=(input_example(), {"as_of": "2026-01-12"}),
-        pip_requirements=requirements(),
-    )
+def _log_pyfunc(categorical: list[str], numeric: list[str], cfg: Config, vocab: dict, **model):
+    """The bundle is written to a temporary folder: MLflow keeps its own copy."""
+    with tempfile.TemporaryDirectory(prefix="engagement-bundle-") as tmp:
+        bundle = Scorer.write_bundle(Path(tmp) / BUNDLE, cfg, vocab, **model)
+        return mlflow.pyfunc.log_model(
+            name=LOGGED_NAME, python_model=EngagementPyfunc(), artifacts={BUNDLE: str(bundle)},
+            signature=signature(categorical, numeric), input_example=(input_example(), {"as_of": "2026-01-12"}),
+            pip_requirements=requirements(),
+        )
 
 
 def serve_command(cfg: Config, host: str, port: int) -> tuple[list[str], dict[str, str]]:

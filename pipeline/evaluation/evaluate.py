@@ -192,8 +192,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 # Gradient boosting as an MLflow model too: it scores raw events like the sequence model.
                 with open(fitted, "rb") as f:
                     estimator, names = pickle.load(f)
-                info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg,
-                                                  fitted.with_suffix(""))
+                info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg)
                 mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
 
 

@@ -210,7 +210,7 @@ def _finish(cfg: Config, result: TrainResult, data: FeatureDataset, mcfg, device
         tracking.log_artifacts([result.checkpoint], "model")
         tracking.log_artifacts([result.run_dir / PREDICTIONS])
         # The MLflow model (pipeline/serving.py): load by alias, serve, score raw events anywhere.
-        info = serving.log_engagement_model(result.checkpoint, cfg, data.meta.vocab, result.run_dir)
+        info = serving.log_engagement_model(result.checkpoint, cfg, data.meta.vocab)
         mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
         tracking.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.val_roc_auc,
                               "calibration_scale": scale, "calibration_bias": bias})
