@@ -21,7 +21,7 @@ TORCH_SPEC := $(VENV)/.torch-spec
 # Reinstall when pyproject.toml or the TORCH requirement changes, and only then.
 $(STAMP): pyproject.toml $(TORCH_SPEC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,demo]' $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,demo,scale]' $(TORCH)
 	@touch $@
 
 # Rewritten only when TORCH differs from the last install's, so its mtime says "changed".
@@ -40,7 +40,7 @@ help: ## list targets
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) ARGS='key.sub=value ...' TORCH='$(TORCH)' NPROC=$(NPROC) PYTEST_ARGS='...'"
 
-install: $(STAMP) ## create .venv and install the project with dev + demo extras (idempotent)
+install: $(STAMP) ## create .venv and install the project with dev + demo + scale extras (idempotent)
 
 demo: $(STAMP) ## simulate -> validate -> features -> pretrain -> train -> evaluate -> compare on the simulator
 	$(PY) -m pipeline demo --config configs/demo.yaml $(ARGS)

@@ -83,6 +83,9 @@ class FeatureConfig:
     vocab_path: str = ""  # append-only vocabularies; default <workdir>/features/vocab.json
     shard: int | None = None  # build only users whose hashed id falls in this shard
     num_shards: int = 1
+    # A Dask distributed scheduler (tcp://host:8786): build every shard of num_shards as a task
+    # there (pipeline/data/fanout.py, docs/scaling.md#dask); "": in this process.
+    scheduler: str = ""
 
 
 class Sections(Protocol):

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "features":
             p.add_argument("--shard", type=int, help="build only this shard of users")
             p.add_argument("--num-shards", type=int, help="number of user shards")
+            p.add_argument("--scheduler", help="a Dask scheduler address: build every shard there as a task")
         if name == "compare":
             p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
             p.add_argument("--all-builds", action="store_true", help="also runs on older feature builds")
@@ -75,6 +76,7 @@ def resolve(args: argparse.Namespace) -> Config:
         "events": "data.events",
         "shard": "features.shard",
         "num_shards": "features.num_shards",
+        "scheduler": "features.scheduler",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
@@ -104,9 +106,14 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
         ensure_raw(cfg)
         validate_stage(cfg, Path(args.out) if args.out else None)
     elif stage == "features":
-        from pipeline.data.features import features_stage
+        if cfg.features.scheduler:
+            from pipeline.data.fanout import build_on_cluster
 
-        features_stage(cfg)
+            build_on_cluster(cfg)
+        else:
+            from pipeline.data.features import features_stage
+
+            features_stage(cfg)
     elif stage == "pretrain":
         from pipeline.pretraining.pretrain import pretrain
 

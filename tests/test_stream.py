@@ -103,3 +103,27 @@ def test_shards_that_read_only_their_partition_build_what_one_whole_build_does(s
     assert_same_examples(whole_file, shard_files, whole_cfg)
     events_read = [r for r in reads if f"validated/{PARTITIONS}" in r and not r.endswith(".tmp")]  # .tmp: validation
     assert events_read == [str(validated / PARTITIONS / partition_name(i, 3)) for i in range(3)]  # its own only
+
+
+@pytest.mark.slow  # starts a Dask cluster of two worker processes (~20 s): `make test-full`
+def test_a_local_dask_cluster_builds_the_shards_of_one_streamed_build(sim_store_files, tiny_encoder, tmp_path):
+    from dask.distributed import LocalCluster
+
+    from features.store import feature_files
+    from pipeline.cli import main
+    from pipeline.config import load_config
+    from pipeline.paths import Paths
+    from tests.test_scale import assert_same_examples
+
+    whole_file, whole_cfg = sim_store_files
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        overrides = [f"workdir={tmp_path / 'w'}", "data.stream_partitions=2",
+                     f"features.text_encoder={tiny_encoder.name}"]
+        # The command a user runs: validation here, one task per shard on the cluster.
+        assert main(["features", "--config", "configs/test.yaml", "--num-shards", "2", "--scheduler",
+                     cluster.scheduler_address, *overrides]) == 0
+    cfg = load_config("configs/test.yaml", overrides)
+    shard_files = feature_files(Paths.of(cfg).features)
+    assert [f.name for f in shard_files] == ["features-000-of-002.h5", "features-001-of-002.h5"]
+    assert_same_examples(whole_file, shard_files, whole_cfg)

@@ -50,7 +50,7 @@ def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
     from features.text_vectors import encoder_identity
 
     d = to_dict(cfg)
-    feats = {k: v for k, v in d["features"].items() if k not in ("text_batch_size", "text_device")}
+    feats = {k: v for k, v in d["features"].items() if k not in ("text_batch_size", "text_device", "scheduler")}
     validation = {k: report.get(k) for k in ("settings", "accepted", "duplicates", "quarantined", "reasons")}
     parts = [SCHEMA_VERSION, report["source_fingerprint"], validation, d["labels"], feats, d["data"]["until"],
              fingerprint([cfg.data.labels]) if cfg.data.labels else None,
