@@ -32,7 +32,7 @@ $(TORCH_SPEC): FORCE
 FORCE:
 
 .PHONY: help install demo demo-kdd test test-full lint simulate validate features pretrain \
-        train evaluate experiments compare diagnose bench bench-reverse train-ddp pretrain-ddp mlflow-ui serve \
+        train evaluate experiments compare diagnose bench bench-scale bench-reverse train-ddp pretrain-ddp mlflow-ui serve \
         jobs-list clean clean-data
 
 help: ## list targets
@@ -86,6 +86,9 @@ diagnose: $(STAMP) ## checks that explain a model that learns nothing
 
 bench: $(STAMP) ## speed and memory figures, each beside a naive version measured in the same run
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-scale: $(STAMP) ## events/s and peak memory of streamed validation + one feature shard (ARGS='--users 25000')
+	$(PY) -m benchmarks.scale $(ARGS)
 
 bench-reverse: $(STAMP) ## the sequence-reversal task at lengths 100/200/500
 	$(PY) -m benchmarks.reverse $(ARGS)

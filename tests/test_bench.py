@@ -73,3 +73,17 @@ def test_recipes_section_trains_the_recipe_before_and_now_on_one_store(sim_store
         assert len(r[name]["val_roc_auc_by_epoch"]) == 1 and 0.0 <= r[name]["best_val_roc_auc"] <= 1.0
     assert r["train_speedup"] == r["now"]["train_examples_per_s"] / r["before"]["train_examples_per_s"]
     assert [row[0].split(",")[0] for row in recipes.rows(r)][0].startswith("6 training")
+
+
+@pytest.mark.slow  # four fresh interpreters (~15 s): `make test-full`
+def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
+    from benchmarks.scale import main
+
+    rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dir", str(tmp_path)])
+    steps = {r["step"].split(",")[0]: r for r in rows}
+    assert set(steps) == {"simulate", "validate", "features"} and len(rows) == 4
+    streamed, whole, shard = rows[1], rows[2], rows[3]
+    assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
+    assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
+    assert all(r["peak_mb"] > 50 for r in rows)
+    assert "events/s" in capsys.readouterr().out
