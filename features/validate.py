@@ -119,15 +119,8 @@ def validate_events(
     )[ok]
     events[C.FOOD_IDS] = pd.Series(pd.arrays.ArrowExtensionArray(food_ids), index=raw.index)[ok]
     events.loc[~is_food[ok], C.FOOD_IDS] = None
-    # Exact duplicates: the same normalised row twice (food lists compared as "1|2|3" text,
-    # joined in Arrow: going through Python objects costs minutes on millions of meals).
-    food_text = pc.binary_join(pc.cast(food_ids, pa.list_(pa.string())), "|").to_pandas(types_mapper=pd.ArrowDtype)
-    key = events.assign(**{C.FOOD_IDS: food_text[ok].where(is_food[ok], None).to_numpy()})
-    dup = key.duplicated(keep="first").to_numpy()
-    events = events[~dup].sort_values([C.USER_ID, C.TS], kind="stable")
-    table = pa.Table.from_pandas(
-        events[list(C.NORMALISED_SCHEMA.names)], schema=C.NORMALISED_SCHEMA, preserve_index=False
-    ).replace_schema_metadata(None)  # plain Arrow types; no pandas dtype metadata to trip readers
+    table, dup = dedup_and_sort(events)
+    events = events[~dup]
 
     names = [name for name, _ in checks]
     future = reason == names.index("future_timestamp")
@@ -150,6 +143,23 @@ def validate_events(
     }
     assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
     return ValidationResult(table, quarantine, report)
+
+
+def dedup_and_sort(events: pd.DataFrame) -> tuple[pa.Table, np.ndarray]:
+    """Normalised events (contract columns, food_ids an Arrow list column, None off meals) ->
+    (the table without exact duplicates, sorted by (user_id, ts), in NORMALISED_SCHEMA; the
+    duplicate mask over the input rows). Also the streaming validation's per-partition pass."""
+    # Exact duplicates: the same normalised row twice (food lists compared as "1|2|3" text,
+    # joined in Arrow: going through Python objects costs minutes on millions of meals).
+    foods = pa.Table.from_pandas(events[[C.FOOD_IDS]], preserve_index=False).column(0)
+    food_text = pc.binary_join(pc.cast(foods, pa.list_(pa.string())), "|").to_pandas(types_mapper=pd.ArrowDtype)
+    key = events.assign(**{C.FOOD_IDS: food_text.to_numpy()})
+    dup = key.duplicated(keep="first").to_numpy()
+    kept = events[~dup].sort_values([C.USER_ID, C.TS], kind="stable")
+    table = pa.Table.from_pandas(
+        kept[list(C.NORMALISED_SCHEMA.names)], schema=C.NORMALISED_SCHEMA, preserve_index=False
+    ).replace_schema_metadata(None)  # plain Arrow types; no pandas dtype metadata to trip readers
+    return table, dup
 
 
 def future_rows_now_due(report: dict, data: DataConfig, now: pd.Timestamp | None = None) -> bool:
