@@ -1,8 +1,8 @@
 """The feature build's shards as tasks on a Dask distributed cluster (docs/scaling.md#dask).
 
 `features.scheduler: tcp://host:8786` (or `--scheduler`) with `features.num_shards: N` and no
-`features.shard`: this process validates once (streamed into N partitions when
-`data.stream_partitions` is N), then submits one task per shard, each running the ordinary
+`features.shard`: validation runs once (with `data.stream_partitions: N`, each unit of the input
+and then each partition as a task on the cluster), then one task per shard, each running the ordinary
 `features` stage for its shard in a worker process, and waits for all of them. Workers need
 the project installed and the same `workdir` (a shared filesystem); the message-vector cache
 and the vocabularies are shared through it as in any sharded build. Without a scheduler nothing
@@ -29,20 +29,26 @@ def build_shard(cfg: Config, shard: int) -> str:
     return str(features_stage(replace(cfg, features=replace(cfg.features, shard=shard, scheduler=""))))
 
 
-def build_on_cluster(cfg: Config) -> list[Path]:
-    """Every shard of `features.num_shards` as a task on the cluster at `features.scheduler`;
-    returns the shard files in shard order."""
+def client_of(cfg: Config):
+    """A dask.distributed Client of `features.scheduler` (a context manager)."""
     try:
         from dask.distributed import Client
     except ImportError:
         raise UserError("features.scheduler needs dask.distributed: `pip install 'dask[distributed]'` "
                         "(make install includes it)") from None
+    return Client(cfg.features.scheduler, timeout=60)
+
+
+def build_on_cluster(cfg: Config) -> list[Path]:
+    """Every shard of `features.num_shards` as a task on the cluster at `features.scheduler`
+    (and, with data.stream_partitions, the validation's units and partitions before them);
+    returns the shard files in shard order."""
     n = cfg.features.num_shards
     if n < 2 or cfg.features.shard is not None:
         raise UserError(f"features.scheduler fans out the shards of one build: set features.num_shards >= 2 "
                         f"(now {n}) and leave features.shard unset (now {cfg.features.shard})")
-    ensure_validated(cfg)  # once, here: the shards only read the result
-    with Client(cfg.features.scheduler, timeout=60) as client:
+    ensure_validated(cfg)  # once, before the shards: they only read the result
+    with client_of(cfg) as client:
         log.info("features: %d shard tasks on %s (%d workers)", n, cfg.features.scheduler,
                  len(client.scheduler_info()["workers"]))
         futures = [client.submit(build_shard, cfg, i, key=f"features-shard-{i}-of-{n}", pure=False) for i in range(n)]

@@ -101,12 +101,20 @@ def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, files:
     (features/stream.py), the same report."""
     for stale in (out / V.EVENTS, out / V.QUARANTINE):
         stale.unlink(missing_ok=True)
-    counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions, users,
-                                           now or pd.Timestamp.now(tz="UTC"))
+    now = now or pd.Timestamp.now(tz="UTC")
+    if cfg.features.scheduler:  # every unit of the input and every partition as a task there
+        from pipeline.data.fanout import client_of
+
+        with client_of(cfg) as client:
+            counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions,
+                                                   users, now, client=client)
+    else:
+        counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions,
+                                               users, now)
     if counts["accepted"] == 0:
         raise UserError(f"{cfg.data.events}: no row passed validation ({counts['reasons']}); see docs/contract.md")
     report = counts | {
-        "settings": V.validation_settings(cfg.data), "validated_at": str(now or pd.Timestamp.now(tz="UTC")),
+        "settings": V.validation_settings(cfg.data), "validated_at": str(now),
         "source": source, "source_fingerprint": fingerprint(files), "seconds": round(time.perf_counter() - started, 2),
     }
     return _finish(cfg, out, users, report)
