@@ -63,8 +63,10 @@ def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
         extra["future_days"] = 0 if supplied else int(meta.config.get("labels", {}).get("horizon_days", 7))
     if model.attributes:
         attrs = meta.attributes
+        values = meta.vocab.get("attributes", {})
+        known = [int(attrs["n_ids"]) if values.get(c) is None else 2 + len(values[c]) for c in attrs["categorical"]]
         extra |= {"categorical_attributes": list(attrs["categorical"]), "numeric_attributes": list(attrs["numeric"]),
-                  "n_attribute_ids": int(attrs["n_ids"])}
+                  "n_attribute_ids": int(attrs["n_ids"]), "attribute_known_ids": known}
     return replace(model, **meta.sizes(), **extra)
 
 
@@ -89,7 +91,8 @@ def attributes_of(files: list[Path], model: ModelConfig) -> tuple[np.ndarray, np
         for j, name in enumerate(model.numeric_attributes):
             if name in have["numeric"]:
                 v[:, j] = users["attr_values"][rows, have["numeric"].index(name)]
-        codes.append(np.where(c >= model.n_attribute_ids, 1, c))
+        known = np.array(model.attribute_known_ids or [model.n_attribute_ids] * c.shape[1], np.int64)
+        codes.append(np.where(c >= np.minimum(known, model.n_attribute_ids), 1, c))  # later values: unknown
         missing = np.isnan(v)
         values.append(np.concatenate([signed_log1p(np.nan_to_num(v, nan=0.0)), missing.astype(np.float32)], axis=1))
     return np.concatenate(codes), np.concatenate(values)

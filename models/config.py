@@ -38,6 +38,10 @@ class ModelConfig:
     categorical_attributes: list[str] = field(default_factory=list)
     numeric_attributes: list[str] = field(default_factory=list)
     n_attribute_ids: int = 2
+    # Per categorical attribute, the ids its build knew (2 + its values; n_attribute_ids for a
+    # hashed one): a value appended to the vocabulary later reads as unknown, never as an
+    # embedding row training never saw.
+    attribute_known_ids: list[int] = field(default_factory=list)
     # Dense auxiliary targets (issue 14): a second output of the fusion head predicts the
     # user's own activity on each of the next `future_days` days (-1: every day of the label's
     # horizon, labels.horizon_days, unless labels are supplied (data.labels): then none; 0: no

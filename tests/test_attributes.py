@@ -159,7 +159,18 @@ def test_a_later_store_is_read_by_name_a_column_it_lacks_reads_missing(tmp_path,
     b = FeatureDataset(later, trained).attributes
     assert np.array_equal(a[0][:, 0], b[0][:, 0])  # plan: the same ids
     assert (b[0][:, 1] == 1).all() and (b[1][:, 1] == 1).all()  # zip unknown, age missing
-    reordered = replace(trained, categorical_attributes=["zip", "plan"])
+    # A plan value the model's build never saw reads as unknown, not as an untrained row.
+    users = _users(48)
+    users.loc[users.plan == "basic", "plan"] = "gold"  # appended to the vocabulary: id 4
+    users.to_parquet(tmp_path / "users.parquet")
+    newer, _ = build_store(tmp_path, make_events(n_users=48, weeks=8, seed=21, per_user=(20, 40)), tiny_encoder,
+                           "newer", f"data.users={tmp_path / 'users.parquet'}", "features.attribute_max_categories=16",
+                           f"features.vocab_path={tmp_path / 'attrs' / 'features' / 'vocab.json'}")
+    assert read_meta(newer).vocab["attributes"]["plan"] == ["basic", "premium", "gold"]
+    plan = FeatureDataset(newer, trained).attributes[0][:, 0]
+    assert set(plan.tolist()) == {1, 3}  # gold -> unknown (1), premium keeps 3
+    reordered = replace(trained, categorical_attributes=["zip", "plan"],
+                        attribute_known_ids=trained.attribute_known_ids[::-1])
     assert np.array_equal(FeatureDataset(path, reordered).attributes[0][:, ::-1], a[0])
 
 
