@@ -216,3 +216,22 @@ def test_mistakes_in_a_mapping_name_the_key_and_the_file(tmp_path, edits, messag
     mapping, _ = write_long_log(tmp_path, **edits)
     with pytest.raises(UserError, match=message):
         convert(load_mapping(mapping), tmp_path / "out")
+
+
+def test_a_file_name_gives_each_user_an_attribute(kdd_slice, tmp_path):
+    from dataclasses import replace
+
+    from features.adapters.mapping import convert, load_mapping
+
+    mapping = replace(load_mapping("configs/mappings/kddcup2015-course.yaml"), input=str(kdd_slice))
+    paths = convert(mapping, tmp_path / "course")
+    plain = kddcup2015.convert(kdd_slice, tmp_path / "plain")
+    pd.testing.assert_frame_equal(pd.read_parquet(paths["events"]), pd.read_parquet(plain["events"]))
+    users = pd.read_parquet(paths["users"])
+    assert list(users.columns) == [C.USER_ID, C.PROGRAM_START, "course"]
+    daily = {c: pd.read_csv(kdd_slice / f"trainCourse{c}.csv") for c in ("1038", "1185")}
+    expected = {f"e{e}": c for c, d in daily.items() for e in d.enrollment_id.unique()}
+    assert users.set_index(C.USER_ID)["course"].to_dict() == expected
+    bad = replace(mapping, events=replace(mapping.events, file_attributes={"course": "nothing(\\d+)"}))
+    with pytest.raises(UserError, match="file_attributes.course"):
+        convert(bad, tmp_path / "bad")

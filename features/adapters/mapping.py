@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class EventsMapping:
     counts: list[str] = field(default_factory=list)  # wide: the count columns ...
     count_prefix: str = ""  # ... or every column starting with this; removed from the event types
     time_of_day: str | None = None  # "HH:MM:SS" added to every time: for date-only rows
+    # attribute name -> a regular expression with one group, matched against each events file's
+    # name: the group is that file's rows' value (one file per course: {course: "Course(\\d+)"});
+    # users.from_events gives each user the value of their first row as a user attribute
+    file_attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +111,8 @@ def convert(mapping: Mapping, out: str | Path) -> dict[str, Path]:
     # Each user's days in the events files (every row, even a wide row whose counts are all
     # 0): derived program starts and as_of at the end of the last day come from here.
     days = rows.groupby(C.USER_ID)["when"].agg(["min", "max"]).apply(lambda t: t.dt.floor("D"))
+    for name in mapping.events.file_attributes:  # a user's value: that of their first row
+        days[name] = rows.groupby(C.USER_ID)[name].first()
     paths = {"events": write_parquet_atomic(events, out / "events.parquet")}
     if mapping.users is not None:
         paths["users"] = write_parquet_atomic(_users(mapping, days), out / "users.parquet")
@@ -141,6 +148,8 @@ def _check(m: Mapping) -> None:
             raise UserError("mapping: set users.file (a users table) or users.from_events: true, one of them")
         if m.users.file:
             _check_columns("users.columns", m.users.columns, [C.USER_ID], None)
+    if e.file_attributes and (m.users is None or not m.users.from_events):
+        raise UserError("mapping: events.file_attributes become user attributes through users.from_events: true")
     if m.labels is not None:
         if not m.labels.file:
             raise UserError("mapping labels.file is missing: the table of labels (or drop the labels section)")
@@ -165,12 +174,12 @@ def _events(m: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The events table, and every source row's (user_id, parsed time as `when`)."""
     e = m.events
     needed = _keys("events.columns", e.columns) | {f"events.counts[{i}]": c for i, c in enumerate(e.counts)}
-    raw = _read(m, e.files, "events.files", needed)
+    raw = _read(m, e.files, "events.files", needed, e.file_attributes)
     user = _user_ids(m, raw[e.columns[C.USER_ID]])
     when, _ = parse_timestamps(raw[e.columns[C.TS]])
     # Validation parses and checks times; here they are parsed only to add a time of day.
     ts = (when + pd.Timedelta(e.time_of_day)) if e.time_of_day else raw[e.columns[C.TS]]
-    rows = pd.DataFrame({C.USER_ID: user, "when": when})
+    rows = pd.DataFrame({C.USER_ID: user, "when": when, **{a: raw[a] for a in e.file_attributes}})
     if e.shape == "long":
         events = pd.DataFrame({C.USER_ID: user, C.TS: ts})
         events[C.EVENT_TYPE] = e.event_type if e.event_type is not None else raw[e.columns[C.EVENT_TYPE]]
@@ -205,7 +214,8 @@ def _melt(m: Mapping, raw: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
 def _users(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
     u = m.users
     if u.from_events:
-        return pd.DataFrame({C.USER_ID: days.index, C.PROGRAM_START: days["min"].to_numpy()})
+        return pd.DataFrame({C.USER_ID: days.index, C.PROGRAM_START: days["min"].to_numpy(),
+                             **{a: days[a].to_numpy() for a in m.events.file_attributes}})
     raw = _read(m, [u.file], "users.file", _keys("users.columns", u.columns))
     users = pd.DataFrame({col: raw[src] for col, src in u.columns.items()})
     users[C.USER_ID] = _user_ids(m, users[C.USER_ID])
@@ -249,12 +259,20 @@ def _keys(prefix: str, columns: dict[str, str]) -> dict[str, str]:
     return {f"{prefix}.{k}": v for k, v in columns.items()}
 
 
-def _read(m: Mapping, patterns: list[str], key: str, columns: dict[str, str]) -> pd.DataFrame:
+def _read(m: Mapping, patterns: list[str], key: str, columns: dict[str, str],
+          from_name: dict[str, str] | None = None) -> pd.DataFrame:
     """Every file of `patterns` (the mapping's `key`), concatenated; each must have the source
-    columns the mapping names (`columns`: mapping key -> source column)."""
+    columns the mapping names (`columns`: mapping key -> source column). `from_name`: columns
+    whose value is a regular expression's group in the file's name."""
     frames = []
     for path in _files(m, patterns, key):
         df = read_table(path, key.split(".")[0])
+        for name, pattern in (from_name or {}).items():
+            found = re.search(pattern, path.name)
+            if not found or not found.groups():
+                raise UserError(f"{path}: mapping events.file_attributes.{name}={pattern!r} does not match the "
+                                "file name with a group ( ) to take the value from")
+            df[name] = found.group(1)
         missing = [f"{k}: {src!r}" for k, src in columns.items() if src not in df.columns]
         if missing:
             raise UserError(f"{path}: no column {', '.join(missing)} (has: {', '.join(map(str, df.columns))}); "
