@@ -74,15 +74,16 @@ def has_attributes(model: ModelConfig) -> bool:
     return bool(model.categorical_attributes or model.numeric_attributes)
 
 
-def attributes_of(files: list[Path], model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per example of `files` (in order), the user's attributes the model was built with,
-    matched by name (a store without one reads missing): (n, C) int64 ids, 1 = missing or
-    unknown, and (n, 2N) float32, signed log1p of the numeric values (0 where missing) then
-    their missing flags."""
+def attributes_of(files: list[Path], model: ModelConfig, user_row: np.ndarray, file_of: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per example (`user_row` and `file_of` as `load_examples` gives them), the user's
+    attributes the model was built with, matched by name (a store without one reads
+    missing): (n, C) int64 ids, 1 = missing or unknown, and (n, 2N) float32, signed log1p of
+    the numeric values (0 where missing) then their missing flags."""
     codes, values = [], []
-    for f in files:
-        arrays, meta = load_arrays(f, ("examples", "users"))
-        rows, users, have = arrays["examples"]["user_row"], arrays["users"], meta.attributes
+    for i, f in enumerate(files):
+        arrays, meta = load_arrays(f, ("users",))
+        rows, users, have = user_row[file_of == i], arrays["users"], meta.attributes
         c = np.ones((len(rows), len(model.categorical_attributes)), np.int64)
         for j, name in enumerate(model.categorical_attributes):
             if name in have["categorical"]:
@@ -139,7 +140,7 @@ class FeatureDataset(Dataset):
             self.model = replace(model, aggregate_names=names)
         self.attributes: tuple[np.ndarray, np.ndarray] | None = None  # per example, see attributes_of
         if has_attributes(self.model):
-            self.attributes = attributes_of(self.files, self.model)
+            self.attributes = attributes_of(self.files, self.model, self.examples["user_row"], self.file_of)
         self.future: np.ndarray | None = None  # (n_examples, future_days), targets only
         if targets and model.future_days > 0:
             horizon = self.meta.config.get("labels", {}).get("horizon_days", model.future_days)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from features import contract as C
 from features.config import DataConfig
 from features.io import SOURCE_FILE, SOURCE_ROW, _table_files, _types_mapper, write_parquet_atomic
 from features.validate import dedup_and_sort, validate_events
-from features.vocab import KINDS, codes, shard_of
+from features.vocab import KINDS, codes, first_seen, in_order, shard_of
 
 log = logging.getLogger(__name__)
 PARTITIONS = "events"  # <out>/events/part-PPP-of-NNN.parquet
@@ -84,14 +85,13 @@ def batches(unit: tuple[str, int | None, int], batch_rows: int) -> Iterator[pd.D
 def validate_unit(unit, u: int, data: DataConfig, users, now, out: Path, n: int, batch_rows: int) -> dict:
     """Validate one unit batch by batch; accepted rows go to `<out>/events/.pPPP/` (one file per
     batch and partition), rejected ones to `<out>/quarantine/`. Returns the batch counts."""
-    totals = {"rows_in": 0, "duplicates": 0, "quarantined": 0, "reasons": {}, "future": []}
+    totals = {"rows_in": 0, "duplicates": 0, "quarantined": 0, "reasons": Counter(), "future": []}
     for b, raw in enumerate(batches(unit, batch_rows)):
         name = f"unit-{u:06d}-batch-{b:06d}.parquet"
         r = validate_events(raw, data, users, now)
         for k in ("rows_in", "duplicates", "quarantined"):
             totals[k] += r.report[k]
-        for k, v in r.report["reasons"].items():
-            totals["reasons"][k] = totals["reasons"].get(k, 0) + v
+        totals["reasons"].update(r.report["reasons"])
         if r.report["earliest_future_ts"]:
             totals["future"].append(r.report["earliest_future_ts"])
         if len(r.quarantine):
@@ -133,22 +133,16 @@ def validate_to_partitions(path: str | Path, data: DataConfig, out: str | Path, 
     rows_in = sum(c["rows_in"] for c in counts)
     if rows_in == 0:
         raise UserError(f"{path}: events table is empty; nothing to do")
-    reasons: dict[str, int] = {}
-    for c in counts:
-        for k, v in c["reasons"].items():
-            reasons[k] = reasons.get(k, 0) + v
+    reasons = sum((Counter(c["reasons"]) for c in counts), Counter())
+    event_types = sum((Counter(part["event_types"]) for part in parts), Counter())
     future = [t for c in counts for t in c["future"]]
     facts = _merge(parts, n)
-    event_types: dict[str, int] = {}
-    for part in parts:
-        for k, v in part["event_types"].items():
-            event_types[k] = event_types.get(k, 0) + v
     report = {"rows_in": rows_in, "accepted": sum(part["accepted"] for part in parts),
               "duplicates": sum(c["duplicates"] for c in counts) + sum(part["duplicates"] for part in parts),
               "quarantined": sum(c["quarantined"] for c in counts),
-              "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+              "reasons": dict(reasons.most_common()),
               "users": sum(part["users"] for part in parts),  # a user lives in one partition only
-              "event_types": event_types, "ts_min": facts["ts_min"], "ts_max": facts["ts_max"],
+              "event_types": dict(event_types), "ts_min": facts["ts_min"], "ts_max": facts["ts_max"],
               "earliest_future_ts": min(future) if future else None, "num_partitions": n}
     assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
     write_text_atomic(json.dumps(facts), out / SUMMARY)
@@ -166,21 +160,19 @@ def finish_partition(out: Path, p: int, n: int) -> dict:
     write_parquet_atomic(events, out / PARTITIONS / partition_name(p, n))
     shutil.rmtree(pending)
     types, names = codes(events[C.EVENT_TYPE])
-    first_seen: dict[str, dict] = {k: {} for k in KINDS}
-    _first_seen(events, first_seen)
     ts = pc.min_max(pc.cast(events[C.TS], pa.int64()))  # epoch us; nulls for an empty partition
     return {"accepted": events.num_rows, "duplicates": int(dup.sum()), "users": len(pc.unique(events[C.USER_ID])),
             "event_types": dict(zip(names, np.bincount(types[types >= 0], minlength=len(names)).tolist())),
-            "first_seen": first_seen, "ts_min_us": ts["min"].as_py(), "ts_max_us": ts["max"].as_py()}
+            "first_seen": first_seen(events), "ts_min_us": ts["min"].as_py(), "ts_max_us": ts["max"].as_py()}
 
 
 def _merge(parts: list[dict], n: int) -> dict:
     """The global facts from every partition's: the summary a shard build reads."""
-    first_seen: dict[str, dict] = {k: {} for k in KINDS}
+    first: dict[str, dict] = {k: {} for k in KINDS}
     for part in parts:
         for kind, tokens in part["first_seen"].items():
             for token, t in tokens.items():
-                first_seen[kind][token] = min(t, first_seen[kind].get(token, t))
+                first[kind][token] = min(t, first[kind].get(token, t))
     lo = [part["ts_min_us"] for part in parts if part["ts_min_us"] is not None]
     hi = [part["ts_max_us"] for part in parts if part["ts_max_us"] is not None]
     ts_min, ts_max = (min(lo), max(hi)) if lo else (None, None)
@@ -190,24 +182,5 @@ def _merge(parts: list[dict], n: int) -> dict:
         "ts_min_us": ts_min, "ts_max_us": ts_max,
         "ts_min": str(pd.Timestamp(ts_min, unit="us", tz="UTC")) if ts_min is not None else None,
         "ts_max": str(pd.Timestamp(ts_max, unit="us", tz="UTC")) if ts_max is not None else None,
-        # Tokens in the order Vocab.extend appends them: by earliest time, ties by token.
-        "first_seen": {k: [t for t, _ in sorted(v.items(), key=lambda kv: (kv[1], kv[0]))]
-                       for k, v in first_seen.items()},
+        "first_seen": in_order(first),  # tokens in the order Vocab.extend appends them
     }
-
-
-def _first_seen(events: pa.Table, into: dict[str, dict]) -> None:
-    """Earliest timestamp (epoch microseconds) of every event type, meal and food id here."""
-    ts = pc.cast(events[C.TS], pa.int64())
-    foods = events[C.FOOD_IDS]
-    columns = {"event_types": (events[C.EVENT_TYPE], ts), "meals": (events[C.MEAL], ts),
-               "foods": (pc.list_flatten(foods), ts.take(pc.list_parent_indices(foods)))}
-    for kind, (values, when) in columns.items():
-        c, distinct = codes(values)
-        if not len(distinct):
-            continue
-        first = np.full(len(distinct), np.iinfo(np.int64).max)
-        ok = c >= 0
-        np.minimum.at(first, c[ok], pc.cast(when, pa.int64()).to_numpy(zero_copy_only=False)[ok])
-        for token, t in zip(distinct, first.tolist()):
-            into[kind][token] = min(t, into[kind].get(token, t))

@@ -69,7 +69,7 @@ class Vocab:
         then tokens in order of their first appearance in time. Later data can therefore
         only append, never renumber what earlier data produced (no id depends on the future)."""
         self.extend_catalog(foods_path)
-        self._extend_events(events)
+        self.extend_in_order(in_order(first_seen(events)))
 
     def extend_catalog(self, foods_path: str | None) -> None:
         if foods_path:
@@ -77,15 +77,6 @@ class Vocab:
             if C.FOOD_ID in catalog:
                 ids = pd.to_numeric(catalog[C.FOOD_ID], errors="coerce").dropna().astype(int)
                 self._append("foods", ids.sort_values().tolist())
-
-    def _extend_events(self, events: pa.Table) -> None:
-        ts = events[C.TS]
-        foods = events[C.FOOD_IDS]
-        parents = pc.list_parent_indices(foods)
-        self.extend_in_order({
-            "event_types": _by_first_seen(events[C.EVENT_TYPE], ts), "meals": _by_first_seen(events[C.MEAL], ts),
-            "foods": _by_first_seen(pc.list_flatten(foods), ts.take(parents)),
-        })
 
     def extend_in_order(self, first_seen: dict[str, list]) -> None:
         """Append tokens already in order of first appearance (per kind), as `extend` does
@@ -159,13 +150,27 @@ def _positions(tokens: list, values) -> np.ndarray:
     return pd.Index(tokens).get_indexer(pd.Index(values))
 
 
-def _by_first_seen(tokens: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> list:
-    """Distinct non-null tokens ordered by their earliest timestamp (ties by token)."""
-    c, distinct = codes(tokens)
-    seconds = pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False)
-    first = np.full(len(distinct), np.iinfo(np.int64).max)
-    np.minimum.at(first, c[c >= 0], seconds[c >= 0])
-    return [distinct[i] for i in sorted(range(len(distinct)), key=lambda i: (first[i], distinct[i]))]
+def first_seen(events: pa.Table) -> dict[str, dict]:
+    """Per kind of token (KINDS: event types, meals, food ids), each distinct non-null token's
+    earliest timestamp in `events` (epoch microseconds)."""
+    ts = pc.cast(events[C.TS], pa.int64())
+    foods = events[C.FOOD_IDS]
+    columns = {"event_types": (events[C.EVENT_TYPE], ts), "meals": (events[C.MEAL], ts),
+               "foods": (pc.list_flatten(foods), ts.take(pc.list_parent_indices(foods)))}
+    out = {}
+    for kind, (values, when) in columns.items():
+        c, distinct = codes(values)
+        first = np.full(len(distinct), np.iinfo(np.int64).max)
+        ok = c >= 0
+        np.minimum.at(first, c[ok], pc.cast(when, pa.int64()).to_numpy(zero_copy_only=False)[ok])
+        out[kind] = dict(zip(distinct, first.tolist()))
+    return out
+
+
+def in_order(first: dict[str, dict]) -> dict[str, list]:
+    """`first_seen`'s tokens per kind by earliest time, ties by token: the order `Vocab`
+    appends them in."""
+    return {k: [t for t, _ in sorted(v.items(), key=lambda kv: (kv[1], kv[0]))] for k, v in first.items()}
 
 
 def _digest_int(value: str, salt: str) -> int:

@@ -174,13 +174,16 @@ class Scorer:
                         result.report["reasons"])
         with tempfile.TemporaryDirectory(prefix="engagement-score-") as tmp:
             keys, p, _ = self.score_table(result.events, users, as_of, tmp)
-        ids = result.events[C.USER_ID].unique().to_numpy(zero_copy_only=False)
-        raw_of = pd.Series(ids, index=pseudonyms(ids, self.cfg.features.pseudonym_key))
         out = pd.DataFrame({
-            "user_id": raw_of.reindex(keys).to_numpy() if user_ids == "raw" else keys.astype(str),
+            "user_id": self.raw_ids(result.events, keys) if user_ids == "raw" else keys.astype(str),
             "as_of": pd.Timestamp(to_utc(as_of)), "p_engaged": p, "risk": 1.0 - p,
         })
         return out.sort_values(["risk", "user_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+    def raw_ids(self, events: pa.Table, keys: np.ndarray) -> np.ndarray:
+        """The raw user ids of `events` behind pseudonymised `keys`, through the same keyed hash."""
+        ids = events[C.USER_ID].unique().to_numpy(zero_copy_only=False)
+        return pd.Series(ids, index=pseudonyms(ids, self.cfg.features.pseudonym_key)).reindex(keys).to_numpy()
 
     def _users_from_rows(self, raw: pd.DataFrame) -> pd.DataFrame | None:
         cols = [c for c in (C.PROGRAM_START, C.PROGRAM_END, *self.attributes) if c in raw.columns]

@@ -1,9 +1,10 @@
 """Scoring (docs/design.md §9): every eligible user's risk of not being engaged next week at
 `as_of`, from the `champion` model, written atomically as Parquet for coaches' tools.
 
-The scoring build reads the events before `as_of` only, reuses the message-vector cache
-and the vocabularies of the main workdir (so ids mean what they meant in training), and
-lives in its own folder so it never overwrites the training features."""
+The champion is loaded by its alias as an MLflow model and scores through its own bundle
+(pipeline/serving.py: the vocabularies of its training build, so ids mean what they meant in
+training). The scoring build reads the events before `as_of` only, reuses the main workdir's
+message-vector cache, and lives in its own folder so it never overwrites the training features."""
 
 from __future__ import annotations
 
@@ -19,12 +20,10 @@ import pyarrow.parquet as pq
 
 from common.errors import UserError
 from common.files import atomic_path
-from features import contract as C
 from features.io import read_table
 from features.normalise import to_utc
 from features.store import read_meta
 from features.validate import REPORT, USERS, validated_events
-from features.vocab import pseudonyms
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.data.validate import ensure_validated
@@ -59,15 +58,13 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
     keys, p, path = scorer.score_table(events, users, as_of, workdir, cache_dir=Paths.of(cfg).text_cache,
                                        source_fingerprint=report["source_fingerprint"])
     instant = int(to_utc(as_of).timestamp())
-    # Back from pseudonyms to the ids coaches use, through the same keyed hash.
-    ids = events[C.USER_ID].unique().to_numpy(zero_copy_only=False)
-    raw = pd.Series(ids, index=pseudonyms(ids, scorer.cfg.features.pseudonym_key))
     risk = 1.0 - p.astype(np.float64)
     order = np.lexsort((keys, -risk))  # riskiest first; ties broken by pseudonym, stably
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(1, len(order) + 1)
     df = pd.DataFrame({
-        "user_id": raw.reindex(keys).to_numpy(), "as_of": pd.Timestamp(instant, unit="s", tz="UTC"),
+        "user_id": scorer.raw_ids(events, keys),  # back from pseudonyms to the ids coaches use
+        "as_of": pd.Timestamp(instant, unit="s", tz="UTC"),
         "risk": risk, "rank": rank, "model_name": cfg.tracking.model_name,
         "model_version": str(champion.version), "run_id": champion.run_id,
     }).sort_values("rank", kind="stable")[COLUMNS]
