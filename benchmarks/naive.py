@@ -145,6 +145,8 @@ class PerItemReads(FeatureDataset):
     opened in `__getitem__`, each example field is a scalar read and each stream field a
     slice read (the foods of a window's meals are one more slice)."""
 
+    batch = None  # batches come from `collate` of items (loop.loader), each item read on its own
+
     def __init__(self, path: str | Path, model: ModelConfig, indices: np.ndarray):
         self.files = [Path(path)]
         self.model = model

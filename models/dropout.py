@@ -36,8 +36,9 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        mask = keep_mask(x.shape, self.p, x.device)
-        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+        # One float mask holding 0 or 1 / (1 - p): one multiply forward and one backward.
+        scale = torch.where(keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p), 0.0)
+        return x * scale.to(x.dtype)
 
 
 def use_fast_dropout(module: nn.Module) -> nn.Module:

@@ -12,11 +12,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
 
 POOLINGS = ("cls", "mean")
+ENCODER_LAYERS = ("sdpa", "torch")
 
 
 @contextmanager
@@ -30,6 +32,46 @@ def _without_mha_fastpath():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """A pre-norm GELU encoder layer computed batch first from end to end.
+
+    The parameters (names and shapes) are `nn.TransformerEncoderLayer`'s, and so is the
+    function: in eval mode the outputs equal the reference's (tests/test_models.py). What
+    differs is the path: `nn.MultiheadAttention` transposes (B, T, D) to (T, B, D) inside, then
+    splits the packed q/k/v projection through an unflatten/transpose/contiguous whose backward
+    zero-fills and copies a (3, T, B, D) tensor; a profile of the demo's step put that fill at
+    a tenth of the step (docs/benchmarks.md). Here the packed projection is viewed as
+    (B, T, 3, heads, head_dim) and handed to `scaled_dot_product_attention` as strided views.
+    Only `norm_first=True` with GELU is implemented (what SequenceEncoder builds).
+    """
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """src: (B, T, D); src_key_padding_mask: (B, T), bool with True = padding, or the
+        additive float mask (0 / -inf) `nn.TransformerEncoder` turns it into. Returns (B, T, D)."""
+        if src_mask is not None or is_causal:
+            raise ValueError("EncoderLayer takes a key padding mask only")
+        x = src
+        x = x + self._attention(self.norm1(x), src_key_padding_mask)  # (B, T, D)
+        return x + self._ff_block(self.norm2(x))  # (B, T, D)
+
+    def _attention(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        attn = self.self_attn
+        B, T, D = h.shape
+        H = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D/H)
+        mask = None
+        if padding_mask is not None:
+            # SDPA's bool masks mean True = attend; additive float masks are used as they are.
+            mask = ~padding_mask if padding_mask.dtype == torch.bool else padding_mask  # (B, T)
+            mask = mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+        p = attn.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D/H)
+        o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.dropout1(attn.out_proj(o))  # (B, T, D)
 
 
 class SequenceEncoder(nn.Module):
@@ -48,9 +90,12 @@ class SequenceEncoder(nn.Module):
             raise ValueError(
                 f"model.d_model={config.d_model} is not divisible by model.n_heads={config.n_heads}"
             )
+        if config.encoder_layer not in ENCODER_LAYERS:
+            raise ValueError(f"model.encoder_layer={config.encoder_layer!r}; use one of {ENCODER_LAYERS}")
         self.pooling = config.pooling
         self.cls = nn.Parameter(torch.randn(1, 1, config.d_model) * 0.02)  # (1, 1, D)
-        layer = nn.TransformerEncoderLayer(
+        layer_class = EncoderLayer if config.encoder_layer == "sdpa" else nn.TransformerEncoderLayer
+        layer = layer_class(
             d_model=config.d_model,
             nhead=config.n_heads,
             dim_feedforward=config.d_ff,

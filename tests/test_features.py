@@ -534,3 +534,35 @@ def test_each_shard_saves_its_own_config_and_never_the_shared_one(tmp_path, tiny
     assert not (folder / "config.yaml").exists()  # shards side by side never write one shared file
     whole, _ = build_store(tmp_path, events, tiny_encoder, "w")
     assert load_config(whole.parent / "config.yaml").features.shard is None
+
+
+def _assert_same_batch(got: dict, want: dict, where: str = "") -> None:
+    assert got.keys() == want.keys(), where
+    for k, v in want.items():
+        if isinstance(v, dict):
+            _assert_same_batch(got[k], v, f"{where}{k}.")
+        else:
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, (where + k, got[k].shape, v.shape)
+            assert torch.equal(got[k], v), where + k
+
+
+def test_a_whole_batch_fetch_equals_collating_its_items(tmp_path, tiny_encoder, sim_store):
+    """`FeatureDataset.batch` (the loaders' path) against `collate` of `ds[i]`, key for key,
+    on the simulator store with targets and on two shard files read as one dataset, with
+    empty streams, truncation to max_len and every order of rows."""
+    path, cfg, mcfg = sim_store
+    events = make_events(n_users=10, seed=21, per_user=(0, 60))
+    shards = [build_store(tmp_path, events, tiny_encoder, "s", f"features.shard={i}", "features.num_shards=2",
+                          "model.max_len_events=9")[0] for i in range(2)]
+    short = dataclasses.replace(mcfg, max_len_events=9, max_len_food=3)
+    datasets = [FeatureDataset(path, mcfg, targets=True), FeatureDataset(path, short),
+                FeatureDataset(shards, model_config_for(short, read_meta(shards[0])))]
+    rng = np.random.default_rng(0)
+    for ds in datasets:
+        for size in (1, 7, 33):
+            idx = rng.choice(len(ds), size=min(size, len(ds)), replace=False)
+            _assert_same_batch(ds.batch(idx), collate([ds[int(i)] for i in idx]))
+        empty = np.flatnonzero(ds.lengths().sum(1) == 0)[:3]
+        if len(empty):  # rows with no item at all: one padded column everywhere
+            _assert_same_batch(ds.batch(empty), collate([ds[int(i)] for i in empty]))
+    assert len(np.unique(datasets[2].file_of)) == 2

@@ -16,7 +16,7 @@ from benchmarks.reverse import ReversalSettings, train_reversal
 from models.checkpoint import save_encoder
 from models.encoders import ENCODERS, ConversationEncoder, EventEncoder, FoodEncoder
 from models.engagement import EngagementModel
-from models.sequence import SequenceEncoder
+from models.sequence import EncoderLayer, SequenceEncoder
 from models.synthetic import STREAMS, random_batch, tiny_config
 from pipeline import diagnostics as diag
 
@@ -542,6 +542,40 @@ def test_fast_dropout_keeps_one_minus_p_scaled_and_is_seeded():
     out = FastDropout(0.5).train()(g)
     out.sum().backward()
     assert torch.equal(g.grad, out.detach())  # d(out)/d(in) = mask / (1 - p)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_sdpa_encoder_layer_computes_what_torchs_layer_computes(cfg, batch, pooling):
+    # models/sequence.py EncoderLayer is nn.TransformerEncoderLayer's function on another
+    # path: same weights, same outputs in eval, and in training (same seed, so the same dropout
+    # masks in the same order) the same loss and the same gradients, empty streams included.
+    cfg = dataclasses.replace(cfg, pooling=pooling)
+    fast = make_model(cfg)
+    ref = EngagementModel(dataclasses.replace(cfg, encoder_layer="torch"))
+    ref.load_state_dict(fast.state_dict())
+    assert sum(isinstance(m, EncoderLayer) for m in fast.modules()) == len(fast.streams) * cfg.n_layers
+    assert not any(isinstance(m, EncoderLayer) for m in ref.modules())
+    for b in (batch, all_empty_batch(cfg)):
+        fast.eval(), ref.eval()
+        with torch.no_grad():
+            assert torch.allclose(fast(b)[0], ref(b)[0], atol=1e-5)
+        fast.train(), ref.train()
+        losses = []
+        for m in (fast, ref):
+            m.zero_grad()
+            torch.manual_seed(7)
+            loss = m(b, b["label"])[1]
+            loss.backward()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+        for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+            if p.grad is not None or q.grad is not None:
+                assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_encoder_layer_choice_is_checked(cfg):
+    with pytest.raises(ValueError, match="encoder_layer"):
+        EngagementModel(dataclasses.replace(cfg, encoder_layer="fused"))
 
 
 def test_fast_dropout_replaces_every_dropout_module_unless_switched_off():

@@ -103,6 +103,7 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert "train.lr" in r.data.params and r.data.tags["git_commit"]
     assert {"val_roc_auc", "test_roc_auc", "oot_roc_auc", "test_ece", "test_lift_at_top"} <= set(r.data.metrics)
     assert len(client.get_metric_history(good.run_id, "epoch_val_roc_auc")) == 3  # one per epoch
+    assert [m.value > 0 for m in client.get_metric_history(good.run_id, "epoch_examples_per_s")] == [True] * 3
     assert r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.digest
     arts = {a.path for a in client.list_artifacts(good.run_id, "plots")}
     assert {"plots/roc_test.png", "plots/calibration_oot.png", "plots/lift_test.png"} <= arts

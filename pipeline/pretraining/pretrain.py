@@ -5,6 +5,7 @@ save one checkpoint per encoder for `make train` (docs/design.md §6)."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             counts = {s: np.zeros(objectives[s].vocab, np.int64) for s in streams if s != "conversation"}
             objectives.train()
             shown = {name: f"{state['metrics'][k]:.3f}" for k, name in HELD_OUT.items() if k in state["metrics"]}
+            seen, started = 0, time.perf_counter()
             for batch in bar:
                 with autocast(device):
                     loss, results = net(loop.to_device(batch, device), g)
@@ -147,8 +149,12 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
                     if s in counts and results[s][1]["n"]:
                         counts[s] += np.bincount(results[s][1]["targets"].numpy(), minlength=len(counts[s]))
                 state["batch"] += 1
+                seen += len(batch["example"])
                 bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in parts} | shown)
             metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
+            # the steps' throughput (loading included, evaluation not), all ranks; logged, not kept
+            tracking.log_metrics({"epoch_windows_per_s": seen * d.world / max(time.perf_counter() - started, 1e-9)},
+                                 step=epoch)
             metrics |= evaluate_objectives(objectives, held_out, pc.batch_size, counts, pc.seed)
             metrics = {k: float(v) for k, v in metrics.items()}
             tracking.log_metrics(metrics, step=epoch)

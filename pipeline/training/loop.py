@@ -165,13 +165,40 @@ def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0
         dataset.preload()  # read once here; the forked workers share it
     # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
     # global RNG, so re-creating one after a resume would shift every later dropout mask.
-    batching = {"batch_sampler": sampler} if isinstance(sampler, LengthBatches) else \
-        {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
+    if callable(getattr(dataset, "batch", None)):  # a FeatureDataset fetches a whole batch at once
+        if isinstance(sampler, LengthBatches):
+            batches = list(sampler)
+        else:
+            order = range(len(dataset)) if sampler is None else list(sampler)
+            batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+        dataset, collate, batching = _Batches(dataset, batches), _whole, {"batch_size": None}
+    elif isinstance(sampler, LengthBatches):
+        batching = {"batch_sampler": sampler}
+    else:
+        batching = {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
     return DataLoader(
         dataset, **batching, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin, persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Whole batches as the items of a DataLoader (batch_size=None): item i is
+    `dataset.batch(batches[i])`, one vectorised fetch (features/dataset.py)."""
+
+    def __init__(self, dataset, batches: list[list[int]]):
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset.batch(self.batches[i])
+
+
+def _whole(batch: dict) -> dict:
+    return batch
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float,

@@ -5,6 +5,7 @@ checkpoint kept, exact resume after a kill, DDP under torchrun (docs/design.md Â
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                        disable=not d.main, leave=False)
             net.train()
             recent: list[float] = []
+            seen, started = 0, time.perf_counter()
             for batch in bar:
                 batch = loop.to_device(batch, device)
                 with autocast(device):
@@ -156,9 +158,12 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                 state["loss_n"] += 1
                 state["batch"] += 1
                 state["step"] += 1
+                seen += len(batch["label"])
                 bar.set_postfix(loss=f"{np.mean(recent):.4f}", best_val_auc=f"{state['best_auc']:.4f}")
                 if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
                     checkpoint()
+            # The training steps' throughput (loading included, validation not), all ranks.
+            examples_per_s = seen * d.world / max(time.perf_counter() - started, 1e-9)
             _, y, p = loop.predict(model, val_loader, device)
             _, y, p = loop.gather_arrays(d, _, y, p)
             auc = float(roc_auc_score(y, p)) if len(np.unique(y)) > 1 else float("nan")
@@ -166,7 +171,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             metrics = {"train_loss": state["loss_sum"] / max(state["loss_n"], 1), "epoch_val_roc_auc": auc,
                        "epoch_val_log_loss": float(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1])),
                        "lr": scheduler.get_last_lr()[0]}
-            tracking.log_metrics(metrics, step=epoch)
+            tracking.log_metrics(metrics | {"epoch_examples_per_s": examples_per_s}, step=epoch)
             state["history"].append(metrics)
             # Early stopping on val ROC-AUC; a single-class val split has none: use -log loss.
             score = auc if np.isfinite(auc) else -metrics["epoch_val_log_loss"]
