@@ -99,14 +99,15 @@ def test_experiment_grid_covers_label_fractions_ablations_and_pooling():
     from pipeline.training.train import run_name
 
     assert len({run_name(c) for c in configs.values()}) == len(configs)  # distinct MLflow runs
-    # The future-objective runs pretrain encoders of their own, in their own folder.
+    # The future-objective and CoLES runs pretrain encoders of their own, each in its own folder.
     from pipeline.paths import Paths
 
-    future = [c for c in configs.values() if "future" in c.pretrain.objectives]
-    others = [c for c in configs.values() if "future" not in c.pretrain.objectives]
     base = load_config("configs/test.yaml", ["workdir=/tmp/unused"])
-    assert all(own_pretraining(c, base) for c in future)  # only they pretrain: the rest share make pretrain's
-    assert not any(own_pretraining(c, base) for c in others)
-    assert {c.train.label_fraction for c in future} == {0.05, 0.2, 1.0}
-    assert len({Paths.of(c).pretrain for c in future}) == 1
-    assert not {Paths.of(c).pretrain for c in future} & {Paths.of(c).pretrain for c in others}
+    others = [c for c in configs.values() if not {"future", "coles"} & set(c.pretrain.objectives)]
+    assert not any(own_pretraining(c, base) for c in others)  # they share make pretrain's
+    for objective in ("future", "coles"):
+        own = [c for c in configs.values() if objective in c.pretrain.objectives]
+        assert all(own_pretraining(c, base) for c in own)
+        assert {c.train.label_fraction for c in own} == {0.05, 0.2, 1.0}
+        assert len({Paths.of(c).pretrain for c in own}) == 1
+        assert not {Paths.of(c).pretrain for c in own} & {Paths.of(c).pretrain for c in others}

@@ -285,3 +285,82 @@ def test_the_future_objective_learns_next_weeks_days_and_never_reads_unknown_one
         opt.step()
     m = evaluate_objectives(obj, held_out, 32, {}, 0)
     assert m["heldout_future_auc"] > 0.7 and m["baseline_future_auc"] == 0.5, m
+
+
+def test_coles_slices_are_contiguous_pieces_of_their_own_row_renumbered_as_windows():
+    from pipeline.pretraining.objectives import random_slices
+
+    lengths = [10, 3, 0, 7, 4]
+    batch = _conv_batch(lengths, T=10)  # embedding[b, i] = (b + 1, i + 1, 0, 0)
+    conv = batch["conversation"]
+    slices, rows = random_slices(conv, 3, 4, torch.Generator().manual_seed(0))
+    assert rows.tolist() == [0, 0, 0, 3, 3, 3, 4, 4, 4]  # rows with >= 4 items, 3 slices each
+    size = (~slices["padding_mask"]).sum(1)
+    for j, b in enumerate(rows.tolist()):
+        n, k = lengths[b], int(size[j])
+        assert 4 <= k <= n
+        emb = slices["embedding"][j]
+        assert (emb[:k, 0] == b + 1).all()  # its own row's items
+        first = int(emb[0, 1]) - 1
+        assert emb[:k, 1].tolist() == list(range(first + 1, first + k + 1))  # contiguous, in order
+        assert slices["position"][j, :k].tolist() == list(range(k, 0, -1))  # 1 = the slice's latest
+        assert slices["sender"][j, :k].tolist() == conv["sender"][b, first : first + k].tolist()
+        assert (emb[k:] == 0).all() and (slices["position"][j, k:] == 0).all() and (slices["sender"][j, k:] == 0).all()
+    assert random_slices(conv, 2, 11, torch.Generator())[1].numel() == 0  # nobody long enough
+
+
+def test_coles_learns_to_find_a_users_other_slices_on_held_out_users():
+    """When a user's events share a signature (two event types of their own), slices of one
+    user end up nearer each other than any other user's, on users never trained on."""
+    from pipeline.pretraining.objectives import CoLES
+
+    cfg = tiny_config(d_model=16, n_layers=1, d_ff=32, dropout=0.0, n_event_types=40)
+
+    def users(B, g):
+        batch = random_batch(cfg, B=B, T=12, seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        ev = batch["events"]
+        own = torch.randint(2, 40, (B, 2), generator=g)  # (B, 2) each user's two types
+        pick = own.gather(1, torch.randint(0, 2, ev["type_id"].shape, generator=g))  # (B, T)
+        ev["type_id"] = torch.where(ev["padding_mask"], 0, pick)
+        batch["user"] = torch.arange(B)
+        return batch
+
+    torch.manual_seed(0)
+    obj = CoLES({"events": EventEncoder(cfg)}, splits=3, min_len=4)
+    held_out = [users(32, torch.Generator().manual_seed(10_000 + i)) for i in range(2)]
+
+    def retrieval() -> tuple[float, float]:
+        obj.eval()
+        g, hit, n, chance = torch.Generator().manual_seed(7), 0, 0, 0.0
+        with torch.no_grad():
+            for batch in held_out:
+                _, st = obj(batch, g)
+                hit, n, chance = hit + st["correct"], n + st["n"], chance + st["chance"]
+        obj.train()
+        return hit / n, chance / n
+
+    before, chance = retrieval()
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(0)
+    for step in range(80):
+        loss, _ = obj(users(32, data), torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after, _ = retrieval()
+    assert chance < 0.05 and after > 0.6 and after > before + 0.2, (before, after, chance)
+
+
+def test_coles_counts_windows_of_one_user_as_one_class():
+    from pipeline.pretraining.objectives import CoLES
+
+    obj = CoLES({"events": EventEncoder(tiny_config())}, splits=2)
+    z = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    # rows 0-1 and 2-3 are two windows each of users 5 and 9: all four slices of a user are positives
+    label = torch.tensor([5, 5, 5, 5, 9, 9])
+    loss, _, _ = obj.pair_loss(z, label)
+    dist = torch.cdist(z, z)
+    pos = [dist[i, j] ** 2 for i in range(6) for j in range(6) if i != j and label[i] == label[j]]
+    neg = [torch.relu(0.5 - dist[i, j]) ** 2 for i in range(6) for j in range(6) if label[i] != label[j]]
+    # every row has 2 or 4 negatives (< 5): all of them are the hard ones
+    assert torch.allclose(loss, torch.stack(pos + neg).mean(), atol=1e-6)

@@ -189,3 +189,18 @@ def test_the_future_objective_trains_the_stream_encoders_and_reports_its_held_ou
     cfg.pretrain.objectives = ["events", "nonsense"]
     with pytest.raises(P.UserError, match="future"):  # the error names every valid objective
         pretrain(cfg)
+
+
+def test_coles_rides_on_the_stream_encoders_and_reports_its_held_out_retrieval(cfg):
+    cfg.pretrain.objectives = ["events", "coles"]
+    cfg.pretrain.coles_streams = ["events", "food"]  # food is not pretrained here: left out
+    cfg.pretrain.epochs = 1
+    result = pretrain(cfg)
+    assert set(result.checkpoints) == {"events"}
+    m = result.metrics
+    assert 0.0 < m["baseline_coles_top1"] < 0.2 and 0.0 <= m["heldout_coles_top1"] <= 1.0, m
+    assert m["train_loss_coles"] > 0
+    state = torch.load(result.directory / LAST, weights_only=True)["objectives"]
+    shared = [k for k in state if k.startswith("coles.encoders.")]
+    assert shared and all(k.startswith("coles.encoders.events.") for k in shared)
+    assert all(torch.equal(state[k], state["events.encoder." + k[len("coles.encoders.events."):]]) for k in shared)

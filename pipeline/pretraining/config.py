@@ -22,5 +22,10 @@ class PretrainConfig:
     min_messages: int = 4  # conversations shorter than this are not used for negative sampling
     mask_prob_events: float = 0.15
     max_examples_per_user: int = 4  # windows per user per epoch
+    # "coles" in objectives: CoLES (contrastive, pipeline/pretraining/objectives.py) on these
+    # streams' encoders, with `coles_splits` random slices of >= `coles_min_len` items per row.
+    coles_streams: list[str] = field(default_factory=lambda: ["food", "events"])
+    coles_splits: int = 3
+    coles_min_len: int = 4
     num_workers: int = 0
     seed: int = 0

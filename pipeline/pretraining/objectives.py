@@ -233,5 +233,89 @@ class FutureActivity(nn.Module):
                       "targets": target[known].cpu()}
 
 
+def random_slices(stream: dict, splits: int, min_len: int, g: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """CoLES's augmentation (ptls `SampleSlices`): `splits` random contiguous sub-sequences of
+    every row with at least `min_len` items, each of a length drawn uniformly from
+    [min_len, n] and a uniform start. Positions are renumbered inside the slice (1 = its most
+    recent item, as in a window); every other field is the item's own.
+
+    Args: stream, a stream dict (B, T) with items oldest first and padding after;
+    Returns: (slices, row): a stream dict of N = splits * (rows used) slices, padded to their
+        longest, and row (N,) long, the batch row each slice came from.
+    """
+    lengths = (~stream["padding_mask"]).sum(1)  # (B,)
+    rows = torch.nonzero(lengths >= min_len).flatten().repeat_interleave(splits)  # (N,)
+    n = lengths[rows]  # (N,)
+    size = min_len + (torch.rand(len(rows), generator=g) * (n - min_len + 1)).long()  # (N,) in [min_len, n]
+    start = (torch.rand(len(rows), generator=g) * (n - size + 1)).long()  # (N,) in [0, n - size]
+    T = max(1, int(size.max())) if len(rows) else 1
+    step = torch.arange(T)  # (T,)
+    valid = step[None, :] < size[:, None]  # (N, T)
+    at = (start[:, None] + step[None, :]).clamp(max=stream["padding_mask"].shape[1] - 1)  # (N, T)
+    out = {}
+    for k, v in stream.items():
+        if k == "padding_mask":
+            continue
+        x = v[rows[:, None], at]  # (N, T, ...)
+        keep = valid.view(*valid.shape, *([1] * (x.ndim - 2)))
+        out[k] = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+    out["position"] = torch.where(valid, size[:, None] - step[None, :], 0)  # (N, T), 1 = most recent
+    out["padding_mask"] = ~valid
+    return out, rows
+
+
+class CoLES(nn.Module):
+    """Contrastive learning of event sequences (Babaev et al. 2022; pytorch-lifestream's
+    `CoLESModule`): random slices of one user's stream are positives, slices of the other
+    users in the batch negatives. The [CLS] state of each slice is L2-normalised; the loss is
+    ptls's default, a margin contrastive loss (positive pairs pulled to distance 0, each
+    slice's `negatives` nearest negatives pushed beyond `margin`), averaged over pairs. One
+    loss per stream encoder given; rows of one user (several windows in a batch) are one
+    class. Held-out: how often a slice's nearest other slice is its own user's (chance:
+    (splits - 1) / (N - 1))."""
+
+    def __init__(self, encoders: dict[str, nn.Module], splits: int = 3, min_len: int = 4,
+                 margin: float = 0.5, negatives: int = 5):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.splits, self.min_len, self.margin, self.negatives = splits, min_len, margin, negatives
+
+    def pair_loss(self, z: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """z (N, D) normalised; label (N,). Returns (loss, nearest-is-positive count, N)."""
+        # Squared distances of unit vectors from their dot products: smooth where slices
+        # coincide (a row of exactly min_len items gives identical slices), unlike cdist's sqrt.
+        d2 = (2.0 - 2.0 * z @ z.T).clamp_min(0.0)  # (N, N)
+        same = label[:, None] == label[None, :]  # (N, N)
+        eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        pos = same & ~eye
+        neg_d2 = d2.masked_fill(same, float("inf"))  # (N, N)
+        hard = neg_d2.topk(min(self.negatives, len(z)), dim=1, largest=False).values  # (N, k) nearest others
+        hard = hard[hard.isfinite()]  # a row with fewer than k negatives has inf beyond them
+        push = F.relu(self.margin - hard.clamp_min(1e-12).sqrt()).pow(2)
+        loss = torch.cat([d2[pos], push]).mean()
+        nearest = d2.detach().masked_fill(eye, float("inf")).argmin(1)  # (N,)
+        return loss, int(same[torch.arange(len(z)), nearest].sum()), len(z)
+
+    def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """batch: a collated batch (features/dataset.py); uses `user` and the encoders' streams."""
+        losses, hits, n, chance = [], 0, 0, []
+        for s, enc in self.encoders.items():
+            slices, rows = random_slices({k: v.cpu() for k, v in batch[s].items()}, self.splits, self.min_len, g)
+            label = batch["user"].cpu()[rows]  # (N,)
+            if len(label) < 2 or len(label.unique()) < 2:
+                continue
+            device = next(enc.parameters()).device
+            cls, _ = enc({k: v.to(device) for k, v in slices.items()})  # (N, D)
+            loss, h, m = self.pair_loss(F.normalize(cls, dim=-1), label.to(device))
+            losses.append(loss)
+            hits, n = hits + h, n + m
+            chance.append((self.splits - 1) / (m - 1) * m)
+        if not losses:
+            p = next(self.parameters())
+            return p.sum() * 0.0, {"n": 0}
+        return torch.stack(losses).mean(), {"n": n, "correct": hits, "chance": sum(chance)}
+
+
 OBJECTIVES = {"conversation": ConversationNegativeSampling, "food": MaskedFood, "events": MaskedEvents}
 FUTURE = "future"  # pretrain.objectives may name it beside the streams
+COLES = "coles"  # likewise: CoLES on the streams of pretrain.coles_streams

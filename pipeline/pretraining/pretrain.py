@@ -24,14 +24,22 @@ from models.encoders import ENCODERS
 from pipeline import tracking
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
-from pipeline.pretraining.objectives import FUTURE, OBJECTIVES, FutureActivity, JointObjective
+from pipeline.pretraining.objectives import (
+    COLES,
+    FUTURE,
+    OBJECTIVES,
+    CoLES,
+    FutureActivity,
+    JointObjective,
+)
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 LAST, DONE = "last.pt", "done.json"
 # The held-out metric of each objective, as the progress bar names it
 HELD_OUT = {"heldout_nsp_accuracy": "val_nsp_acc", "heldout_food_top10": "val_food_top10",
-            "heldout_event_top1": "val_event_top1", "heldout_future_auc": "val_future_auc"}
+            "heldout_event_top1": "val_event_top1", "heldout_future_auc": "val_future_auc",
+            "heldout_coles_top1": "val_coles_top1"}
 
 
 @dataclass
@@ -74,9 +82,9 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     files = feature_files(Paths.of(cfg).features)
     meta = read_meta(files[0])
     streams = [s for s in pc.objectives if s in OBJECTIVES]
-    unknown = set(pc.objectives) - set(OBJECTIVES) - {FUTURE}
+    unknown = set(pc.objectives) - set(OBJECTIVES) - {FUTURE, COLES}
     if unknown:
-        raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {[*OBJECTIVES, FUTURE]}")
+        raise UserError(f"pretrain.objectives has {sorted(unknown)}; choose from {[*OBJECTIVES, FUTURE, COLES]}")
     # The future objective needs the days after each window in the event log: with supplied
     # labels (data.labels) the log may stop where the label's window starts (KDD Cup).
     # (model_config_for resolves future_days=-1 to the label's horizon, or to 0 with supplied labels.)
@@ -108,6 +116,13 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     parts = {s: OBJECTIVES[s](ENCODERS[s](mcfg), **options.get(s, {})) for s in streams}
     if days:
         parts[FUTURE] = FutureActivity({s: parts[s].encoder for s in streams}, mcfg.d_model, days)
+    if COLES in pc.objectives:
+        # CoLES rides on the encoders the streams' own objectives train (shared modules)
+        coles = [s for s in pc.coles_streams if s in streams]
+        if coles:
+            parts[COLES] = CoLES({s: parts[s].encoder for s in coles}, pc.coles_splits, pc.coles_min_len)
+        elif d.main:
+            print(f"pretrain: none of pretrain.coles_streams {pc.coles_streams} is pretrained here; skipping CoLES")
     joint = JointObjective(parts, {s: float(pc.weights.get(s, 1.0)) for s in parts}).to(device)
     objectives = joint.objectives
     net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
@@ -178,10 +193,12 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
 @torch.no_grad()
 def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train_counts: dict, seed: int) -> dict:
     """Each objective on held-out users with a fixed corruption seed, beside its baseline:
-    chance for negative sampling, the most frequent training targets for masked food/events."""
+    chance for negative sampling and CoLES's retrieval, the most frequent training targets for
+    masked food/events."""
     objectives.eval()
     g = torch.Generator().manual_seed(seed + 1)
-    agg: dict = {s: {"n": 0, "correct": 0, "top1": 0, "top10": 0, "scores": [], "targets": []} for s in objectives}
+    agg: dict = {s: {"n": 0, "correct": 0, "top1": 0, "top10": 0, "chance": 0.0, "scores": [], "targets": []}
+                 for s in objectives}
     for batch in loop.loader(data, batch_size, collate):
         for s, obj in objectives.items():
             loss, st = obj(batch, g)
@@ -189,15 +206,20 @@ def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train
                 continue
             a = agg[s]
             a["n"] += st["n"]
-            for k in ("correct", "top1", "top10"):
+            for k in ("correct", "top1", "top10", "chance"):
                 a[k] += st.get(k, 0)
-            a["targets"].append(st["targets"].numpy())
+            if "targets" in st:
+                a["targets"].append(st["targets"].numpy())
             if "scores" in st:
                 a["scores"].append(st["scores"].numpy())
     objectives.train()
     out = {}
     for s, a in agg.items():
         if not a["n"]:
+            continue
+        if s == COLES:  # is a slice's nearest other slice its own user's?
+            out["heldout_coles_top1"] = a["correct"] / a["n"]
+            out["baseline_coles_top1"] = a["chance"] / a["n"]
             continue
         targets = np.concatenate(a["targets"])
         if s == FUTURE:  # every known (window, day); chance is 0.5
@@ -225,7 +247,8 @@ def print_report(m: dict, out: Path) -> None:
             ("masked food: top-1", "heldout_food_top1", "baseline_food_top1"),
             ("masked food: top-10", "heldout_food_top10", "baseline_food_top10"),
             ("masked events: top-1", "heldout_event_top1", "baseline_event_top1"),
-            ("future activity: ROC-AUC", "heldout_future_auc", "baseline_future_auc")]
+            ("future activity: ROC-AUC", "heldout_future_auc", "baseline_future_auc"),
+            ("CoLES: nearest slice same user", "heldout_coles_top1", "baseline_coles_top1")]
     print(f"pretrain: encoders saved to {out}\n  {'objective (held-out users)':<32}{'model':>8}{'baseline':>10}")
     for label, k, b in rows:
         if k in m:
