@@ -81,28 +81,34 @@ def test_a_shard_without_users_still_gets_its_partition(raw, tmp_path):
     assert np.isclose(report["users"], 30, atol=1)
 
 
-def test_shards_that_read_only_their_partition_build_what_one_whole_build_does(sim_store_files, tiny_encoder,
-                                                                               tmp_path, monkeypatch):
+@pytest.mark.parametrize("partitions,shards,reads_of", [
+    (3, 3, lambda i: [i]),  # a shard per partition
+    (4, 2, lambda i: [i, i + 2]),  # a shard is two partitions
+    (2, 4, lambda i: [i % 2]),  # a shard is part of one partition
+])
+def test_shards_that_read_only_their_partitions_build_what_one_whole_build_does(
+        sim_store_files, tiny_encoder, tmp_path, monkeypatch, partitions, shards, reads_of):
     import pipeline.data.features as F
     from pipeline.config import load_config
     from pipeline.data.features import features_stage
     from tests.test_scale import assert_same_examples
 
     whole_file, whole_cfg = sim_store_files  # validated in memory, built unsharded
-    overrides = [f"workdir={tmp_path / 'w'}", "data.stream_partitions=3", "features.num_shards=3",
-                 f"features.text_encoder={tiny_encoder.name}"]
+    overrides = [f"workdir={tmp_path / 'w'}", f"data.stream_partitions={partitions}",
+                 f"features.num_shards={shards}", f"features.text_encoder={tiny_encoder.name}"]
     reads = []
     real = F.pq.read_table
     monkeypatch.setattr(F.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
     shard_files = []
-    for i in range(3):
+    for i in range(shards):
         cfg = load_config("configs/test.yaml", [*overrides, f"features.shard={i}"])
         shard_files.append(features_stage(cfg, encoder=tiny_encoder))
     validated = tmp_path / "w" / "validated"
     assert not (validated / "events.parquet").exists() and (validated / PARTITIONS).is_dir()
     assert_same_examples(whole_file, shard_files, whole_cfg)
     events_read = [r for r in reads if f"validated/{PARTITIONS}/part-" in r]  # (.pPPP/: the validation)
-    assert events_read == [str(validated / PARTITIONS / partition_name(i, 3)) for i in range(3)]  # its own only
+    want = [str(validated / PARTITIONS / partition_name(p, partitions)) for i in range(shards) for p in reads_of(i)]
+    assert events_read == want  # each shard its own partitions only
 
 
 @pytest.mark.slow  # starts a Dask cluster of two worker processes (~20 s): `make test-full`

@@ -121,16 +121,22 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
 
 
 def _events_of(vdir: Path, cfg: Config) -> tuple[pa.Table, dict | None]:
-    """The validated events this build reads, and the global facts when they are one shard's
-    partition only: a shard of a build whose features.num_shards equals the partitions of a
-    streaming validation reads its own partition (memory: its users, not the whole log)."""
+    """The validated events this build reads, and the global facts when they are some of a
+    streaming validation's partitions only (memory: the shard's users, not the whole log).
+
+    Partition p of P holds the users whose hash is p mod P; shard i of N those whose hash is
+    i mod N. So with N dividing P, shard i is exactly partitions i, i + N, ...; with P dividing
+    N, shard i lies inside partition i mod P (the build keeps the shard's users). Other counts,
+    or `data.until` (the summary's facts are of the whole log), read every partition."""
     path = V.validated_events(vdir)
     summary = vdir / stream.SUMMARY
-    if path.is_dir() and summary.exists() and cfg.features.shard is not None:
+    i, N = cfg.features.shard, cfg.features.num_shards
+    if path.is_dir() and summary.exists() and i is not None and not cfg.data.until:
         facts = json.loads(summary.read_text())
-        if facts["num_partitions"] == cfg.features.num_shards and not cfg.data.until:
-            part = path / stream.partition_name(cfg.features.shard, cfg.features.num_shards)
-            return pq.read_table(part), facts
+        P = facts["num_partitions"]
+        parts = range(i, P, N) if P % N == 0 else [i % P] if N % P == 0 else None
+        if parts is not None:
+            return pa.concat_tables([pq.read_table(path / stream.partition_name(p, P)) for p in parts]), facts
     return pq.read_table(path), None
 
 
