@@ -10,6 +10,9 @@ Steps, each in its own process so its peak resident set is its own (ru_maxrss):
 3. features: shard 0 of `--partitions`, reading only its partition, messages as zero vectors
    (encoding is measured by `make bench`); the other shards cost the same, one per process or
    task. Prints one JSON line per step and a summary.
+4. with `--dask W`: validate + every shard end to end on a Dask LocalCluster of W one-thread
+   worker processes (127.0.0.1): the units and partitions of the validation, then one task per
+   shard, timed as one run; peak memory of the parent and of the largest worker.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from features.stream import SUMMARY
-
 
 def _child(code: str) -> dict:
     """Run `code` in a fresh interpreter; its JSON output plus its wall time and peak RSS."""
@@ -35,6 +36,20 @@ def _child(code: str) -> dict:
 
 
 PEAK = "import resource, json; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+# One shard of a streamed validation's partitions, messages as zero vectors: (events, examples).
+SHARD = """
+def shard(out, i, n):
+    import json, pyarrow.parquet as pq
+    from features.build import build_features
+    from features.stream import SUMMARY, partition_name
+    from features.vocab import Vocab
+    from pipeline.config import load_config
+    cfg = load_config('configs/demo.yaml', ['data.foods=null', 'data.until=null', f'features.shard={i}',
+                                            f'features.num_shards={n}'])
+    facts = json.loads(open(f'{out}/{SUMMARY}').read())
+    part = pq.read_table(f'{out}/events/' + partition_name(i, n))
+    return part.num_rows, build_features(part, None, cfg, None, 0, 'none', Vocab(), facts=facts).summary['examples']
+"""
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -44,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--in-memory", action="store_true", help="also validate the whole table at once")
     ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
+    ap.add_argument("--dask", type=int, default=0, metavar="W",
+                    help="also run validate + all shards end to end on a LocalCluster of W workers")
     args = ap.parse_args(argv)
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-scale-"))
     raw, out, n = root / "raw", root / "validated", args.partitions
@@ -66,16 +83,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"r = validate_events(read_table({str(raw / 'events.parquet')!r}, provenance=True), {data}).report\n"
             f"{PEAK}\nprint(json.dumps({{'events': r['rows_in'], 'peak_mb': round(peak)}}))"))
     rows.append({"step": f"features, shard 0 of {n} (its partition only)"} | _child(
-        "import json as j, pyarrow.parquet as pq\nfrom features.build import build_features\n"
-        "from features.stream import SUMMARY, partition_name\nfrom features.vocab import Vocab\n"
-        "from pipeline.config import load_config\n"
-        f"cfg = load_config('configs/demo.yaml', ['data.foods=null', 'data.until=null', 'features.shard=0', "
-        f"'features.num_shards={n}'])\n"
-        f"facts = j.loads(open({str(out / SUMMARY)!r}).read())\n"
-        f"part = pq.read_table({str(out / 'events')!r} + '/' + partition_name(0, {n}))\n"
-        "b = build_features(part, None, cfg, None, 0, 'none', Vocab(), facts=facts)\n"
-        f"{PEAK}\nprint(json.dumps({{'events': part.num_rows, 'examples': b.summary['examples'], "
-        "'peak_mb': round(peak)}))"))
+        f"{SHARD}\nevents, examples = shard({str(out)!r}, 0, {n})\n"
+        f"{PEAK}\nprint(json.dumps({{'events': events, 'examples': examples, 'peak_mb': round(peak)}}))"))
+    if args.dask:
+        rows.append({"step": f"validate + {n} shards end to end, Dask LocalCluster of {args.dask} workers"} | _child(
+            "import resource, time\nfrom dask.distributed import Client, LocalCluster\n"
+            "from features.config import DataConfig; from features.stream import validate_to_partitions\n"
+            f"{SHARD}\n"
+            f"with LocalCluster(n_workers={args.dask}, threads_per_worker=1, processes=True, host='127.0.0.1', "
+            "dashboard_address=None) as cluster, Client(cluster) as client:\n"
+            "    t = time.perf_counter()\n"
+            f"    r = validate_to_partitions({str(raw / 'events.parquet')!r}, {data}, {str(root / 'validated-dask')!r}, "
+            f"{n}, client=client)\n"
+            f"    built = client.gather([client.submit(shard, {str(root / 'validated-dask')!r}, i, {n}, pure=False) "
+            f"for i in range({n})])\n"
+            "    seconds = time.perf_counter() - t\n"
+            "worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+            f"{PEAK}\nprint(json.dumps({{'events': r['rows_in'], 'examples': sum(b[1] for b in built), "
+            "'run_s': round(seconds, 1), 'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
+        rows[-1]["events_per_s_run"] = round(rows[-1]["events"] / rows[-1]["run_s"])
     for r in rows:
         if r.get("events"):
             r["events_per_s"] = round(r["events"] / r["wall_s"])

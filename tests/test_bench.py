@@ -83,10 +83,14 @@ def test_recipes_section_trains_the_recipe_before_and_now_on_one_store(sim_store
 def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     from benchmarks.scale import main
 
-    rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dir", str(tmp_path)])
+    rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dask", "2",
+                 "--dir", str(tmp_path)])
     steps = {r["step"].split(",")[0]: r for r in rows}
-    assert set(steps) == {"simulate", "validate", "features"} and len(rows) == 4
-    streamed, whole, shard = rows[1], rows[2], rows[3]
+    assert set(steps) == {"simulate", "validate", "features", "validate + 2 shards end to end"} and len(rows) == 5
+    streamed, whole, shard, dask = rows[1], rows[2], rows[3], rows[4]
+    # the cluster validated the same events and its shards built every example (shard 0 is a part)
+    assert dask["events"] == streamed["events"] and dask["examples"] > shard["examples"] > 0
+    assert 0 < dask["run_s"] <= dask["wall_s"] and dask["worker_peak_mb"] > 50
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
