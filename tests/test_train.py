@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from common.errors import UserError
 from models.checkpoint import load_model
 from pipeline.evaluation import registry
 from pipeline.evaluation.compare import compare
@@ -34,9 +35,11 @@ def cfg(sim_store, tmp_path):
     return cfg
 
 
-def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay):
     import pipeline.training.train as T
 
+    cfg.train.ema_decay = ema_decay
     cfg.train.run_name = "whole"
     whole = train(cfg)
     state_whole = torch.load(whole.run_dir / LAST, weights_only=True)
@@ -60,8 +63,10 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monke
     resumed = train(cfg)
     state_resumed = torch.load(resumed.run_dir / LAST, weights_only=True)
     assert state_resumed["step"] == state_whole["step"]
-    for k, v in state_whole["model"].items():
-        assert torch.equal(v, state_resumed["model"][k]), k
+    for part in ("model", "ema") if ema_decay else ("model",):
+        assert state_whole[part].keys() == state_resumed[part].keys()
+        for k, v in state_whole[part].items():
+            assert torch.equal(v, state_resumed[part][k]), (part, k)
     assert state_resumed["history"] == state_whole["history"]
     assert resumed.val_roc_auc == whole.val_roc_auc
     # The resumed run continued the same MLflow run instead of starting another.
@@ -495,3 +500,18 @@ def test_the_saved_model_carries_its_calibration_and_serves_the_logged_predictio
     raw = pd.read_parquet(train(cfg).run_dir / "predictions.parquet").sort_values("example")
     assert not np.allclose(raw["p_engaged"], preds["p_engaged"])
     assert roc_auc_score(raw["label"], raw["p_engaged"]) == pytest.approx(roc_auc_score(preds["label"], preds["p_engaged"]))
+
+
+def test_with_ema_the_averaged_weights_are_validated_and_kept(cfg):
+    cfg.train.ema_decay, cfg.train.epochs, cfg.train.run_name = 0.9, 1, "ema"
+    result = train(cfg)
+    last = torch.load(result.run_dir / LAST, weights_only=True)
+    kept = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    averaged = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert kept.keys() == averaged.keys() == last["model"].keys()
+    assert all(torch.equal(kept[k], averaged[k]) for k in kept)  # the one epoch's end: the best
+    assert not all(torch.equal(kept[k], last["model"][k]) for k in kept)  # not the raw weights
+    assert int(last["ema"]["n_averaged"]) == last["step"]  # one update per step
+    with pytest.raises(UserError, match="ema_decay"):
+        cfg.train.ema_decay, cfg.train.run_name = 1.5, "bad"
+        train(cfg)

@@ -20,6 +20,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
+    # > 0: validate, keep and ship an exponential moving average of the weights (updated after
+    # every step with this decay, e.g. 0.999) instead of the weights themselves; 0: off.
+    ema_decay: float = 0.0
     patience: int = 3
     # Platt scaling of the best model on the validation split (pipeline/training/calibration.py):
     # probabilities that match observed rates; ranking metrics are unchanged.

@@ -50,6 +50,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
+def ema_of(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s weights: after each step,
+    `ema.update_parameters(model)` moves every averaged weight by (1 - decay) towards the
+    model's (one multi-tensor update); the first update copies them."""
+    if not 0.0 < decay < 1.0:
+        raise UserError(f"train.ema_decay={decay}; use a decay in (0, 1), e.g. 0.999, or 0 for none")
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay))
+
+
 def make_scheduler(optimizer, total_steps: int, warmup_frac: float):
     warmup = max(1, int(round(warmup_frac * total_steps)))
     return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, warmup + 1))

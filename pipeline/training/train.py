@@ -113,11 +113,15 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
+    ema = loop.ema_of(model, tc.ema_decay) if tc.ema_decay else None
+    scored = ema.module if ema is not None else model  # what is validated, kept and shipped
+    averaged = {"ema": ema} if ema is not None else {}
 
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -np.inf, "best_epoch": -1, "bad_epochs": 0,
              "history": [], "run_id": None, "fingerprint": fingerprint, "loss_sum": 0.0, "loss_n": 0}
     last = run_dir / LAST
-    state, resumed = loop.resume(last, fingerprint, state, model=model, optimizer=optimizer, scheduler=scheduler)
+    state, resumed = loop.resume(last, fingerprint, state, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 **averaged)
     if resumed and d.main:
         print(f"train: resuming {name} at epoch {state['epoch'] + 1}, batch {state['batch']}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     def checkpoint() -> None:
         if d.main:
             loop.save_state(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), **state)
+                            scheduler=scheduler.state_dict(), **{k: v.state_dict() for k, v in averaged.items()},
+                            **state)
 
     data_input = {"path": str(files[0]), "digest": meta.source_fingerprint}
     tags = {"kind": "model", "init": tc.init, "label_fraction": str(tc.label_fraction),
@@ -153,6 +158,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                 with autocast(device):
                     _, loss = net(batch, batch["label"])
                 loop.optimizer_step(loss, optimizer, model.parameters(), tc.grad_clip, scheduler)
+                if ema is not None:
+                    ema.update_parameters(model)
                 recent = (recent + [loss.item()])[-50:]
                 state["loss_sum"] += recent[-1]
                 state["loss_n"] += 1
@@ -164,7 +171,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                     checkpoint()
             # The training steps' throughput (loading included, validation not), all ranks.
             examples_per_s = seen * d.world / max(time.perf_counter() - started, 1e-9)
-            _, y, p = loop.predict(model, val_loader, device)
+            _, y, p = loop.predict(scored, val_loader, device)
             _, y, p = loop.gather_arrays(d, _, y, p)
             auc = float(roc_auc_score(y, p)) if len(np.unique(y)) > 1 else float("nan")
             # epoch_* per epoch; evaluate logs the best model's val_/test_/oot_ metrics
@@ -178,7 +185,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             if score > state["best_auc"] or state["best_epoch"] < 0:
                 state.update(best_auc=score, best_epoch=epoch, bad_epochs=0)
                 if d.main:
-                    save_model(run_dir / BEST, model, mcfg, to_dict(cfg), epoch, auc)
+                    save_model(run_dir / BEST, scored, mcfg, to_dict(cfg), epoch, auc)
             else:
                 state["bad_epochs"] += 1
             if d.main:
