@@ -106,11 +106,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r.get("events"):
             r["events_per_s"] = round(r["events"] / r["wall_s"])
         print(json.dumps(r))
-    shard, streamed = rows[-1], next(r for r in rows if r["step"].startswith("validate, streamed"))
+    shard = next(r for r in rows if r["step"].startswith("features"))
+    streamed = next(r for r in rows if r["step"].startswith("validate, streamed"))
     print(f"{events:,} events: streamed validation {streamed['wall_s']} s, peak {streamed['peak_mb']} MB; "
           f"one feature shard ({shard['events']:,} events) {shard['wall_s']} s, peak {shard['peak_mb']} MB; "
           f"validate + {n} shards one after another on one core: about "
           f"{events / (streamed['wall_s'] + n * shard['wall_s']):,.0f} events/s")
+    if args.dask:
+        run = rows[-1]
+        print(f"validate + {n} shards on {args.dask} Dask workers, measured as one run: {run['run_s']} s, "
+              f"{run['events_per_s_run']:,} events/s; parent peak {run['peak_mb']} MB, largest worker "
+              f"{run['worker_peak_mb']} MB")
     return rows
 
 if __name__ == "__main__":

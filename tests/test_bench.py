@@ -94,7 +94,8 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
-    assert "events/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"one feature shard ({shard['events']:,} events)" in out and "measured as one run" in out
 
 
 def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_store, monkeypatch):
