@@ -47,6 +47,11 @@ class EncoderLayer(nn.TransformerEncoderLayer):
     Only `norm_first=True` with GELU is implemented (what SequenceEncoder builds).
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.norm_first or self.activation is not F.gelu:
+            raise ValueError("EncoderLayer implements the pre-norm GELU layer only (norm_first=True, activation='gelu')")
+
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """src: (B, T, D); src_key_padding_mask: (B, T), bool with True = padding, or the

@@ -576,6 +576,9 @@ def test_sdpa_encoder_layer_computes_what_torchs_layer_computes(cfg, batch, pool
 def test_encoder_layer_choice_is_checked(cfg):
     with pytest.raises(ValueError, match="encoder_layer"):
         EngagementModel(dataclasses.replace(cfg, encoder_layer="fused"))
+    for other in ({"norm_first": False, "activation": "gelu"}, {"norm_first": True}):  # post-norm; ReLU
+        with pytest.raises(ValueError, match="pre-norm GELU"):
+            EncoderLayer(16, 2, 32, 0.1, batch_first=True, **other)
 
 
 def test_fast_dropout_replaces_every_dropout_module_unless_switched_off():
