@@ -44,7 +44,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # group was still alive: a gloo group left for interpreter shutdown can abort the rank
 # ("terminate called without an active exception", pytorch/pytorch#190489), which CI hit
 # once. With SCALE_READ_LOG it also records the example id of every item that rank reads,
-# so the test can see which examples each process trained on.
+# (item by item or a whole batch at once), so the test can see which examples each process
+# trained on.
 PROBE = textwrap.dedent("""
     import atexit
     import os
@@ -71,6 +72,14 @@ PROBE = textwrap.dedent("""
             return item
 
         _dataset.FeatureDataset.__getitem__ = _logged_getitem
+        _batch = _dataset.FeatureDataset.batch  # the loaders' path: a whole batch at once
+
+        def _logged_batch(self, positions):
+            batch = _batch(self, positions)
+            _log.write("".join(f"{e}\\n" for e in batch["example"].tolist()))
+            return batch
+
+        _dataset.FeatureDataset.batch = _logged_batch
 """)
 
 

@@ -83,9 +83,9 @@ def test_a_shard_without_users_still_gets_its_partition(raw, tmp_path):
 
 @pytest.mark.parametrize("partitions,shards,reads_of", [
     (3, 3, lambda i: [i]),  # a shard per partition
-    (4, 2, lambda i: [i, i + 2]),  # a shard is two partitions
-    (2, 4, lambda i: [i % 2]),  # a shard is part of one partition
-])
+    pytest.param(4, 2, lambda i: [i, i + 2], marks=pytest.mark.slow),  # a shard is two partitions
+    pytest.param(2, 4, lambda i: [i % 2], marks=pytest.mark.slow),  # a shard is part of one partition
+])  # the other shard counts run in `make test-full`
 def test_shards_that_read_only_their_partitions_build_what_one_whole_build_does(
         sim_store_files, tiny_encoder, tmp_path, monkeypatch, partitions, shards, reads_of):
     import pipeline.data.features as F

@@ -35,7 +35,7 @@ def cfg(sim_store, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+@pytest.mark.parametrize("ema_decay", [0.0, pytest.param(0.9, marks=pytest.mark.slow)])  # EMA: make test-full
 def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay):
     import pipeline.training.train as T
 
