@@ -34,6 +34,10 @@ def _conv_batch(lengths, users=None, T=10, E=4, first_msg_no=1, max_msg_no=40):
     return {"conversation": conv, "user": user}
 
 
+def _ns_of(mcfg):
+    return ConversationNegativeSampling(ConversationEncoder(mcfg), min_messages=4)
+
+
 def _ns(E=4, **cfg):
     return ConversationNegativeSampling(ConversationEncoder(tiny_config(text_dim=E, **cfg)), min_messages=4)
 
@@ -364,3 +368,20 @@ def test_coles_counts_windows_of_one_user_as_one_class():
     neg = [torch.relu(0.5 - dist[i, j]) ** 2 for i in range(6) for j in range(6) if label[i] != label[j]]
     # every row has 2 or 4 negatives (< 5): all of them are the hard ones
     assert torch.allclose(loss, torch.stack(pos + neg).mean(), atol=1e-6)
+
+
+def test_an_objectives_held_out_figures_do_not_depend_on_the_others_beside_it(sim_store):
+    from pipeline.pretraining.objectives import CoLES
+
+    path, _, mcfg = sim_store
+    data = FeatureDataset(path, mcfg)
+    held_out = data.subset(latest_windows(data, data.select(["val", "test"], labelled=False), 2))
+    torch.manual_seed(0)
+    nsp, events = _ns_of(mcfg), MaskedEvents(EventEncoder(mcfg))
+    counts = {"events": np.ones(events.vocab, np.int64)}
+    alone = evaluate_objectives(torch.nn.ModuleDict({"conversation": nsp}), held_out, 16, counts, 0)
+    crowd = evaluate_objectives(torch.nn.ModuleDict({"coles": CoLES({"events": events.encoder}), "conversation": nsp,
+                                                     "events": events}), held_out, 16, counts, 0)
+    assert alone["heldout_nsp_accuracy"] == crowd["heldout_nsp_accuracy"]
+    assert alone["baseline_nsp_accuracy"] == crowd["baseline_nsp_accuracy"]  # the same corruptions
+    assert "heldout_coles_top1" in crowd and "heldout_event_top1" in crowd

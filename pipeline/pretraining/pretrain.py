@@ -196,12 +196,14 @@ def evaluate_objectives(objectives, data: FeatureDataset, batch_size: int, train
     chance for negative sampling and CoLES's retrieval, the most frequent training targets for
     masked food/events."""
     objectives.eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    # A generator per objective, seeded by its name: an objective's held-out corruptions do not
+    # depend on which other objectives run beside it, so its figures compare across runs.
+    gens = {s: torch.Generator().manual_seed(seed + 1 + int(stamps.fingerprint(s), 16) % 100_003) for s in objectives}
     agg: dict = {s: {"n": 0, "correct": 0, "top1": 0, "top10": 0, "chance": 0.0, "scores": [], "targets": []}
                  for s in objectives}
     for batch in loop.loader(data, batch_size, collate):
         for s, obj in objectives.items():
-            loss, st = obj(batch, g)
+            loss, st = obj(batch, gens[s])
             if not st["n"]:
                 continue
             a = agg[s]
