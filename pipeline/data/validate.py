@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -96,21 +97,25 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     return _finish(cfg, out, users, report)
 
 
+def _client(cfg: Config):
+    """A Dask client of `features.scheduler` (a context manager), or none (None) without one."""
+    if not cfg.features.scheduler:
+        return nullcontext()
+    from pipeline.data.fanout import client_of
+
+    return client_of(cfg)
+
+
 def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, files: list, started: float) -> Path:
     """data.stream_partitions: the input in record batches into user-shard partitions
     (features/stream.py), the same report."""
     for stale in (out / V.EVENTS, out / V.QUARANTINE):
         stale.unlink(missing_ok=True)
     now = now or pd.Timestamp.now(tz="UTC")
-    if cfg.features.scheduler:  # every unit of the input and every partition as a task there
-        from pipeline.data.fanout import client_of
-
-        with client_of(cfg) as client:
-            counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions,
-                                                   users, now, client=client)
-    else:
+    # With a Dask scheduler every unit of the input and every partition is a task there.
+    with _client(cfg) as client:
         counts = stream.validate_to_partitions(cfg.data.events, cfg.data, out, cfg.data.stream_partitions,
-                                               users, now)
+                                               users, now, client=client)
     if counts["accepted"] == 0:
         raise UserError(f"{cfg.data.events}: no row passed validation ({counts['reasons']}); see docs/contract.md")
     report = counts | {

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
 from common.devices import resolve_device
@@ -176,12 +176,9 @@ def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0
     # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
     # global RNG, so re-creating one after a resume would shift every later dropout mask.
     if callable(getattr(dataset, "batch", None)):  # a FeatureDataset fetches a whole batch at once
-        if isinstance(sampler, LengthBatches):
-            batches = list(sampler)
-        else:
-            order = range(len(dataset)) if sampler is None else list(sampler)
-            batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-        dataset, collate, batching = _Batches(dataset, batches), _whole, {"batch_size": None}
+        batches = sampler if isinstance(sampler, LengthBatches) else \
+            BatchSampler(range(len(dataset)) if sampler is None else sampler, batch_size, drop_last=False)
+        dataset, collate, batching = _Batches(dataset, list(batches)), _whole, {"batch_size": None}
     elif isinstance(sampler, LengthBatches):
         batching = {"batch_sampler": sampler}
     else:
