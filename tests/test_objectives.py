@@ -34,6 +34,20 @@ def _conv_batch(lengths, users=None, T=10, E=4, first_msg_no=1, max_msg_no=40):
     return {"conversation": conv, "user": user}
 
 
+def _fit(obj, steps: int, batch_of) -> list[dict]:
+    """`steps` AdamW steps (lr 3e-3) of `obj` on `batch_of(step)`, with corruptions from a
+    generator seeded by the step; returns each step's stats."""
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    stats = []
+    for step in range(steps):
+        loss, st = obj(batch_of(step), torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stats.append(st)
+    return stats
+
+
 def _ns_of(mcfg):
     return ConversationNegativeSampling(ConversationEncoder(mcfg), min_messages=4)
 
@@ -222,13 +236,8 @@ def test_negative_sampling_learns_from_content_on_held_out_users():
         return correct / n, float(np.mean(losses))
 
     before = accuracy()
-    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(0)
-    for step in range(60):
-        loss, _ = obj(users(32, data), torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(obj, 60, lambda step: users(32, data))
     after = accuracy()
     assert after[0] > 0.65 and after[1] < 0.62, (before, after)  # chance: 0.5 and ln 2 = 0.693
 
@@ -246,13 +255,8 @@ def test_masked_objectives_beat_their_baselines_on_held_out_users(sim_store):
     counts = {}
     for name, obj in objectives.items():
         torch.manual_seed(0)
-        opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
         counts[name] = np.zeros(obj.vocab, np.int64)
-        for step in range(120):
-            loss, stats = obj(batches[step % len(batches)], torch.Generator().manual_seed(step))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for stats in _fit(obj, 120, lambda step: batches[step % len(batches)]):
             counts[name] += np.bincount(stats["targets"].numpy(), minlength=obj.vocab)
     runs = [evaluate_objectives(objectives, held_out, 32, counts, seed) for seed in range(4)]
     m = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
@@ -281,12 +285,7 @@ def test_the_future_objective_learns_next_weeks_days_and_never_reads_unknown_one
     assert stats["n"] == int((~unknown).sum()) and torch.allclose(loss, want)
     assert obj["future"](b | {"future": torch.full_like(b["future"], -1.0)}, torch.Generator())[1]["n"] == 0
     obj.train()
-    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
-    for step in range(80):
-        loss, _ = obj["future"](batches[step % len(batches)], torch.Generator())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(obj["future"], 80, lambda step: batches[step % len(batches)])  # (it draws nothing from the generator)
     m = evaluate_objectives(obj, held_out, 32, {}, 0)
     assert m["heldout_future_auc"] > 0.7 and m["baseline_future_auc"] == 0.5, m
 
@@ -344,13 +343,8 @@ def test_coles_learns_to_find_a_users_other_slices_on_held_out_users():
         return hit / n, chance / n
 
     before, chance = retrieval()
-    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(0)
-    for step in range(80):
-        loss, _ = obj(users(32, data), torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(obj, 80, lambda step: users(32, data))
     after, _ = retrieval()
     assert chance < 0.05 and after > 0.6 and after > before + 0.2, (before, after, chance)
 
