@@ -5,12 +5,12 @@ global facts every shard must agree on.
 The input is cut into units (a Parquet row group, or a whole CSV file), each read in record
 batches and checked by the same `validate_events` as an in-memory validation: the same rules,
 the same reason codes, the same quarantine columns. Accepted rows go to their user's partition
-(`shard_of`, the hash the sharded feature build uses). Exact duplicates in two different
-batches meet in the same partition (duplicates share a user), where validation's own
-`dedup_and_sort` removes them and sorts the partition by (user_id, ts); so
-`rows_in = accepted + duplicates + quarantined` stays exact, and memory depends on the batch
-and on the largest partition, not on the whole log. Units, then partitions, are independent:
-with a Dask client each is a task.
+(`shard_of`, the hash the sharded feature build uses). Exact duplicates, in one batch or in
+two, meet in the same partition (duplicates share a user), where validation's own
+`dedup_and_sort` removes them (only there: a batch is not deduplicated on its own) and sorts
+the partition by (user_id, ts); so `rows_in = accepted + duplicates + quarantined` stays
+exact, and memory depends on the batch and on the largest partition, not on the whole log.
+Units, then partitions, are independent: with a Dask client each is a task.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from common.errors import UserError
@@ -76,29 +77,31 @@ def batches(unit: tuple[str, int | None, int], batch_rows: int) -> Iterator[pd.D
                                                                      strings_can_be_null=True))
     for batch in reader:
         df = pa.Table.from_batches([batch]).to_pandas(types_mapper=_types_mapper)
-        df[SOURCE_FILE] = pd.Categorical([str(f)] * len(df))
+        df[SOURCE_FILE] = pd.Categorical.from_codes(np.zeros(len(df), dtype=np.int8), categories=[str(f)])
         df[SOURCE_ROW] = np.arange(start, start + len(df))
         start += len(df)
         yield df
 
 
 def validate_unit(unit, u: int, data: DataConfig, users, now, out: Path, n: int, batch_rows: int) -> dict:
-    """Validate one unit batch by batch; accepted rows go to `<out>/events/.pPPP/` (one file per
-    batch and partition), rejected ones to `<out>/quarantine/`. Returns the batch counts."""
+    """Validate one unit batch by batch; accepted rows go to `<out>/events/.pPPP/` (one Arrow
+    IPC file per batch and partition), rejected ones to `<out>/quarantine/`. Returns the batch counts."""
     totals = {"rows_in": 0, "duplicates": 0, "quarantined": 0, "reasons": Counter(), "future": []}
     for b, raw in enumerate(batches(unit, batch_rows)):
-        name = f"unit-{u:06d}-batch-{b:06d}.parquet"
-        r = validate_events(raw, data, users, now)
+        name = f"unit-{u:06d}-batch-{b:06d}"
+        r = validate_events(raw, data, users, now, dedup=False)  # the partition pass removes them
         for k in ("rows_in", "duplicates", "quarantined"):
             totals[k] += r.report[k]
         totals["reasons"].update(r.report["reasons"])
         if r.report["earliest_future_ts"]:
             totals["future"].append(r.report["earliest_future_ts"])
         if len(r.quarantine):
-            r.quarantine.to_parquet(out / QUARANTINE / name, index=False)
-        shard = shard_of(r.events[C.USER_ID].to_numpy(zero_copy_only=False), n)
+            r.quarantine.to_parquet(out / QUARANTINE / f"{name}.parquet", index=False)
+        shard = shard_of(r.events[C.USER_ID], n)
         for p in np.unique(shard):
-            pq.write_table(r.events.filter(pa.array(shard == p)), _pending(out, p) / name)
+            # Arrow IPC with zstd: read once by the partition pass, on the same disk.
+            feather.write_feather(r.events.filter(pa.array(shard == p)), _pending(out, p) / name,
+                                  compression="zstd")
     return totals
 
 
@@ -154,9 +157,9 @@ def finish_partition(out: Path, p: int, n: int) -> dict:
     removed and the rows sorted (validation's own `dedup_and_sort`); then its counts and its
     part of the global facts."""
     pending = _pending(out, p)
-    files = sorted(pending.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else C.NORMALISED_SCHEMA.empty_table()
-    events, dup = dedup_and_sort(table.to_pandas(types_mapper=_types_mapper))
+    files = sorted(pending.glob("unit-*"))
+    table = pa.concat_tables([feather.read_table(f) for f in files]) if files else C.NORMALISED_SCHEMA.empty_table()
+    events, dup = dedup_and_sort(table)
     write_parquet_atomic(events, out / PARTITIONS / partition_name(p, n))
     shutil.rmtree(pending)
     types, names = codes(events[C.EVENT_TYPE])

@@ -47,7 +47,7 @@ def validated_events(vdir: str | Path) -> Path:
 
 @dataclass
 class ValidationResult:
-    events: pa.Table  # accepted rows in contract.NORMALISED_SCHEMA, sorted by (user_id, ts)
+    events: pa.Table  # accepted rows in contract.NORMALISED_SCHEMA, sorted by (user_id, ts) (if dedup)
     quarantine: pd.DataFrame  # rejected rows as they came in + reason + provenance
     report: dict
 
@@ -57,8 +57,11 @@ def validate_events(
     data: DataConfig,
     users: pd.DataFrame | None = None,
     now: pd.Timestamp | None = None,
+    dedup: bool = True,
 ) -> ValidationResult:
-    """Check every row; returns accepted events, the quarantine and the counts."""
+    """Check every row; returns accepted events, the quarantine and the counts. dedup=False
+    (the streaming validation, which removes duplicates per partition): accepted rows in input
+    order, duplicates included and not counted."""
     # The error lists the table's own columns, not the provenance read_table adds.
     own = pd.DataFrame(columns=[c for c in raw.columns if c not in (SOURCE_FILE, SOURCE_ROW)])
     require_columns(own, C.REQUIRED_COLUMNS, data.events, "events")
@@ -105,7 +108,7 @@ def validate_events(
         reason[(reason < 0) & mask] = i
     ok = reason < 0
 
-    events = pd.DataFrame(
+    columns = pd.DataFrame(
         {
             C.USER_ID: user_id,
             C.TS: ts,
@@ -117,25 +120,29 @@ def validate_events(
             C.CONTENT_ID: content,
         }
     )[ok]
-    events[C.FOOD_IDS] = pd.Series(pd.arrays.ArrowExtensionArray(food_ids), index=raw.index)[ok]
-    events.loc[~is_food[ok], C.FOOD_IDS] = None
-    table, dup = dedup_and_sort(events)
-    events = events[~dup]
+    keep = pa.array(ok)
+    foods = pa.ListArray.from_arrays(food_ids.offsets, food_ids.values, mask=pa.array(~is_food)).filter(keep)  # None off meals
+    accepted = pa.Table.from_pandas(columns, preserve_index=False).append_column(C.FOOD_IDS, foods)
+    if dedup:
+        table, dup = dedup_and_sort(accepted)
+    else:
+        table, dup = _normalised(accepted), np.zeros(accepted.num_rows, dtype=bool)
 
     names = [name for name, _ in checks]
     future = reason == names.index("future_timestamp")
     quarantine = _quarantine_frame(raw[~ok], [names[i] for i in reason[~ok]])
     counts = pd.Series([names[i] for i in reason[~ok]], dtype=object).value_counts()
+    ts_range = pc.min_max(table[C.TS])
     report = {
         "rows_in": int(n),
         "accepted": int(table.num_rows),
         "duplicates": int(dup.sum()),
         "quarantined": int((~ok).sum()),
         "reasons": {k: int(v) for k, v in counts.items()},
-        "users": int(events[C.USER_ID].nunique()),
-        "event_types": {k: int(v) for k, v in events[C.EVENT_TYPE].value_counts().items()},
-        "ts_min": str(events[C.TS].min()) if len(events) else None,
-        "ts_max": str(events[C.TS].max()) if len(events) else None,
+        "users": pc.count_distinct(table[C.USER_ID]).as_py(),
+        "event_types": {k: int(v) for k, v in table[C.EVENT_TYPE].to_pandas().value_counts().items()},
+        "ts_min": str(pd.Timestamp(ts_range["min"].as_py())) if table.num_rows else None,
+        "ts_max": str(pd.Timestamp(ts_range["max"].as_py())) if table.num_rows else None,
         "settings": validation_settings(data),
         "validated_at": str(now),
         # The first row quarantined as in the future: once the clock passes it, validate again.
@@ -145,21 +152,42 @@ def validate_events(
     return ValidationResult(table, quarantine, report)
 
 
-def dedup_and_sort(events: pd.DataFrame) -> tuple[pa.Table, np.ndarray]:
-    """Normalised events (contract columns, food_ids an Arrow list column, None off meals) ->
-    (the table without exact duplicates, sorted by (user_id, ts), in NORMALISED_SCHEMA; the
-    duplicate mask over the input rows). Also the streaming validation's per-partition pass."""
-    # Exact duplicates: the same normalised row twice (food lists compared as "1|2|3" text,
-    # joined in Arrow: going through Python objects costs minutes on millions of meals).
-    foods = pa.Table.from_pandas(events[[C.FOOD_IDS]], preserve_index=False).column(0)
-    food_text = pc.binary_join(pc.cast(foods, pa.list_(pa.string())), "|").to_pandas(types_mapper=pd.ArrowDtype)
-    key = events.assign(**{C.FOOD_IDS: food_text.to_numpy()})
-    dup = key.duplicated(keep="first").to_numpy()
-    kept = events[~dup].sort_values([C.USER_ID, C.TS], kind="stable")
-    table = pa.Table.from_pandas(
-        kept[list(C.NORMALISED_SCHEMA.names)], schema=C.NORMALISED_SCHEMA, preserve_index=False
-    ).replace_schema_metadata(None)  # plain Arrow types; no pandas dtype metadata to trip readers
-    return table, dup
+def dedup_and_sort(events: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Normalised events (C.NORMALISED_SCHEMA's columns; food_ids None off meals) -> (the table
+    without exact duplicates, sorted by (user_id, ts), in C.NORMALISED_SCHEMA; the duplicate mask
+    over the input rows, True on every repeat of an earlier row). Also the streaming
+    validation's per-partition pass.
+
+    Exact duplicates share user_id and ts, so after a stable sort by the two they sit in the
+    same run of equal (user_id, ts); only rows in runs of two or more are compared in full
+    (with pandas' `duplicated`, food lists as "1|2|3" text), so the cost is a sort plus the
+    few rows that share an instant, not a hash of every column of every row."""
+    events = _normalised(events)
+    n = events.num_rows
+    order = pc.sort_indices(events, [(C.USER_ID, "ascending"), (C.TS, "ascending")]).to_numpy()  # stable
+    table = events.take(order)
+    users = pc.dictionary_encode(table[C.USER_ID].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+    ts = pc.cast(table[C.TS], pa.int64()).to_numpy()
+    same = (users[1:] == users[:-1]) & (ts[1:] == ts[:-1])  # row i+1 shares row i's instant
+    shared = np.zeros(n, dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    dup_sorted = np.zeros(n, dtype=bool)
+    if shared.any():
+        pos = np.flatnonzero(shared)
+        rows = table.take(pos)
+        text = pc.binary_join(pc.cast(rows[C.FOOD_IDS], pa.list_(pa.string())), "|")
+        key = rows.set_column(rows.schema.get_field_index(C.FOOD_IDS), C.FOOD_IDS, text)
+        dup_sorted[pos] = key.to_pandas().duplicated(keep="first").to_numpy()
+    dup = np.zeros(n, dtype=bool)
+    dup[order[dup_sorted]] = True
+    kept = table.filter(pa.array(~dup_sorted)) if dup_sorted.any() else table
+    return kept.combine_chunks(), dup
+
+
+def _normalised(events: pa.Table) -> pa.Table:
+    """Contract columns in order and types, plain Arrow (no pandas dtype metadata to trip readers)."""
+    return events.select(C.NORMALISED_SCHEMA.names).cast(C.NORMALISED_SCHEMA).replace_schema_metadata(None)
 
 
 def future_rows_now_due(report: dict, data: DataConfig, now: pd.Timestamp | None = None) -> bool:

@@ -241,3 +241,37 @@ def test_validation_is_vectorised(tmp_path, fmt):
     validate(200)  # warm-up: first-call imports and caches
     small, large = validate(2_000), validate(20_000)
     assert large - small < 500, (small, large)
+
+
+def test_dedup_and_sort_matches_a_full_comparison_of_every_row():
+    """dedup_and_sort compares in full only rows that share (user_id, ts): its result must be
+    what pandas' duplicated over every column (keep the first) then a stable sort gives, with
+    many rows sharing an instant and differing in one column (food lists, missing values)."""
+    import pyarrow as pa
+
+    from features.validate import dedup_and_sort
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    foods = [None if rng.random() < 0.5 else [int(x) for x in rng.integers(0, 3, rng.integers(1, 3))] for _ in range(n)]
+    df = pd.DataFrame({
+        C.USER_ID: rng.choice(["u1", "u2", "u10", "ü"], n),
+        C.TS: pd.Timestamp("2026-01-05", tz="UTC") + pd.to_timedelta(rng.integers(0, 6, n), unit="h"),
+        C.EVENT_TYPE: rng.choice(["message", "food_log"], n),
+        C.SENDER: rng.choice(["user", None], n),
+        C.TEXT: rng.choice(["hi", "hi ", None], n),
+        C.FOOD_IDS: foods,
+        C.MEAL: rng.choice(["lunch", None], n),
+        C.VALUE: rng.choice([1.0, np.nan, -0.0], n),
+        C.CONTENT_ID: None,
+    })
+    table = pa.Table.from_pandas(df, schema=C.NORMALISED_SCHEMA, preserve_index=False)
+    kept, dup = dedup_and_sort(table)
+
+    key = df.assign(**{C.FOOD_IDS: ["|".join(map(str, f)) if f is not None else None for f in foods]})
+    expected_dup = key.duplicated(keep="first").to_numpy()
+    expected = df[~expected_dup].sort_values([C.USER_ID, C.TS], kind="stable")
+    assert 0 < expected_dup.sum() < n - 100  # both kinds of rows are there
+    np.testing.assert_array_equal(dup, expected_dup)
+    assert kept.schema == C.NORMALISED_SCHEMA
+    assert kept.to_pylist() == pa.Table.from_pandas(expected, schema=C.NORMALISED_SCHEMA, preserve_index=False).to_pylist()
