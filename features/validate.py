@@ -108,21 +108,18 @@ def validate_events(
         reason[(reason < 0) & mask] = i
     ok = reason < 0
 
-    columns = pd.DataFrame(
-        {
-            C.USER_ID: user_id,
-            C.TS: ts,
-            C.EVENT_TYPE: event_type,
-            C.SENDER: sender.where(is_msg),  # sender only means something on messages
-            C.TEXT: text.where(is_msg),
-            C.MEAL: meal.where(is_food),
-            C.VALUE: value,
-            C.CONTENT_ID: content,
-        }
-    )[ok]
     keep = pa.array(ok)
-    foods = pa.ListArray.from_arrays(food_ids.offsets, food_ids.values, mask=pa.array(~is_food)).filter(keep)  # None off meals
-    accepted = pa.Table.from_pandas(columns, preserve_index=False).append_column(C.FOOD_IDS, foods)
+    accepted = pa.table({
+        C.USER_ID: _arrow(user_id),
+        C.TS: _arrow(ts),
+        C.EVENT_TYPE: _arrow(event_type),
+        C.SENDER: _arrow(sender, is_msg),  # sender only means something on messages
+        C.TEXT: _arrow(text, is_msg),
+        C.MEAL: _arrow(meal, is_food),
+        C.VALUE: _arrow(value),
+        C.CONTENT_ID: _arrow(content),
+        C.FOOD_IDS: pa.ListArray.from_arrays(food_ids.offsets, food_ids.values, mask=pa.array(~is_food)),
+    }).filter(keep)
     if dedup:
         table, dup = dedup_and_sort(accepted)
     else:
@@ -183,6 +180,13 @@ def dedup_and_sort(events: pa.Table) -> tuple[pa.Table, np.ndarray]:
     dup[order[dup_sorted]] = True
     kept = table.filter(pa.array(~dup_sorted)) if dup_sorted.any() else table
     return kept.combine_chunks(), dup
+
+
+def _arrow(values: pd.Series, where: np.ndarray | None = None) -> pa.Array:
+    """A parsed column as an Arrow array (missing and NaN as null), null outside `where`."""
+    arr = pa.array(values.array, from_pandas=True)
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    return arr if where is None else pc.if_else(pa.array(where), arr, pa.scalar(None, arr.type))
 
 
 def _normalised(events: pa.Table) -> pa.Table:
