@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -31,14 +32,15 @@ from features.store import feature_files, read_meta
 from pipeline.config import load_config
 from pipeline.paths import Paths
 from pipeline.pretraining.pretrain import latest_windows, pretrain
+from pipeline.training import loop
 from pipeline.training.train import train
 
 # The recipe of main before issue 13 (2026-12-02): random batches of 64, nn.Dropout, validation at 128,
 # nn.TransformerEncoderLayer's own forward.
 # (The length-ordered validation and the inference path of models/sequence.py have no setting: "before"
-# gets them too, so the ratio understates the gain by the validation share of an epoch. The loader has
-# none either: "before" runs with FeatureDataset.batch switched off, so batches come from `collate` of
-# the items, as they did.)
+# gets them too, so the ratio understates the gain by the validation share of an epoch. The loader and
+# AdamW's multi-tensor path have none either: "before" runs with FeatureDataset.batch switched off, so
+# batches come from `collate` of the items, and with AdamW's per-parameter loop, as they did.)
 BEFORE = ["train.batching=random", "train.batch_size=64", "train.lr=5e-4", "train.eval_batch_size=128",
           "pretrain.batching=random", "pretrain.batch_size=64", "pretrain.lr=1e-3", "model.fast_dropout=false",
           "model.encoder_layer=torch"]
@@ -48,15 +50,17 @@ SPEEDUPS = {"train_step_speedup": "train_step_examples_per_s", "train_speedup": 
 
 
 @contextmanager
-def per_item_loading(on: bool):
-    """While on, loaders build batches as before issue 13: `collate` of `dataset[i]` items."""
-    batch = FeatureDataset.batch
+def as_before_issue_13(on: bool):
+    """While on, loaders build batches as before issue 13 (`collate` of `dataset[i]` items) and
+    AdamW updates one parameter at a time (torch's default on CPU, `foreach=False`)."""
+    batch, make_optimizer = FeatureDataset.batch, loop.make_optimizer
     if on:
         FeatureDataset.batch = None
+        loop.make_optimizer = partial(make_optimizer, foreach=False)
     try:
         yield
     finally:
-        FeatureDataset.batch = batch
+        FeatureDataset.batch, loop.make_optimizer = batch, make_optimizer
 
 
 def run_recipe(name: str, overrides: list[str], demo_workdir: Path, work: Path, epochs: int,
@@ -72,7 +76,7 @@ def run_recipe(name: str, overrides: list[str], demo_workdir: Path, work: Path, 
     data = FeatureDataset(files, model_config_for(cfg.model, read_meta(files[0])))
     windows = len(latest_windows(data, data.select(["train"], labelled=False), cfg.pretrain.max_examples_per_user))
     examples = len(data.select(["train"], user_fraction=cfg.train.label_fraction))
-    with per_item_loading(name == "before"):
+    with as_before_issue_13(name == "before"):
         t = time.perf_counter()
         pre = pretrain(cfg)
         pretrain_s = time.perf_counter() - t

@@ -101,7 +101,7 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
 def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_store, monkeypatch):
     import torch
 
-    from benchmarks.recipes import per_item_loading
+    from benchmarks.recipes import as_before_issue_13
     from features.dataset import collate
     from pipeline.training import loop
 
@@ -112,9 +112,12 @@ def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_stor
     monkeypatch.setattr(FeatureDataset, "__getitem__", lambda self, i: items.append(i) or getitem(self, i))
     now = list(loop.loader(ds, 8, collate, sampler))
     assert not items  # whole batches at once
-    with per_item_loading(True):
+    net = torch.nn.Linear(2, 2)
+    with as_before_issue_13(True):
         before = list(loop.loader(ds, 8, collate, sampler))
+        assert loop.make_optimizer(net, 1e-3, 0.0).defaults["foreach"] is False  # AdamW's per-parameter loop
     assert len(items) == len(ds) and callable(FeatureDataset.batch)  # item by item, then restored
+    assert loop.make_optimizer(net, 1e-3, 0.0).defaults["foreach"] is True
     assert len(now) == len(before) == len(sampler)
     for a, b in zip(now, before):
         assert torch.equal(a["example"], b["example"]) and torch.equal(a["events"]["type_id"], b["events"]["type_id"])
