@@ -80,8 +80,11 @@ def derived_labels(
     ex = np.repeat(np.arange(len(ex_user)), counts)  # example id of every item in a window
     item = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
     day = (act_ts[item] - ex_as_of[ex]) // DAY
-    pairs = np.unique(ex.astype(np.int64) * cfg.horizon_days + day)  # distinct (example, day)
-    active_days = np.bincount(pairs // cfg.horizon_days, minlength=len(ex_user))
+    # A window's items are in time order (act_keys are sorted), so its days never decrease: a
+    # distinct (example, day) pair starts wherever the example or the day changes.
+    new = np.ones(len(ex), dtype=bool)
+    new[1:] = (ex[1:] != ex[:-1]) | (day[1:] != day[:-1])
+    active_days = np.bincount(ex[new], minlength=len(ex_user))
     return (active_days >= cfg.min_active_days).astype(np.int8)
 
 
