@@ -42,12 +42,14 @@ from features.vocab import Vocab, pseudonyms
 from models.checkpoint import load_model
 from pipeline.config import Config, load_config, save_config
 from pipeline.evaluation.baselines import predict
+from pipeline.evaluation.blend import blend
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
 BUNDLE = "bundle"  # the pyfunc's artifact key and folder name
 MODEL, CONFIG, VOCAB = "model.pt", "config.yaml", "vocab.json"
 ESTIMATOR = "estimator.pkl"  # a gradient-boosting bundle: (fitted estimator, aggregate names, attributes)
+BLEND = "blend.json"  # a blend bundle: MODEL, ESTIMATOR and the blend's weight and scaling
 LOGGED_NAME = "engagement"  # name of the logged model in the run (MLflow 3 "Logged models")
 LOGGED_MODEL_TAG = "logged_model_id"  # the run's tag naming it: registry.register links versions to it
 OUTPUT = ["user_id", "as_of", "p_engaged", "risk"]
@@ -78,31 +80,42 @@ class Scorer:
 
     def __init__(self, directory: str | Path):
         directory = Path(directory)
-        self.model = self.estimator = None  # a sequence model, or gradient boosting on aggregates
-        if (directory / ESTIMATOR).exists():
-            with open(directory / ESTIMATOR, "rb") as f:
-                self.estimator, self.aggregate_names, self.attributes = pickle.load(f)
-        else:
+        # A sequence model, gradient boosting on aggregates, or both (a blend).
+        self.model = self.estimator = self.blend = None
+        if (directory / MODEL).exists():
             self.model, _ = load_model(directory / MODEL)
             m = self.model.config
             self.attributes = [*m.categorical_attributes, *m.numeric_attributes]
+        if (directory / ESTIMATOR).exists():
+            with open(directory / ESTIMATOR, "rb") as f:
+                self.estimator, self.aggregate_names, self.attributes = pickle.load(f)
+        if (directory / BLEND).exists():  # (model weight, Platt scale, Platt bias)
+            b = json.loads((directory / BLEND).read_text())
+            self.blend = (b["model_weight"], b["calibration_scale"], b["calibration_bias"])
         self.cfg = load_config(directory / CONFIG)  # resolves the pseudonym key from the environment
         self.vocab_tokens = json.loads((directory / VOCAB).read_text())
         self._encoder: TextEncoder | None = None
 
     @staticmethod
     def write_bundle(directory: str | Path, cfg: Config, vocab: dict, checkpoint: Path | None = None,
-                     estimator: tuple | None = None) -> Path:
-        """A sequence model's `checkpoint`, or gradient boosting's `estimator` (fitted model,
-        aggregate names, attribute names); vocab: the vocabularies of the feature build it was
-        trained on (StoreMeta.vocab)."""
+                     estimator: tuple | None = None, blend: tuple | None = None) -> Path:
+        """A sequence model's `checkpoint`, gradient boosting's `estimator` (fitted model,
+        aggregate names, attribute names), or both with `blend` (model weight, Platt scale and
+        bias: pipeline/evaluation/blend.py); vocab: the vocabularies of the feature build they
+        were trained on (StoreMeta.vocab)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if (checkpoint is not None and estimator is not None) != (blend is not None):
+            raise ValueError("a bundle holds a checkpoint, an estimator, or both with the blend's numbers")
         if checkpoint is not None:
             shutil.copyfile(checkpoint, directory / MODEL)
-        else:
+        if estimator is not None:
             with open(directory / ESTIMATOR, "wb") as f:
                 pickle.dump(estimator, f)
+        if blend is not None:
+            w, scale, bias = map(float, blend)
+            (directory / BLEND).write_text(json.dumps({"model_weight": w, "calibration_scale": scale,
+                                                       "calibration_bias": bias}))
         save_config(cfg, directory, CONFIG)
         (directory / VOCAB).write_text(json.dumps(vocab))
         return directory
@@ -144,21 +157,21 @@ class Scorer:
             encoder.identity if encoder else "none", Vocab(self.vocab_tokens), None, source_fingerprint=source_fingerprint,
         )
         path = write_store(workdir / "features.h5", built.arrays, built.meta)
-        if self.estimator is not None:
-            examples, user_key, _ = load_examples([path])
-            rows = np.flatnonzero(examples["as_of"] == instant)
-            X, _ = aggregates_of([path], self.aggregate_names)
-            p = predict(self.estimator, X[rows]) if len(rows) else np.zeros(0)
-            keys = user_key[rows]
-        else:
-            data = FeatureDataset(path, self.model.config)
-            rows = np.flatnonzero(data.examples["as_of"] == instant)
-            ids, _, p = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate),
-                                     next(self.model.parameters()).device)
-            keys = data.user_key[ids]
+        examples, user_key, _ = load_examples([path])
+        rows = np.flatnonzero(examples["as_of"] == instant)
         if not len(rows):
             raise UserError(f"no user is eligible at {as_of}")
-        return keys, np.asarray(p, np.float64), path
+        p = {}  # p_engaged of each model of the bundle, in `rows` order
+        if self.estimator is not None:
+            X, _ = aggregates_of([path], self.aggregate_names)
+            p["estimator"] = predict(self.estimator, X[rows])
+        if self.model is not None:
+            data = FeatureDataset(path, self.model.config)
+            ids, _, q = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate),
+                                     next(self.model.parameters()).device)
+            p["model"] = pd.Series(q, index=ids).reindex(rows).to_numpy()
+        out = blend(p["model"], p["estimator"], *self.blend) if self.blend else next(iter(p.values()))
+        return user_key[rows], np.asarray(out, np.float64), path
 
     def predict(self, raw: pd.DataFrame, as_of: str, user_ids: str = "raw") -> pd.DataFrame:
         """Raw events (the event contract; users-table columns such as program_start or the
@@ -279,6 +292,15 @@ def log_baseline_model(estimator, aggregate_names: list[str], meta, cfg: Config)
     attrs = meta.attributes
     bundled = (estimator, list(aggregate_names), [*attrs["categorical"], *attrs["numeric"]])
     return _log_pyfunc(attrs["categorical"], attrs["numeric"], cfg, meta.vocab, estimator=bundled)
+
+
+def log_blend_model(checkpoint: Path, estimator, aggregate_names: list[str], meta, cfg: Config, params: tuple):
+    """The same for the blend of the sequence model `checkpoint` with gradient boosting, with
+    its weight and scaling `params` (pipeline/evaluation/blend.py), both trained on `meta`'s build."""
+    attrs = meta.attributes
+    bundled = (estimator, list(aggregate_names), [*attrs["categorical"], *attrs["numeric"]])
+    return _log_pyfunc(attrs["categorical"], attrs["numeric"], cfg, meta.vocab, checkpoint=checkpoint,
+                       estimator=bundled, blend=params)
 
 
 def _log_pyfunc(categorical: list[str], numeric: list[str], cfg: Config, vocab: dict, **model):

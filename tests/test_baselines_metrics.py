@@ -401,3 +401,21 @@ def test_the_blend_weighs_an_informative_model_and_ignores_noise():
     noise = rng.random(len(y))
     assert fit_blend(a[val], noise[val], y[val])[0] >= 0.9  # pure noise gets (almost) no weight
     assert fit_blend(a[val], b[val], np.ones(3000))[:1] == (1.0,)
+
+
+def test_the_blends_validation_figures_are_out_of_fold():
+    """crossfit_blend: a user's validation examples are blended with the weight and scaling
+    fitted on other users only, so their own labels never move their blended figures."""
+    from pipeline.evaluation.blend import crossfit_blend
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    users = rng.integers(0, 300, n)
+    y = rng.integers(0, 2, n)
+    a, b = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, n), 0.01, 0.99), rng.uniform(0.01, 0.99, n)
+    out = crossfit_blend(a, b, y, users)
+    assert np.isfinite(out).all() and np.array_equal(out, crossfit_blend(a, b, y, users))
+    for u in (3, 17, 250):
+        own = users == u
+        assert own.any() and np.array_equal(crossfit_blend(a, b, np.where(own, 1 - y, y), users)[own], out[own])
+    assert not np.array_equal(crossfit_blend(a, b, np.where(users < 150, 1 - y, y), users), out)  # labels count

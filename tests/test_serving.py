@@ -184,25 +184,41 @@ def test_the_rest_api_shows_the_alias_the_logged_model_and_its_signature(champio
         proc.wait(timeout=30)
 
 
-@pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
-def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
+def _evaluated_with(champion, flag: str):
+    """evaluate() of the fixture's run with `eval.<flag>` on: (config, result, MLflow client,
+    experiment id, the raw events with the users table's columns)."""
     import copy
 
+    from pipeline.evaluation.evaluate import evaluate
+
+    cfg = copy.deepcopy(champion[0])
+    setattr(cfg.eval, flag, True)
+    result = evaluate(cfg)  # the run the fixture trained; logs the baselines and the blend with their models
+    client = registry.tracking.client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
+    return cfg, result, client, exp, events
+
+
+def _as_champion_the_nightly_job_scores_like_its_model(cfg, version, model, events, path):
+    registry.set_champion(cfg, version)
+    nightly = pd.read_parquet(score(cfg, AS_OF, path))
+    assert (nightly.model_version == str(version)).all()
+    raw = model.predict(events, params={"as_of": AS_OF}).set_index("user_id")["risk"]
+    assert np.allclose(nightly.set_index("user_id")["risk"], raw.reindex(nightly.user_id), atol=1e-9)
+
+
+@pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
+def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
     from features.dataset import load_examples
     from features.store import build_id, feature_files
-    from pipeline.evaluation.evaluate import evaluate
     from pipeline.paths import Paths
 
-    cfg, run_id, version = champion
-    cfg = copy.deepcopy(cfg)
-    cfg.eval.champion_hgb = True  # gradient boosting competes for the alias too
+    _, run_id, version = champion
+    cfg, result, client, exp, events = _evaluated_with(champion, "champion_hgb")  # gradient boosting competes too
     try:
-        result = evaluate(cfg)  # the run the fixture trained; logs the baselines, hgb with its model
-        client = registry.tracking.client(cfg)
-        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
         hgb = client.search_runs([exp], "tags.baseline = 'hgb'")[0]
         model = mlflow.pyfunc.load_model(f"models:/{hgb.data.tags[LOGGED_MODEL_TAG]}")
-        events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
         scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
         # The evaluation's own hgb predictions of the same users at the same cutoff.
         files = feature_files(Paths.of(cfg).features)
@@ -225,13 +241,52 @@ def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_
         # With gradient boosting as the champion: the nightly job scores with it, and the gate
         # re-scores it on the candidate's examples (its val ROC-AUC, as evaluate measured it).
         hgb_version = registry.register(cfg, hgb.info.run_id).version
-        registry.set_champion(cfg, hgb_version)
-        nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly-hgb.parquet"))
-        assert (nightly.model_version == str(hgb_version)).all()
-        raw = model.predict(events, params={"as_of": AS_OF}).set_index("user_id")["risk"]
-        assert np.allclose(nightly.set_index("user_id")["risk"], raw.reindex(nightly.user_id), atol=1e-9)
+        _as_champion_the_nightly_job_scores_like_its_model(cfg, hgb_version, model, events, tmp_path / "hgb.parquet")
         rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
         decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
         assert decision.champion == pytest.approx(val["hgb"]) and not decision.promoted
+    finally:
+        registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model
+
+
+@pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
+def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
+    from features.dataset import load_examples
+    from features.store import build_id, feature_files
+    from pipeline.evaluation.blend import blend
+    from pipeline.evaluation.metrics import binary_metrics
+    from pipeline.paths import Paths
+    from pipeline.training.train import PREDICTIONS
+
+    _, run_id, version = champion
+    cfg, result, client, exp, events = _evaluated_with(champion, "champion_blend")  # the blend competes too
+    try:
+        run = client.search_runs([exp], f"tags.blend_of = '{run_id}'")[0]
+        model = mlflow.pyfunc.load_model(f"models:/{run.data.tags[LOGGED_MODEL_TAG]}")
+        bundle = model.unwrap_python_model().scorer
+        assert bundle.model is not None and bundle.estimator is not None and len(bundle.blend) == 3
+        scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
+        # Equal to blending the evaluation's own predictions of both models with the bundle's numbers.
+        files = feature_files(Paths.of(cfg).features)
+        examples, user_key, _ = load_examples(files)
+        hgb = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"].to_numpy()
+        preds = pd.read_parquet(next(Paths.of(cfg).runs.glob(f"*/{PREDICTIONS}")))
+        p_model = pd.Series(preds.p_engaged.to_numpy(), index=preds.example.to_numpy()).reindex(np.arange(len(hgb)))
+        at = (examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())) & p_model.notna().to_numpy()
+        expected = pd.Series(blend(p_model.to_numpy()[at], hgb[at], *bundle.blend), index=user_key[at].astype(str))
+        assert len(expected) > 20
+        assert np.allclose(scored.set_index("user_id")["p_engaged"].reindex(expected.index), expected, atol=1e-5)
+
+        # The gate saw the blend's out-of-fold validation figure; with the blend as the champion the
+        # nightly job scores with it, and the gate re-scores it through its bundle.
+        assert run.data.metrics["val_roc_auc"] == pytest.approx(result.metrics["blend with hgb"]["val"]["roc_auc"])
+        blend_version = registry.register(cfg, run.info.run_id).version
+        _as_champion_the_nightly_job_scores_like_its_model(cfg, blend_version, model, events, tmp_path / "blend.parquet")
+        rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
+        decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
+        in_sample = blend(p_model.to_numpy()[rows["val"]], hgb[rows["val"]], *bundle.blend)
+        assert decision.champion == pytest.approx(binary_metrics(examples["label"][rows["val"]], in_sample)["roc_auc"],
+                                                  abs=1e-6)
+        assert not decision.promoted
     finally:
         registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model

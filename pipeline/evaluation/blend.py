@@ -2,8 +2,10 @@
 their logits, the weight picked on the validation split, then Platt scaling fitted there too.
 
 Two models that read the same users differently make different mistakes; averaging their
-log-odds is the simplest ensemble that can use that, with two numbers learned on validation
-(so the blend's validation figures are in-sample; its test and out-of-time figures are not).
+log-odds is the simplest ensemble that can use that, with two numbers learned on validation.
+Its validation figures are out of fold (`crossfit_blend`), so they compare fairly with other
+models' in the champion gate; with `eval.champion_blend` it competes for the alias as an MLflow
+model of its own (pipeline/serving.py: both models and the two numbers in one bundle).
 """
 
 from __future__ import annotations
@@ -32,3 +34,21 @@ def fit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray) -> tuple[
 def blend(p_model: np.ndarray, p_other: np.ndarray, weight: float, scale: float, bias: float) -> np.ndarray:
     """p_engaged of the blend (NaN where either input is NaN)."""
     return expit(scale * (weight * logit_of(p_model) + (1 - weight) * logit_of(p_other)) + bias)
+
+
+def crossfit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                   folds: int = 2) -> np.ndarray:
+    """Out-of-fold p_engaged of the blend on the validation examples themselves: the examples
+    split into `folds` by user (`groups`), each fold blended with the weight and scaling fitted
+    on the others. The blend's validation figures (and the champion gate) use these, so the
+    weight never scores the examples it was picked on: fitted on all of validation, the blend
+    would score at least as well as either model there by construction (the weights 0 and 1
+    are candidates)."""
+    _, user = np.unique(groups, return_inverse=True)
+    fold = (user * 2654435761 % 2**32) % folds  # users spread over folds, not in id order
+    out = np.full(len(y), np.nan)
+    for k in range(folds):
+        held = fold == k
+        if held.any():
+            out[held] = blend(p_model[held], p_other[held], *fit_blend(p_model[~held], p_other[~held], y[~held]))
+    return out

@@ -26,10 +26,10 @@ from pipeline import serving, tracking
 from pipeline.config import Config
 from pipeline.evaluation import plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
-from pipeline.evaluation.blend import blend, fit_blend
+from pipeline.evaluation.blend import blend, crossfit_blend, fit_blend
 from pipeline.evaluation.metrics import binary_metrics
 from pipeline.paths import Paths
-from pipeline.training.train import DONE, PREDICTIONS, run_name
+from pipeline.training.train import BEST, DONE, PREDICTIONS, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
@@ -109,6 +109,8 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
         # The sequence model with gradient boosting (missing predictions fail just below).
         blend_params = fit_blend(scores["model"][val], scores["hgb"][val], labels[val])
         scores[BLEND] = blend(scores["model"], scores["hgb"], *blend_params)
+        # On validation itself: out of fold (by user), never scored by the weight picked on it.
+        scores[BLEND][val] = crossfit_blend(scores["model"][val], scores["hgb"][val], labels[val], user_key[val])
     oracle = oracle_predictions(cfg, examples, user_key)
     if oracle is not None:
         scores["oracle"] = oracle
@@ -130,6 +132,11 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
             hgb_decision = registry.gate(cfg, hgb_run, files, rows, labels, {s: scores["hgb"][r] for s, r in rows.items()})
             print(f"  champion gate for hgb: candidate {hgb_decision.candidate:.4f} -> "
                   f"{'PROMOTED' if hgb_decision.promoted else 'kept'} ({hgb_decision.reason})")
+        if cfg.eval.champion_blend and blend_params is not None and (blend_run := _blend_run(cfg, run_id)) is not None:
+            # The blend too (its validation figure out of fold): the champion is the best of them.
+            blend_decision = registry.gate(cfg, blend_run, files, rows, labels, {s: scores[BLEND][r] for s, r in rows.items()})
+            print(f"  champion gate for the blend: candidate {blend_decision.candidate:.4f} -> "
+                  f"{'PROMOTED' if blend_decision.promoted else 'kept'} ({blend_decision.reason})")
     print_table(metrics, run_dir.name, decision)
     (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None}, default=float, indent=1))
     return EvalResult(run_id, metrics, decision)
@@ -177,6 +184,13 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
+                if (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists():
+                    # An MLflow model too: both models and the two numbers, scoring raw events as one.
+                    with open(fitted, "rb") as f:
+                        estimator, names = pickle.load(f)
+                    info = serving.log_blend_model(run_dir / BEST, estimator, names, read_meta(files[0]), cfg,
+                                                   blend_params)
+                    mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
     # Baselines and the oracle: one run each per feature build, created once.
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "baseline"
@@ -201,6 +215,14 @@ def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
     client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     found = client.search_runs([exp], f"tags.build_id = '{build_id(files)}' and tags.baseline = '{name}'", max_results=1)
+    return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
+
+
+def _blend_run(cfg: Config, run_id: str) -> str | None:
+    """The run id of the blend of the model run `run_id`, when it logged an MLflow model."""
+    client = tracking.client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    found = client.search_runs([exp], f"tags.blend_of = '{run_id}'", max_results=1)
     return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
 
 

@@ -112,15 +112,25 @@ def score_on(model: EngagementModel, files: list[Path], rows: np.ndarray) -> np.
     return p
 
 
-def score_baseline_on(cfg: Config, version: str, files: list[Path], rows: np.ndarray) -> np.ndarray:
-    """p_engaged of a registered gradient-boosting version on given example rows: its
-    estimator on these files' aggregate columns (matched by name)."""
+def _scorer(cfg: Config, version: str):
+    """The bundle (pipeline/serving.py: Scorer) of a registered version."""
+    return mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}/{version}").unwrap_python_model().scorer
+
+
+def score_bundle_on(scorer, files: list[Path], rows: np.ndarray) -> np.ndarray:
+    """p_engaged of a registered version's bundle (pipeline/serving.py: Scorer) on given example
+    rows of these files: its gradient boosting on their aggregate columns (matched by name), its
+    sequence model, or both blended with its own weight and scaling."""
     from features.aggregates import aggregates_of
     from pipeline.evaluation.baselines import predict
+    from pipeline.evaluation.blend import blend
 
-    scorer = mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}/{version}").unwrap_python_model().scorer
+    p_model = score_on(scorer.model, files, rows) if scorer.model is not None else None
+    if scorer.estimator is None:
+        return p_model
     X, _ = aggregates_of(files, scorer.aggregate_names)
-    return predict(scorer.estimator, X[rows])
+    p_estimator = predict(scorer.estimator, X[rows])
+    return blend(p_model, p_estimator, *scorer.blend) if scorer.blend else p_estimator
 
 
 def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.ndarray],
@@ -148,15 +158,19 @@ def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.n
         promoted, reason, champ = False, "already the champion", cand
     else:
         # failures propagate: the gate fails, champion stays
-        baseline = tracking.client(cfg).get_run(current.run_id).data.tags.get("kind") == "baseline"
-        champion_model = None if baseline else load_model(download_model(cfg, current.run_id))[0]
-        why = None if baseline else misfit(champion_model.config, read_meta(files[0]))
+        kind = tracking.client(cfg).get_run(current.run_id).data.tags.get("kind")
+        if kind in ("baseline", "blend"):  # scored through its MLflow model's bundle
+            scorer = _scorer(cfg, current.version)
+            champion_model = scorer.model  # None for gradient boosting alone
+        else:
+            scorer, champion_model = None, load_model(download_model(cfg, current.run_id))[0]
+        why = None if champion_model is None else misfit(champion_model.config, read_meta(files[0]))
         if why:
             promoted = False
             reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
                       f"({why}); to move it by hand: python -m jobs promote --version {mv.version}")
         else:
-            p = score_baseline_on(cfg, current.version, files, rows) if baseline else score_on(champion_model, files, rows)
+            p = score_on(champion_model, files, rows) if scorer is None else score_bundle_on(scorer, files, rows)
             champ = binary_metrics(labels[rows], p)[metric]
             if not np.isfinite(champ):
                 promoted = False
