@@ -105,6 +105,7 @@ def test_a_store_without_a_users_table_has_no_attributes_and_the_model_none(tmp_
     assert model.attribute_embedding is None and model.attribute_values is None
 
 
+@pytest.mark.slow  # trains a model and fits the baselines (~10 s): `make test-full`
 @pytest.mark.usefixtures("one_thread")
 def test_when_only_an_attribute_predicts_the_label_baselines_and_model_both_learn_it(tmp_path, tiny_encoder):
     import mlflow
