@@ -196,11 +196,17 @@ def evaluate_step(ctx: Context) -> dict:
     before it can move `champion`."""
     from pipeline.evaluation.evaluate import evaluate
 
-    d = evaluate(retrain_config(ctx.cfg, ctx.as_of)).decision
+    result = evaluate(retrain_config(ctx.cfg, ctx.as_of))
+    d = result.decision  # the sequence model's gate
     if d is None:
         return {"promoted": False, "reason": "no MLflow run to register"}
-    return {"promoted": d.promoted, "version": d.version, "reason": d.reason, "candidate": d.candidate,
-            "champion": d.champion, "champion_before": d.champion_version}  # plain JSON types (GateDecision)
+    # The blend (or gradient boosting) may be gated after the model: the step promoted if any
+    # candidate did, and `version` is then where `champion` points at the end.
+    last = next((x for x in reversed(result.decisions.values()) if x.promoted), d)
+    return {"promoted": last.promoted, "version": last.version, "reason": last.reason, "candidate": d.candidate,
+            "champion": d.champion, "champion_before": d.champion_version,  # plain JSON types (GateDecision)
+            "gates": {name: {"promoted": x.promoted, "version": x.version, "candidate": x.candidate, "reason": x.reason}
+                      for name, x in result.decisions.items()}}
 
 
 # --- nightly score -----------------------------------------------------------------------

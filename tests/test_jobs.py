@@ -550,3 +550,26 @@ def test_shipped_crontab_runs_every_job_on_the_configured_schedule():
     schedule = {ln[ln.index("run") + 1]: " ".join(ln[:5]) for ln in lines}
     assert schedule == {name: getattr(JobsConfig(), job.cron_key) for name, job in JOBS.items()}
     assert all("--as-of" in ln and "jobs" in ln for ln in lines)
+
+
+def test_the_retrain_reports_where_champion_points_when_the_blend_is_promoted_after_the_model(monkeypatch):
+    """With eval.champion_blend the blend is gated after the model: the step's `promoted` and
+    `version` are the last promotion's (where `champion` points), each gate is recorded."""
+    from pipeline.evaluation import evaluate as E
+
+    def gate(promoted, version, candidate, reason):
+        return registry.GateDecision(promoted, version, candidate, 0.8, "1", reason)
+
+    model = gate(False, "2", 0.79, "champion is as good or better")
+    decisions = {"model": model, "blend": gate(True, "3", 0.81, "candidate is better")}
+    monkeypatch.setattr(E, "evaluate", lambda cfg: E.EvalResult("run", {}, model, decisions))
+    monkeypatch.setattr(definitions, "retrain_config", lambda cfg, as_of: cfg)
+    r = definitions.evaluate_step(SimpleNamespace(cfg=None, as_of=None))
+    assert r["promoted"] is True and r["version"] == "3" and r["reason"] == "candidate is better"
+    assert r["candidate"] == 0.79 and r["champion_before"] == "1"  # the sequence model's own gate
+    assert r["gates"] == {"model": {"promoted": False, "version": "2", "candidate": 0.79, "reason": "champion is as good or better"},
+                          "blend": {"promoted": True, "version": "3", "candidate": 0.81, "reason": "candidate is better"}}
+    json.dumps(r)  # the job's state file takes it as it is
+    decisions["blend"] = gate(False, "3", 0.78, "champion is as good or better")
+    r = definitions.evaluate_step(SimpleNamespace(cfg=None, as_of=None))
+    assert r["promoted"] is False and r["version"] == "2"  # nothing moved: the model's own record

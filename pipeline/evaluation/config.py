@@ -17,9 +17,10 @@ class EvalConfig:
     # events like the sequence model; pipeline/serving.py): the best of the two on
     # tracking.promote_metric then serves. Off by default: the champion is a sequence model.
     champion_hgb: bool = False
-    # The blend too (`blend` on): its run logs an MLflow model holding both models and the two
-    # numbers; its validation figure is out of fold (pipeline/evaluation/blend.py). Off by default.
-    champion_blend: bool = False
+    # The blend too (with `blend`): its run logs an MLflow model holding both models and the two
+    # numbers, gated on its out-of-fold validation figure (pipeline/evaluation/blend.py). On by
+    # default: it contains the sequence model, and takes the alias only where it beats it.
+    champion_blend: bool = True
     baselines: list[str] = field(
         default_factory=lambda: ["prevalence", "active_last_week", "logistic", "hgb"]
     )

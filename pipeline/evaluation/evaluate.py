@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -40,7 +40,9 @@ BLEND = "blend with hgb"
 class EvalResult:
     run_id: str | None
     metrics: dict[str, dict[str, dict]]  # model/baseline name -> split -> metrics
-    decision: registry.GateDecision | None
+    decision: registry.GateDecision | None  # the sequence model's gate
+    # Every gate in order: "model", then "hgb" (eval.champion_hgb) and "blend" (eval.champion_blend).
+    decisions: dict[str, registry.GateDecision] = field(default_factory=dict)
 
 
 def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict[str, np.ndarray]:
@@ -124,22 +126,25 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
                 raise UserError(f"{run_dir}: predictions do not cover the {s} split; re-run `make train`")
             metrics[name][s] = binary_metrics(labels[ok], p[ok], cfg.eval.top_frac, cfg.eval.calibration_bins)
     _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir, blend_params)
-    decision = None
+    decisions: dict[str, registry.GateDecision] = {}
     if run_id:
-        decision = registry.gate(cfg, run_id, files, rows, labels, {s: scores["model"][r] for s, r in rows.items()})
-        if cfg.eval.champion_hgb and (hgb_run := _baseline_run(cfg, files, "hgb")) is not None:
-            # Gradient boosting as a candidate too: the champion is the better of the two.
-            hgb_decision = registry.gate(cfg, hgb_run, files, rows, labels, {s: scores["hgb"][r] for s, r in rows.items()})
-            print(f"  champion gate for hgb: candidate {hgb_decision.candidate:.4f} -> "
-                  f"{'PROMOTED' if hgb_decision.promoted else 'kept'} ({hgb_decision.reason})")
-        if cfg.eval.champion_blend and blend_params is not None and (blend_run := _blend_run(cfg, run_id)) is not None:
-            # The blend too (its validation figure out of fold): the champion is the best of them.
-            blend_decision = registry.gate(cfg, blend_run, files, rows, labels, {s: scores[BLEND][r] for s, r in rows.items()})
-            print(f"  champion gate for the blend: candidate {blend_decision.candidate:.4f} -> "
-                  f"{'PROMOTED' if blend_decision.promoted else 'kept'} ({blend_decision.reason})")
-    print_table(metrics, run_dir.name, decision)
-    (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None}, default=float, indent=1))
-    return EvalResult(run_id, metrics, decision)
+        # The sequence model, then (if asked) gradient boosting and the blend (its validation
+        # figure out of fold) as candidates too: the champion is the best of them on validation.
+        candidates = [("model", run_id)]
+        if cfg.eval.champion_hgb:
+            candidates.append(("hgb", _baseline_run(cfg, files, "hgb")))
+        if cfg.eval.champion_blend and blend_params is not None:
+            candidates.append(("blend", _blend_run(cfg, run_id)))
+        for name, candidate_run in candidates:
+            if candidate_run is not None:
+                p = scores[BLEND if name == "blend" else name]
+                decisions[name] = registry.gate(cfg, candidate_run, files, rows, labels, {s: p[r] for s, r in rows.items()})
+    decision = decisions.get("model")
+    print_table(metrics, run_dir.name, decisions)
+    (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None,
+                                                         "decisions": {k: d.__dict__ for k, d in decisions.items()}},
+                                                        default=float, indent=1))
+    return EvalResult(run_id, metrics, decision, decisions)
 
 
 def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend_params=None) -> None:
@@ -235,7 +240,7 @@ def _new_run(client, exp_id: str, where: str, description: str) -> bool:
     return not found
 
 
-def print_table(metrics: dict, model_name: str, decision) -> None:
+def print_table(metrics: dict, model_name: str, decisions: dict) -> None:
     print(f"\nevaluation of {model_name} (ROC-AUC / PR-AUC of the disengaged / their recall in the top 10% riskiest, as a share of the most possible)")
     order = sorted(metrics, key=lambda n: -np.nan_to_num(metrics[n]["test"]["roc_auc"]))
     labels = {n: model_name if n == "model" else n for n in order}
@@ -245,7 +250,8 @@ def print_table(metrics: dict, model_name: str, decision) -> None:
         cells = "".join(f"{m['roc_auc']:>10.3f}{m['pr_auc']:>8.3f}{m['recall_at_top_of_max']:>8.3f}"
                         for m in (metrics[name][s] for s in EVAL_SPLITS))
         print(f"  {labels[name]:<{w}}{cells}")
-    if decision:
-        champ = "-" if decision.champion is None else f"{decision.champion:.4f}"
-        print(f"  champion gate: candidate {decision.candidate:.4f} vs champion {champ} -> "
-              f"{'PROMOTED' if decision.promoted else 'kept'} version {decision.version} ({decision.reason})")
+    for name, d in decisions.items():
+        champ = "-" if d.champion is None else f"{d.champion:.4f}"
+        who = "" if name == "model" else f" for {'the blend' if name == 'blend' else name}"
+        print(f"  champion gate{who}: candidate {d.candidate:.4f} vs champion {champ} -> "
+              f"{'PROMOTED' if d.promoted else 'kept'} version {d.version} ({d.reason})")
