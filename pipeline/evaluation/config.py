@@ -17,8 +17,8 @@ class EvalConfig:
     # events like the sequence model; pipeline/serving.py): the best of the two on
     # tracking.promote_metric then serves. Off by default: the champion is a sequence model.
     champion_hgb: bool = False
-    # The blend too (with `blend`): its run logs an MLflow model holding both models and the two
-    # numbers, gated on its out-of-fold validation figure (pipeline/evaluation/blend.py). On by
+    # The blend too (with `blend`): its run then logs an MLflow model holding both models and the
+    # two numbers, gated on its out-of-fold validation figure (pipeline/evaluation/blend.py). On by
     # default: it contains the sequence model, and takes the alias only where it beats it.
     champion_blend: bool = True
     baselines: list[str] = field(

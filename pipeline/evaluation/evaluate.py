@@ -189,8 +189,9 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
-                if (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists():
-                    # An MLflow model too: both models and the two numbers, scoring raw events as one.
+                if cfg.eval.champion_blend and (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists():
+                    # An MLflow model too, to compete for the alias: both models and the two numbers,
+                    # scoring raw events as one.
                     with open(fitted, "rb") as f:
                         estimator, names = pickle.load(f)
                     info = serving.log_blend_model(run_dir / BEST, estimator, names, read_meta(files[0]), cfg,
