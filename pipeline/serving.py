@@ -143,8 +143,10 @@ class Scorer:
         if events.num_rows == 0:
             raise UserError(f"no event before as_of={as_of}: nobody can be scored")
         fc, workdir = scfg.features, Path(workdir)
-        # Gradient boosting reads no message vectors: it needs no text encoder.
-        has_messages = self.model is not None and bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
+        # Gradient boosting, and a model without the conversation stream (trained on a log without
+        # messages, say), read no message vectors: they need no text encoder.
+        reads_text = self.model is not None and "conversation" in self.model.config.streams
+        has_messages = reads_text and bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
         cache = Path(cache_dir) if cache_dir else workdir / "text_cache"
 
         def embed(texts):

@@ -290,3 +290,26 @@ def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
         assert not decision.promoted
     finally:
         registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model
+
+
+def test_a_model_without_the_conversation_stream_scores_events_that_include_messages(sim_store, tiny_encoder_dir,
+                                                                                      tmp_path):
+    """A model trained on a log without messages (text_dim 0, e.g. KDD Cup's events only) needs no
+    text encoder to score: messages in the scored events are read as events, never encoded."""
+    from dataclasses import replace
+
+    from features.store import read_meta
+    from models.checkpoint import save_model
+    from models.engagement import EngagementModel
+    from pipeline.config import to_dict
+    from pipeline.serving import Scorer
+
+    path, cfg, mcfg = sim_store
+    cfg.features.text_encoder = str(tiny_encoder_dir)  # 16-d vectors, which this model never had
+    mcfg = replace(mcfg, streams=["events"], text_dim=0)
+    save_model(tmp_path / "m.pt", EngagementModel(mcfg), mcfg, to_dict(cfg), 0, 0.5)
+    scorer = Scorer(Scorer.write_bundle(tmp_path / "bundle", cfg, read_meta(path).vocab, checkpoint=tmp_path / "m.pt"))
+    events = pd.read_parquet(cfg.data.events)
+    assert (events.event_type == "message").any()
+    scored = scorer.predict(events, AS_OF)
+    assert len(scored) > 20 and scored.p_engaged.between(0, 1).all()
