@@ -189,14 +189,16 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
-                if cfg.eval.champion_blend and (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists():
-                    # An MLflow model too, to compete for the alias: both models and the two numbers,
-                    # scoring raw events as one.
-                    with open(fitted, "rb") as f:
-                        estimator, names = pickle.load(f)
-                    info = serving.log_blend_model(run_dir / BEST, estimator, names, read_meta(files[0]), cfg,
-                                                   blend_params)
-                    mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
+        blend_run = client.search_runs([exp_id], f"tags.blend_of = '{run_id}'", max_results=1)[0]
+        if (cfg.eval.champion_blend and serving.LOGGED_MODEL_TAG not in blend_run.data.tags
+                and (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists()):
+            # An MLflow model too, to compete for the alias: both models and the two numbers, scoring
+            # raw events as one (also for a blend run logged before without one).
+            with open(fitted, "rb") as f:
+                estimator, names = pickle.load(f)
+            with mlflow.start_run(run_id=blend_run.info.run_id):
+                info = serving.log_blend_model(run_dir / BEST, estimator, names, read_meta(files[0]), cfg, blend_params)
+                mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
     # Baselines and the oracle: one run each per feature build, created once.
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "baseline"
