@@ -36,13 +36,17 @@ def clean_strings(col: pd.Series, lower: bool = False) -> pd.Series:
             col = as_int
         s = col.astype(object).where(col.notna(), None).astype(pd.StringDtype("pyarrow"))
     # In Arrow: pandas' str.strip / mask on these arrays cost several times more.
-    arr = pa.array(s.array)
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    arr = pc.utf8_trim_whitespace(arr)
+    arr = pc.utf8_trim_whitespace(as_arrow(s))
     if lower:
         arr = pc.utf8_lower(arr)
     arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
     return pd.Series(pd.arrays.ArrowStringArray(arr), index=col.index, name=col.name)
+
+
+def as_arrow(values: pd.Series) -> pa.Array:
+    """A column's values as one Arrow array (pandas' missing values and NaN as null)."""
+    arr = pa.array(values.array, from_pandas=True)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def parse_timestamps(col: pd.Series) -> tuple[pd.Series, np.ndarray]:

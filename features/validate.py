@@ -24,6 +24,7 @@ from features.io import (
     require_columns,
 )
 from features.normalise import (
+    as_arrow,
     clean_strings,
     parse_food_ids,
     parse_numbers,
@@ -184,8 +185,7 @@ def dedup_and_sort(events: pa.Table) -> tuple[pa.Table, np.ndarray]:
 
 def _arrow(values: pd.Series, where: np.ndarray | None = None) -> pa.Array:
     """A parsed column as an Arrow array (missing and NaN as null), null outside `where`."""
-    arr = pa.array(values.array, from_pandas=True)
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = as_arrow(values)
     return arr if where is None else pc.if_else(pa.array(where), arr, pa.scalar(None, arr.type))
 
 

@@ -199,8 +199,7 @@ def pseudonyms(user_ids: np.ndarray, key: str) -> np.ndarray:
 
 def shard_of(user_ids, num_shards: int) -> np.ndarray:
     """The shard of each user (numpy or Arrow ids): a hash independent of the split hash,
-    computed once per distinct user (Arrow's hash table finds them, without sorting)."""
+    computed once per distinct user (`codes`: Arrow's hash table finds them, without sorting)."""
     ids = user_ids if isinstance(user_ids, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(user_ids, dtype=object))
-    encoded = pc.dictionary_encode(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
-    shard = np.array([_digest_int(str(u), "shard") % num_shards for u in encoded.dictionary.to_pylist()], dtype=np.int64)
-    return shard[encoded.indices.to_numpy(zero_copy_only=False)]
+    code, distinct = codes(ids)
+    return np.array([_digest_int(str(u), "shard") % num_shards for u in distinct], dtype=np.int64)[code]

@@ -125,7 +125,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
             if name == "model" and len(ok) != len(r):
                 raise UserError(f"{run_dir}: predictions do not cover the {s} split; re-run `make train`")
             metrics[name][s] = binary_metrics(labels[ok], p[ok], cfg.eval.top_frac, cfg.eval.calibration_bins)
-    _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir, blend_params)
+    blend_run = _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir, blend_params)
     decisions: dict[str, registry.GateDecision] = {}
     if run_id:
         # The sequence model, then (if asked) gradient boosting and the blend (its validation
@@ -134,7 +134,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
         if cfg.eval.champion_hgb:
             candidates.append(("hgb", _baseline_run(cfg, files, "hgb")))
         if cfg.eval.champion_blend and blend_params is not None:
-            candidates.append(("blend", _blend_run(cfg, run_id)))
+            candidates.append(("blend", blend_run))
         for name, candidate_run in candidates:
             if candidate_run is not None:
                 p = scores[BLEND if name == "blend" else name]
@@ -147,9 +147,11 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     return EvalResult(run_id, metrics, decision, decisions)
 
 
-def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend_params=None) -> None:
+def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend_params=None) -> str | None:
+    """Metrics, plots and the runs of the blend, baselines and oracle; returns the blend's run id
+    when that run holds an MLflow model (the champion gate's candidate), else None."""
     if not run_id:
-        return
+        return None
     bid = build_id(files)
     tracking.setup(cfg)
     client = tracking.client(cfg)
@@ -178,6 +180,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
         tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
     exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     common = {"stage": "evaluate", "build_id": bid, "config_name": cfg.name, "git_commit": tracking.git_commit()}
+    blend_run = None
     if blend_params is not None:
         w, a, b = blend_params  # one blend run per model run
         text = note(f"**Blend** of the sequence model `{run_dir.name}` (test ROC-AUC {test_auc['model']:.3f}) with "
@@ -189,16 +192,18 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
-        blend_run = client.search_runs([exp_id], f"tags.blend_of = '{run_id}'", max_results=1)[0]
-        if (cfg.eval.champion_blend and serving.LOGGED_MODEL_TAG not in blend_run.data.tags
+        found = client.search_runs([exp_id], f"tags.blend_of = '{run_id}'", max_results=1)[0]
+        blend_run = found.info.run_id if serving.LOGGED_MODEL_TAG in found.data.tags else None
+        if (cfg.eval.champion_blend and blend_run is None
                 and (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists()):
             # An MLflow model too, to compete for the alias: both models and the two numbers, scoring
             # raw events as one (also for a blend run logged before without one).
             with open(fitted, "rb") as f:
                 estimator, names = pickle.load(f)
-            with mlflow.start_run(run_id=blend_run.info.run_id):
+            with mlflow.start_run(run_id=found.info.run_id):
                 info = serving.log_blend_model(run_dir / BEST, estimator, names, read_meta(files[0]), cfg, blend_params)
                 mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
+            blend_run = found.info.run_id
     # Baselines and the oracle: one run each per feature build, created once.
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "baseline"
@@ -216,6 +221,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                     estimator, names = pickle.load(f)
                 info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg)
                 mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
+    return blend_run
 
 
 def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
@@ -223,14 +229,6 @@ def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
     client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     found = client.search_runs([exp], f"tags.build_id = '{build_id(files)}' and tags.baseline = '{name}'", max_results=1)
-    return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
-
-
-def _blend_run(cfg: Config, run_id: str) -> str | None:
-    """The run id of the blend of the model run `run_id`, when it logged an MLflow model."""
-    client = tracking.client(cfg)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    found = client.search_runs([exp], f"tags.blend_of = '{run_id}'", max_results=1)
     return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
 
 
