@@ -159,7 +159,9 @@ class Scorer:
             encoder.identity if encoder else "none", Vocab(self.vocab_tokens), None, source_fingerprint=source_fingerprint,
         )
         path = write_store(workdir / "features.h5", built.arrays, built.meta)
-        examples, user_key, _ = load_examples([path])
+        # The sequence model's dataset reads the examples; gradient boosting alone reads only them.
+        data = FeatureDataset(path, self.model.config) if self.model is not None else None
+        examples, user_key = (data.examples, data.user_key) if data is not None else load_examples([path])[:2]
         rows = np.flatnonzero(examples["as_of"] == instant)
         if not len(rows):
             raise UserError(f"no user is eligible at {as_of}")
@@ -167,8 +169,7 @@ class Scorer:
         if self.estimator is not None:
             X, _ = aggregates_of([path], self.aggregate_names)
             p["estimator"] = predict(self.estimator, X[rows])
-        if self.model is not None:
-            data = FeatureDataset(path, self.model.config)
+        if data is not None:
             ids, _, q = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate),
                                      next(self.model.parameters()).device)
             p["model"] = pd.Series(q, index=ids).reindex(rows).to_numpy()
