@@ -293,6 +293,9 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
         dates = calendar[calendar + lc.horizon_days * L.DAY <= data_end]
         grid_user = np.repeat(np.arange(len(user_ids), dtype=np.int32), len(calendar))
         grid_as_of = np.tile(calendar, len(user_ids))
+        if lc.train_cutoff_every_days:
+            extra_user, extra_as_of = _dense_train_grid(user_ids, calendar, dates, data_end, lc)
+            grid_user, grid_as_of = np.concatenate([grid_user, extra_user]), np.concatenate([grid_as_of, extra_as_of])
         ex_user, ex_as_of, label = grid_user, grid_as_of, None
     # Eligible: the program has started, has not ended before the label's window does, and
     # the user has at least one event before as_of (and, with labels.max_inactive_days, own
@@ -325,6 +328,23 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
             start = s["user_offsets"][ex_user]
         examples[f"{name}_start"], examples[f"{name}_end"] = start, end
     return examples, label_stats
+
+
+def _dense_train_grid(user_ids, calendar: np.ndarray, dates: np.ndarray, data_end: int, lc
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(user row, as_of) of the extra training examples of `labels.train_cutoff_every_days`:
+    every N days from the first cutoff, those not on the calendar, for training users only,
+    whose label window ends by the out-of-time boundary (so no training label sees a day the
+    out-of-time test asks about) and by the data's end."""
+    if not len(calendar):
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    end = data_end
+    if lc.oot_cutoffs > 0 and len(dates) > lc.oot_cutoffs:
+        end = min(end, int(dates[-lc.oot_cutoffs]))
+    dense = np.arange(calendar[0], end - lc.horizon_days * L.DAY + 1, lc.train_cutoff_every_days * L.DAY, dtype=np.int64)
+    dense = dense[~np.isin(dense, calendar)]
+    train = np.flatnonzero(L.user_splits(user_ids, lc) == SPLITS.index("train")).astype(np.int32)
+    return np.repeat(train, len(dense)), np.tile(dense, len(train))
 
 
 def _own_items_before(own_keys: np.ndarray, ex_user: np.ndarray, ex_as_of: np.ndarray, days: int) -> np.ndarray:

@@ -44,6 +44,10 @@ class LabelConfig:
     min_active_days: int = C.DEFAULT_MIN_ACTIVE_DAYS
     cutoff_every_days: int = 7
     cutoff_weekday: int = 0  # 0 = Monday; cutoffs at 00:00 UTC
+    # N > 0: training users also get examples every N days between the calendar's cutoffs
+    # (more, overlapping windows to learn from; only those whose horizon ends by the
+    # out-of-time boundary); validation, test and out-of-time keep the calendar. None: off.
+    train_cutoff_every_days: int | None = None
     first_cutoff: str | None = None  # default: first cutoff weekday after the first event
     lookback_days: int | None = None  # None: all history before as_of
     min_history_days: int = 0  # a cutoff is used once the data spans this many days

@@ -339,6 +339,33 @@ def test_splits_by_user_and_out_of_time(tmp_path, tiny_encoder):
         assert len(set(ex["split"][(ex["user_row"] == u) & ~oot])) <= 1  # never straddles
 
 
+def test_denser_training_cutoffs_add_training_examples_only_and_none_that_see_out_of_time_days(tmp_path, tiny_encoder):
+    events = make_events(n_users=30, weeks=8, seed=6)
+    keys = ("user_row", "as_of", "label", "events_start", "events_end", "conversation_end", "food_end")
+    plain = load_arrays(build_store(tmp_path, events, tiny_encoder, "w", "labels.oot_cutoffs=2")[0], ("examples",))[0]
+    path, cfg = build_store(tmp_path, events, tiny_encoder, "d", "labels.oot_cutoffs=2", "labels.train_cutoff_every_days=2")
+    dense = load_arrays(path, ("examples",))[0]
+    p, d = plain["examples"], dense["examples"]
+    train = S.SPLITS.index("train")
+
+    def rows(ex, mask):
+        return {tuple(int(ex[k][i]) for k in keys) for i in np.flatnonzero(mask)}
+
+    for split in ("val", "test", "oot"):  # the evaluated examples are exactly the calendar's
+        code = S.SPLITS.index(split)
+        assert rows(d, d["split"] == code) == rows(p, p["split"] == code) != set(), split
+    assert rows(p, p["split"] == train) < rows(d, d["split"] == train)
+    calendar = np.unique(p["as_of"])
+    extra = (d["split"] == train) & ~np.isin(d["as_of"], calendar)
+    assert extra.sum() > 2 * (p["split"] == train).sum()  # about twice as many training windows, and more
+    assert set(np.unique(d["user_row"][extra])) <= set(np.unique(p["user_row"][p["split"] == train]))
+    assert ((d["as_of"][extra] - calendar[0]) % (2 * DAY) == 0).all()
+    oot_from = np.unique(p["as_of"][p["split"] == S.SPLITS.index("oot")]).min()
+    horizon = cfg.labels.horizon_days * DAY
+    assert (d["as_of"][extra] + horizon <= oot_from).all()  # no training label reads an out-of-time day
+    assert (d["as_of"][extra] + horizon >= oot_from - 2 * DAY).any()  # and the grid runs up to it
+
+
 def test_message_cache_embeds_only_new_messages(tmp_path, tiny_encoder):
     events = make_events(n_users=6, seed=7)
     calls = []
