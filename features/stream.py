@@ -186,4 +186,17 @@ def _merge(parts: list[dict], n: int) -> dict:
         "ts_min": str(pd.Timestamp(ts_min, unit="us", tz="UTC")) if ts_min is not None else None,
         "ts_max": str(pd.Timestamp(ts_max, unit="us", tz="UTC")) if ts_max is not None else None,
         "first_seen": in_order(first),  # tokens in the order Vocab.extend appends them
+        # The same tokens with their first instant (epoch us): a build whose log ends earlier
+        # (data.until) keeps those seen before the end, in the same order (`facts_until`).
+        "first_seen_us": {k: [[t, first[k][t]] for t in tokens] for k, tokens in in_order(first).items()},
     }
+
+
+def facts_until(facts: dict, until_us: int) -> dict | None:
+    """The global facts of the log cut at `until_us` (its events before that instant only):
+    the tokens first seen before it, in the same order, and the same first event. (The build
+    ends the data at `until` itself.) None where this summary cannot say: one written before
+    `first_seen_us`, or no event before the cut."""
+    if "first_seen_us" not in facts or facts["ts_min_us"] is None or facts["ts_min_us"] >= until_us:
+        return None
+    return facts | {"first_seen": {k: [t for t, us in pairs if us < until_us] for k, pairs in facts["first_seen_us"].items()}}

@@ -111,6 +111,39 @@ def test_shards_that_read_only_their_partitions_build_what_one_whole_build_does(
     assert events_read == want  # each shard its own partitions only
 
 
+def test_shards_of_a_log_cut_by_data_until_still_read_only_their_partitions(sim_store_files, tiny_encoder, tmp_path,
+                                                                            monkeypatch):
+    """The scheduled jobs set data.until (the log as of a date): the summary's facts are cut there,
+    so a shard still reads its own partitions and builds what one whole build cut there does."""
+    import pipeline.data.features as F
+    from pipeline.config import load_config
+    from pipeline.data.features import features_stage
+    from tests.test_scale import assert_same_examples
+
+    _, base = sim_store_files
+    raw = read_table(base.data.events)
+    ts = pd.to_datetime(raw[C.TS], utc=True, errors="coerce").dropna()
+    until = (ts.min() + (ts.max() - ts.min()) * 0.85).floor("D")
+    common = [f"features.text_encoder={tiny_encoder.name}", f"data.until={until.isoformat()}",
+              f"data.events={base.data.events}", f"data.users={base.data.users}", "data.foods=null",  # food ids numbered as first seen
+              "data.source=files"]
+    whole = features_stage(load_config("configs/test.yaml", [f"workdir={tmp_path / 'whole'}", *common]),
+                           encoder=tiny_encoder)
+    reads = []
+    real = F.pq.read_table
+    monkeypatch.setattr(F.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    shards = [features_stage(load_config("configs/test.yaml", [
+        f"workdir={tmp_path / 'w'}", *common, "data.stream_partitions=3", "features.num_shards=3",
+        f"features.shard={i}"]), encoder=tiny_encoder) for i in range(3)]
+    validated = tmp_path / "w" / "validated"
+    facts = json.loads((validated / SUMMARY).read_text())
+    later = [t for pairs in facts["first_seen_us"].values() for t, us in pairs if us >= until.value // 1000]
+    assert later  # tokens first seen after the cut, which the cut build must not number
+    assert_same_examples(whole, shards, load_config("configs/test.yaml", [f"workdir={tmp_path / 'whole'}", *common]))
+    events_read = [r for r in reads if f"validated/{PARTITIONS}/part-" in r]
+    assert events_read == [str(validated / PARTITIONS / partition_name(p, 3)) for p in range(3)]
+
+
 @pytest.mark.slow  # starts a Dask cluster of two worker processes (~20 s): `make test-full`
 def test_a_local_dask_cluster_builds_the_shards_of_one_streamed_build(sim_store_files, tiny_encoder, tmp_path):
     from dask.distributed import LocalCluster

@@ -126,15 +126,18 @@ def _events_of(vdir: Path, cfg: Config) -> tuple[pa.Table, dict | None]:
 
     Partition p of P holds the users whose hash is p mod P; shard i of N those whose hash is
     i mod N. So with N dividing P, shard i is exactly partitions i, i + N, ...; with P dividing
-    N, shard i lies inside partition i mod P (the build keeps the shard's users). Other counts,
-    or `data.until` (the summary's facts are of the whole log), read every partition."""
+    N, shard i lies inside partition i mod P (the build keeps the shard's users). With
+    `data.until` the facts are cut there (`stream.facts_until`). Other counts, or a summary that
+    cannot be cut, read every partition."""
     path = V.validated_events(vdir)
     summary = vdir / stream.SUMMARY
     i, N = cfg.features.shard, cfg.features.num_shards
-    if path.is_dir() and summary.exists() and i is not None and not cfg.data.until:
+    if path.is_dir() and summary.exists() and i is not None:
         facts = json.loads(summary.read_text())
-        P = facts["num_partitions"]
-        parts = range(i, P, N) if P % N == 0 else [i % P] if N % P == 0 else None
+        if cfg.data.until:
+            facts = stream.facts_until(facts, to_utc(cfg.data.until).value // 1000)
+        P = facts["num_partitions"] if facts else 0
+        parts = range(i, P, N) if P and P % N == 0 else [i % P] if P and N % P == 0 else None
         if parts is not None:
             return pa.concat_tables([pq.read_table(path / stream.partition_name(p, P)) for p in parts]), facts
     return pq.read_table(path), None
