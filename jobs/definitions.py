@@ -91,8 +91,8 @@ def retrain_config(cfg: Config, as_of: datetime) -> Config:
         dated,
         workdir=str(base.jobs / "weekly-retrain" / day),
         data=replace(dated.data, until=as_of.isoformat()),
-        features=replace(cfg.features, cache_dir=str(base.text_cache), vocab_path=str(base.vocab), shard=None,
-                         num_shards=1),
+        # The base config's num_shards (and scheduler) hold: features_step builds every shard.
+        features=replace(cfg.features, cache_dir=str(base.text_cache), vocab_path=str(base.vocab), shard=None),
         pretrain=replace(cfg.pretrain, dir=str(base.pretrain)),
         train=replace(cfg.train, run_name=f"{run_name(cfg)}-{day}"),  # one MLflow run name per week
     )
@@ -122,14 +122,15 @@ def shared_inputs(cfg: Config):
 
 def features_step(ctx: Context) -> dict:
     """Validate new raw events (base workdir), then build this as-of's feature store from
-    the events before it."""
-    from pipeline.data.features import features_stage
+    the events before it: with features.num_shards N, its N shards (each from its own
+    partitions of a streamed validation; on the Dask cluster with features.scheduler)."""
+    from pipeline.data.fanout import build_shards
     from pipeline.data.validate import ensure_validated
 
     with shared_inputs(ctx.cfg):
         ensure_validated(ctx.cfg)
-        path = features_stage(retrain_config(ctx.cfg, ctx.as_of))
-    return {"feature_file": str(path)}
+        files = build_shards(retrain_config(ctx.cfg, ctx.as_of))
+    return {"feature_files": [str(f) for f in files]}
 
 
 def stale_reason(rcfg: Config, as_of: datetime) -> str | None:
@@ -175,11 +176,12 @@ def pretrain_step(ctx: Context) -> dict:
         print(f"pretrain: the encoders in {pdir} are fresh and fit this store; reusing them", flush=True)
         return {"pretrained": False, "reason": "fresh"}
     print(f"pretrain: {reason}; pretraining again", flush=True)
+    from features.store import feature_files
     from pipeline.pretraining.pretrain import pretrain
 
     result = pretrain(rcfg)
     stamps.mark_done(pdir / PRETRAIN_STAMP, result.fingerprint, as_of=ctx.as_of.isoformat(),
-                     feature_file=str(Paths.of(rcfg).feature_file), run_id=result.run_id,
+                     feature_files=[str(f) for f in feature_files(Paths.of(rcfg).features)], run_id=result.run_id,
                      written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return {"pretrained": True, "reason": reason, "run_id": result.run_id}
 

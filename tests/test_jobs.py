@@ -573,3 +573,35 @@ def test_the_retrain_reports_where_champion_points_when_the_blend_is_promoted_af
     decisions["blend"] = gate(False, "3", 0.78, "champion is as good or better")
     r = definitions.evaluate_step(SimpleNamespace(cfg=None, as_of=None))
     assert r["promoted"] is False and r["version"] == "2"  # nothing moved: the model's own record
+
+
+def test_the_weekly_features_step_builds_every_shard_each_from_its_own_partitions(sim_store_files, tiny_encoder,
+                                                                                 tmp_path, monkeypatch):
+    """With a streamed validation and features.num_shards, the weekly retrain builds every shard,
+    each reading only its partitions though the log is cut at the as-of (data.until), and the
+    set holds what one unsharded build of that week does."""
+    import pipeline.data.features as F
+    from features.stream import PARTITIONS, partition_name
+    from jobs.definitions import Context, features_step
+    from tests.test_scale import assert_same_examples
+
+    _, base = sim_store_files
+    inputs = [f"features.text_encoder={tiny_encoder.name}", "data.source=files", f"data.events={base.data.events}",
+              f"data.users={base.data.users}", "data.foods=null"]
+    as_of = parse_day(LATER)
+
+    def step(name: str, *overrides) -> list[Path]:
+        cfg = load_config(CONFIG, [f"workdir={tmp_path / name}", *inputs, *overrides])
+        return [Path(f) for f in features_step(Context(cfg, "weekly-retrain", as_of, tmp_path))["feature_files"]]
+
+    whole = step("one")
+    reads = []
+    real = F.pq.read_table
+    monkeypatch.setattr(F.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    shards = step("two", "data.stream_partitions=2", "features.num_shards=2")
+    dated = tmp_path / "two" / "jobs" / "weekly-retrain" / LATER / "features"
+    assert [f.name for f in whole] == ["features.h5"] and shards == [dated / "features-000-of-002.h5",
+                                                                      dated / "features-001-of-002.h5"]
+    validated = tmp_path / "two" / "validated" / PARTITIONS
+    assert [r for r in reads if "part-" in r] == [str(validated / partition_name(p, 2)) for p in range(2)]
+    assert_same_examples(whole[0], shards, load_config(CONFIG, [f"workdir={tmp_path / 'one'}", *inputs]))
