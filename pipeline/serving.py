@@ -131,15 +131,19 @@ class Scorer:
         return self._encoder
 
     def score_table(self, events: pa.Table, users: pd.DataFrame | None, as_of: str, workdir: str | Path,
-                    cache_dir: str | Path | None = None, source_fingerprint: str = "scoring",
-                    ) -> tuple[np.ndarray, np.ndarray, Path]:
+                    cache_dir: str | Path | None = None, source_fingerprint: str = "scoring", some: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray, Path | None]:
         """(pseudonymised user keys, p_engaged, the feature file) for every user with events
         before `as_of`. `events`: validated, in contract.NORMALISED_SCHEMA (events at or after
         as_of are ignored); `users`: a normalised users table or None. The feature file and,
-        without `cache_dir`, the message-vector cache are written under `workdir`."""
+        without `cache_dir`, the message-vector cache are written under `workdir`. A user's
+        score depends on that user's events only, so a log can be scored in parts (`some`: a
+        part that nobody is eligible in gives empty arrays and no file, instead of an error)."""
         scfg = scoring_config(self.cfg, as_of)
         instant = int(to_utc(as_of).timestamp())
         events = events.filter(pc.less(events[C.TS], pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))))
+        if events.num_rows == 0 and some:
+            return np.zeros(0, "S16"), np.zeros(0), None
         if events.num_rows == 0:
             raise UserError(f"no event before as_of={as_of}: nobody can be scored")
         fc, workdir = scfg.features, Path(workdir)
@@ -163,6 +167,8 @@ class Scorer:
         data = FeatureDataset(path, self.model.config) if self.model is not None else None
         examples, user_key = (data.examples, data.user_key) if data is not None else load_examples([path])[:2]
         rows = np.flatnonzero(examples["as_of"] == instant)
+        if not len(rows) and some:
+            return np.zeros(0, "S16"), np.zeros(0), path
         if not len(rows):
             raise UserError(f"no user is eligible at {as_of}")
         p = {}  # p_engaged of each model of the bundle, in `rows` order

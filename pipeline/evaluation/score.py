@@ -51,19 +51,33 @@ def score(cfg: Config, as_of: str, out: Path | None = None) -> Path:
     # any notebook would, scores the validated events with the pipeline's own feature code.
     vdir = ensure_validated(cfg)
     scorer = registry.load_champion(cfg).unwrap_python_model().scorer
-    events = pq.read_table(validated_events(vdir))
     users = read_table(vdir / USERS, "users") if (vdir / USERS).exists() else None
     workdir = Paths.of(cfg).root / "scoring" / to_utc(as_of).strftime("%Y-%m-%d")
     report = json.loads((vdir / REPORT).read_text())
-    keys, p, path = scorer.score_table(events, users, as_of, workdir, cache_dir=Paths.of(cfg).text_cache,
-                                       source_fingerprint=report["source_fingerprint"])
+    # A streaming validation's partitions are scored one at a time (a user lives in one), so
+    # memory follows the largest partition, not the log.
+    source = validated_events(vdir)
+    parts = sorted(source.glob("part-*.parquet")) if source.is_dir() else []
+    keys, p, raw, path = [], [], [], None
+    for f in parts or [source]:
+        events = pq.read_table(f)
+        k, q, built = scorer.score_table(events, users, as_of, workdir / f.stem if parts else workdir,
+                                         cache_dir=Paths.of(cfg).text_cache, some=bool(parts),
+                                         source_fingerprint=report["source_fingerprint"])
+        keys.append(k)
+        p.append(q)
+        raw.append(scorer.raw_ids(events, k))
+        path = built or path
+    keys, p, raw = np.concatenate(keys), np.concatenate(p), np.concatenate(raw)
+    if not len(keys):
+        raise UserError(f"no user is eligible at {as_of}")
     instant = int(to_utc(as_of).timestamp())
     risk = 1.0 - p.astype(np.float64)
     order = np.lexsort((keys, -risk))  # riskiest first; ties broken by pseudonym, stably
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(1, len(order) + 1)
     df = pd.DataFrame({
-        "user_id": scorer.raw_ids(events, keys),  # back from pseudonyms to the ids coaches use
+        "user_id": raw,  # back from pseudonyms to the ids coaches use
         "as_of": pd.Timestamp(instant, unit="s", tz="UTC"),
         "risk": risk, "rank": rank, "model_name": cfg.tracking.model_name,
         "model_version": str(champion.version), "run_id": champion.run_id,
