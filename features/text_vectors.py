@@ -138,22 +138,29 @@ def text_digests(texts: Sequence[str], key: str) -> np.ndarray:
 
 class VectorCache:
     """Cached vectors for one encoder identity: append-only segment files, each written
-    atomically, so a crash mid-build never corrupts what earlier builds cached."""
+    atomically, so a crash mid-build never corrupts what earlier builds cached. Only the keys
+    live in memory (16 bytes per text); vectors are read from their segments when asked for,
+    a block at a time, so memory follows what one build reads, not everything ever cached."""
+
+    BLOCK_ROWS = 65_536  # rows of a segment read at once (24 MB at 384-d float16)
 
     def __init__(self, root: str | Path, identity: str):
         self.dir = Path(root) / identity
-        self.keys = np.zeros(0, dtype="S16")
-        self.vectors = np.zeros((0, 0), dtype=np.float16)
-        segments = sorted(self.dir.glob("seg-*.h5")) if self.dir.exists() else []
-        for seg in segments:
+        keys, self._segments, sizes = [], [], []
+        for seg in sorted(self.dir.glob("seg-*.h5")) if self.dir.exists() else []:
             try:
                 with h5py.File(seg, "r") as f:
-                    keys, vecs = f["keys"][()], f["vectors"][()]
+                    k = f["keys"][()]
+                    if f["vectors"].shape[0] != len(k):
+                        raise KeyError("vectors")
             except (OSError, KeyError):
                 log.warning("ignoring unreadable cache segment %s", seg)
                 continue
-            self.keys = np.concatenate([self.keys, keys])
-            self.vectors = vecs if not len(self.vectors) else np.concatenate([self.vectors, vecs])
+            keys.append(k)
+            self._segments.append(seg)
+            sizes.append(len(k))
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, dtype="S16")
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # segment s: rows [starts[s], starts[s+1])
         self._index = self._make_index()
 
     def _make_index(self) -> pd.Index:
@@ -169,6 +176,23 @@ class VectorCache:
         pos = self._index.get_indexer(digests)
         return np.where(pos < 0, -1, self._rows[np.maximum(pos, 0)])
 
+    def read(self, rows: np.ndarray, dim: int) -> np.ndarray:
+        """The float16 vectors (len(rows), dim) of cache rows `rows` (any order, repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), dim), np.float16)
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(seg):
+            mine = np.flatnonzero(seg == s)
+            local = rows[mine] - self._starts[s]
+            block = local // self.BLOCK_ROWS
+            with h5py.File(self._segments[s], "r") as f:
+                ds = f["vectors"]
+                for b in np.unique(block):
+                    here = block == b
+                    lo = int(b) * self.BLOCK_ROWS
+                    out[mine[here]] = ds[lo : lo + self.BLOCK_ROWS][local[here] - lo]
+        return out
+
     def add(self, digests: np.ndarray, vectors: np.ndarray) -> None:
         if not len(digests):
             return
@@ -178,9 +202,9 @@ class VectorCache:
         with atomic_path(self.dir / name) as tmp, h5py.File(tmp, "w") as f:
             f["keys"] = digests
             f["vectors"] = vectors.astype(np.float16)
+        self._segments.append(self.dir / name)
+        self._starts = np.append(self._starts, self._starts[-1] + len(digests))
         self.keys = np.concatenate([self.keys, digests])
-        vecs = vectors.astype(np.float16)
-        self.vectors = vecs if not len(self.vectors) else np.concatenate([self.vectors, vecs])
         self._index = self._make_index()
 
 
@@ -205,7 +229,7 @@ def embed_messages(
         new = encoder.encode([texts[i] for i in first[missing]], batch_size, max_tokens)
         cache.add(unique[missing], new)
         rows = cache.lookup(unique)
-    vectors = cache.vectors[rows][inverse] if len(digests) else np.zeros((0, encoder.dim), np.float16)
+    vectors = cache.read(rows, encoder.dim)[inverse]
     seconds = time.perf_counter() - started
     stats = {
         "messages": len(digests),

@@ -392,6 +392,24 @@ def test_message_cache_embeds_only_new_messages(tmp_path, tiny_encoder):
     assert b"totally new one" not in blob and len(cache_files) == 2
 
 
+def test_the_vector_cache_reads_the_rows_asked_for_across_segments_and_blocks(tmp_path, monkeypatch):
+    from features.text_vectors import VectorCache
+
+    monkeypatch.setattr(VectorCache, "BLOCK_ROWS", 4)  # segments of 5, 9 and 2 rows span blocks
+    rng = np.random.default_rng(0)
+    cache = VectorCache(tmp_path, "enc")
+    keys = np.array([f"{i:016d}".encode() for i in range(16)], dtype="S16")
+    vectors = rng.normal(size=(16, 3)).astype(np.float16)
+    for lo, hi in ((0, 5), (5, 14), (14, 16)):
+        cache.add(keys[lo:hi], vectors[lo:hi])
+    cache.add(keys[:2], vectors[:2] + 1)  # a text cached twice (side-by-side builds): the first copy counts
+    rows = rng.integers(0, 16, size=40)
+    for c in (cache, VectorCache(tmp_path, "enc")):  # as written, and read back from disk
+        np.testing.assert_array_equal(c.read(c.lookup(keys[rows]), 3), vectors[rows])
+        assert c.read(np.zeros(0, np.int64), 3).shape == (0, 3)
+    assert not hasattr(VectorCache(tmp_path, "enc"), "vectors")  # nothing but keys held in memory
+
+
 def test_schema_mismatch_and_truncated_file_are_clear_errors(tmp_path, tiny_encoder):
     path, cfg = build_store(tmp_path, make_events(n_users=4, seed=8), tiny_encoder)
     bad = tmp_path / "old.h5"
