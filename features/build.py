@@ -335,7 +335,7 @@ def _dense_train_grid(user_ids, calendar: np.ndarray, dates: np.ndarray, data_en
     """(user row, as_of) of the extra training examples of `labels.train_cutoff_every_days`:
     every N days from the first cutoff, those not on the calendar, for training users only,
     whose label window ends by the out-of-time boundary (so no training label sees a day the
-    out-of-time test asks about) and by the data's end."""
+    out-of-time test asks about) and by the data's end, none after `labels.last_cutoff`."""
     if not len(calendar):
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
     end = data_end
@@ -343,6 +343,8 @@ def _dense_train_grid(user_ids, calendar: np.ndarray, dates: np.ndarray, data_en
         end = min(end, int(dates[-lc.oot_cutoffs]))
     dense = np.arange(calendar[0], end - lc.horizon_days * L.DAY + 1, lc.train_cutoff_every_days * L.DAY, dtype=np.int64)
     dense = dense[~np.isin(dense, calendar)]
+    if lc.last_cutoff:
+        dense = dense[dense <= int(to_utc(lc.last_cutoff).timestamp())]
     train = np.flatnonzero(L.user_splits(user_ids, lc) == SPLITS.index("train")).astype(np.int32)
     return np.repeat(train, len(dense)), np.tile(dense, len(train))
 

@@ -364,6 +364,10 @@ def test_denser_training_cutoffs_add_training_examples_only_and_none_that_see_ou
     horizon = cfg.labels.horizon_days * DAY
     assert (d["as_of"][extra] + horizon <= oot_from).all()  # no training label reads an out-of-time day
     assert (d["as_of"][extra] + horizon >= oot_from - 2 * DAY).any()  # and the grid runs up to it
+    last = pd.Timestamp(int(calendar[2]), unit="s", tz="UTC").isoformat()  # labels.last_cutoff holds for them too
+    cut = load_arrays(build_store(tmp_path, events, tiny_encoder, "c", "labels.train_cutoff_every_days=2", "labels.oot_cutoffs=0",
+                                  f"labels.last_cutoff={last}")[0], ("examples",))[0]["examples"]
+    assert cut["as_of"].max() == calendar[2] and (cut["as_of"] < calendar[2]).sum() > (p["as_of"] < calendar[2]).sum()
 
 
 def test_message_cache_embeds_only_new_messages(tmp_path, tiny_encoder):
