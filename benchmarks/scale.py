@@ -13,6 +13,10 @@ Steps, each in its own process so its peak resident set is its own (ru_maxrss):
 4. with `--dask W`: validate + every shard end to end on a Dask LocalCluster of W one-thread
    worker processes (127.0.0.1): the units and partitions of the validation, then one task per
    shard, timed as one run; peak memory of the parent and of the largest worker.
+5. with `--job`: the weekly retrain's `features` step (streamed validation, then the week's store
+   cut at `--job-as-of`, message vectors included from a tiny random text encoder, store writes
+   included), once with one unsharded store and once with a shard per partition, each in its own
+   process: wall time and peak memory.
 """
 
 from __future__ import annotations
@@ -52,6 +56,23 @@ def shard(out, i, n):
 """
 
 
+# The weekly retrain's features step on the raw log, in `workdir`, with `shards` shards.
+JOB = """
+def job_step(raw, workdir, partitions, shards, as_of):
+    from pathlib import Path
+    from jobs.definitions import Context, features_step
+    from jobs.runner import parse_day
+    from models.synthetic import save_tiny_text_encoder
+    from pipeline.config import load_config
+    enc = Path(workdir) / 'tiny-encoder'
+    save_tiny_text_encoder(enc)
+    cfg = load_config('configs/demo.yaml', [f'workdir={workdir}', 'data.source=files', f'data.events={raw}/events.parquet',
+                      f'data.users={raw}/users.parquet', 'data.foods=null', 'data.truth=null', f'features.text_encoder={enc}',
+                      f'data.stream_partitions={partitions}', f'features.num_shards={shards}'])
+    return len(features_step(Context(cfg, 'weekly-retrain', parse_day(as_of), Path(workdir)))['feature_files'])
+"""
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale")
     ap.add_argument("--users", type=int, default=25_000)
@@ -61,6 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
     ap.add_argument("--dask", type=int, default=0, metavar="W",
                     help="also run validate + all shards end to end on a LocalCluster of W workers")
+    ap.add_argument("--job", action="store_true",
+                    help="also the weekly retrain's features step, one store against a shard per partition")
+    ap.add_argument("--job-as-of", default="2026-04-13", help="the weekly retrain's as-of (a Monday in the log)")
     args = ap.parse_args(argv)
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-scale-"))
     raw, out, n = root / "raw", root / "validated", args.partitions
@@ -102,6 +126,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{PEAK}\nprint(json.dumps({{'events': r['rows_in'], 'examples': sum(b[1] for b in built), "
             "'run_s': round(seconds, 1), 'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
         rows[-1]["events_per_s_run"] = round(rows[-1]["events"] / rows[-1]["run_s"])
+    if args.job:
+        for shards in (1, n):
+            rows.append({"step": f"weekly retrain's features step, {shards} shard(s)"} | _child(
+                f"{JOB}\nfiles = job_step({str(raw)!r}, {str(root / f'job-{shards}')!r}, {n}, {shards}, "
+                f"{args.job_as_of!r})\n{PEAK}\nprint(json.dumps({{'events': {events}, 'files': files, "
+                "'peak_mb': round(peak)}))"))
     for r in rows:
         if r.get("events"):
             r["events_per_s"] = round(r["events"] / r["wall_s"])
@@ -113,10 +143,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"validate + {n} shards one after another on one core: about "
           f"{events / (streamed['wall_s'] + n * shard['wall_s']):,.0f} events/s")
     if args.dask:
-        run = rows[-1]
+        run = next(r for r in rows if r["step"].startswith(f"validate + {n} shards end to end"))
         print(f"validate + {n} shards on {args.dask} Dask workers, measured as one run: {run['run_s']} s, "
               f"{run['events_per_s_run']:,} events/s; parent peak {run['peak_mb']} MB, largest worker "
               f"{run['worker_peak_mb']} MB")
+    if args.job:
+        one, many = rows[-2], rows[-1]
+        print(f"weekly retrain's features step: one store {one['wall_s']} s, peak {one['peak_mb']} MB; "
+              f"{n} shards {many['wall_s']} s, peak {many['peak_mb']} MB")
     return rows
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class VectorCache:
     live in memory (16 bytes per text); vectors are read from their segments when asked for,
     a block at a time, so memory follows what one build reads, not everything ever cached."""
 
-    BLOCK_ROWS = 65_536  # rows of a segment read at once (24 MB at 384-d float16)
+    BLOCK_ROWS = 65_536  # rows of a segment read at once (48 MB at 384-d float16)
 
     def __init__(self, root: str | Path, identity: str):
         self.dir = Path(root) / identity

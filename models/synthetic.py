@@ -127,3 +127,24 @@ def random_batch(
         "events": events,
         "presence": presence,
     }
+
+
+def save_tiny_text_encoder(directory) -> None:
+    """A random 1-layer DistilBERT (dim 16) with a character-level WordPiece vocabulary, saved
+    where `transformers.AutoModel.from_pretrained` (features/text_vectors.py) loads it: a text
+    encoder for tests and benchmarks that needs no download and encodes fast."""
+    import string
+    from pathlib import Path
+
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + [f"##{c}" for c in chars]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    DistilBertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    config = DistilBertConfig(vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                              max_position_embeddings=256)
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(d)

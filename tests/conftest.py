@@ -3,8 +3,6 @@ loading code as production, no downloads) and small hand-made event tables."""
 
 from __future__ import annotations
 
-import string
-
 import pytest
 
 from tests.event_factories import make_events  # noqa: F401  (re-exported for tests)
@@ -25,20 +23,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory):
     """A random 1-layer DistilBERT (dim 16) with a character-level WordPiece vocabulary."""
-    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast
+    from models.synthetic import save_tiny_text_encoder
 
     d = tmp_path_factory.mktemp("tiny-distilbert")
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + [f"##{c}" for c in chars]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = DistilBertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(d)
-    config = DistilBertConfig(vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
-                              max_position_embeddings=256)
-    import torch
-
-    torch.manual_seed(0)
-    DistilBertModel(config).save_pretrained(d)
+    save_tiny_text_encoder(d)
     return d
 
 

@@ -79,15 +79,17 @@ def test_recipes_section_trains_the_recipe_before_and_now_on_one_store(sim_store
     assert [row[0].split(",")[0] for row in recipes.rows(r)][0].startswith("6 training")
 
 
-@pytest.mark.slow  # four fresh interpreters (~15 s): `make test-full`
+@pytest.mark.slow  # six fresh interpreters (~30 s): `make test-full`
 def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     from benchmarks.scale import main
 
     rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dask", "2",
-                 "--dir", str(tmp_path)])
+                 "--job", "--job-as-of", "2026-01-19", "--dir", str(tmp_path)])
     steps = {r["step"].split(",")[0]: r for r in rows}
-    assert set(steps) == {"simulate", "validate", "features", "validate + 2 shards end to end"} and len(rows) == 5
+    assert set(steps) == {"simulate", "validate", "features", "validate + 2 shards end to end",
+                          "weekly retrain's features step"} and len(rows) == 7
     streamed, whole, shard, dask = rows[1], rows[2], rows[3], rows[4]
+    assert [r["files"] for r in rows[5:]] == [1, 2]  # the week as one store, then as a shard per partition
     # the cluster validated the same events and its shards built every example (shard 0 is a part)
     assert dask["events"] == streamed["events"] and dask["examples"] > shard["examples"] > 0
     assert 0 < dask["run_s"] <= dask["wall_s"] and dask["worker_peak_mb"] > 50
