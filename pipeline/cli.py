@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output folder (default: <workdir>/validated)")
         if name == "features":
             p.add_argument("--shard", type=int, help="build only this shard of users")
-            p.add_argument("--num-shards", type=int, help="number of user shards")
+            p.add_argument("--num-shards", type=int,
+                           help="number of user shards (features without --shard: every shard, one after another)")
             p.add_argument("--scheduler", help="a Dask scheduler address: build every shard there as a task")
         if name == "compare":
             p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
@@ -106,14 +107,9 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
         ensure_raw(cfg)
         validate_stage(cfg, Path(args.out) if args.out else None)
     elif stage == "features":
-        if cfg.features.scheduler:
-            from pipeline.data.fanout import build_on_cluster
+        from pipeline.data.fanout import build_shards
 
-            build_on_cluster(cfg)
-        else:
-            from pipeline.data.features import features_stage
-
-            features_stage(cfg)
+        build_shards(cfg)
     elif stage == "pretrain":
         from pipeline.pretraining.pretrain import pretrain
 

@@ -10,7 +10,7 @@ import time
 
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.data.features import features_stage
+from pipeline.data.fanout import build_shards
 from pipeline.evaluation.compare import compare
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.pretraining.pretrain import pretrain
@@ -25,7 +25,7 @@ def demo(cfg: Config) -> None:
     started = time.perf_counter()
     total = 5
     _banner(1, total, "data + validation + features")
-    features_stage(cfg)
+    build_shards(cfg)  # one store, or every shard of features.num_shards
     _banner(2, total, "pretrain encoders")
     pretrain(cfg)
     _banner(3, total, "train: fine-tune the pretrained encoders, evaluate beside the baselines")

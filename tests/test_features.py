@@ -558,7 +558,6 @@ def test_a_changed_food_catalog_rebuilds(tmp_path, tiny_encoder):
     [
         (["--shard", "2", "--num-shards", "1"], "features.shard=2 needs features.num_shards > 2"),
         (["--shard", "1"], "add --num-shards N"),
-        (["--num-shards", "3"], "without features.shard: add --shard I"),
         (["--num-shards", "0"], "must be at least 1"),
         (["--shard", "3", "--num-shards", "3"], "use --shard 0..2"),
         (["--shard", "-1", "--num-shards", "3"], "use --shard 0..2"),
@@ -571,6 +570,17 @@ def test_shard_arguments_are_checked_before_any_work(tmp_path, capsys, args, exp
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "w").exists()  # nothing validated, no empty store
+
+
+def test_features_without_a_shard_builds_every_shard_in_one_command(tmp_path, tiny_encoder_dir, capsys):
+    from features.store import feature_files
+    from pipeline.cli import main
+
+    w = tmp_path / "w"
+    assert main(["features", "--config", "configs/test.yaml", f"workdir={w}", f"features.text_encoder={tiny_encoder_dir}",
+                 "--num-shards", "2"]) == 0
+    assert [p.name for p in feature_files(w / "features")] == ["features-000-of-002.h5", "features-001-of-002.h5"]
+    assert not (w / "features" / "features.h5").exists()
 
 
 def test_each_shard_saves_its_own_config_and_never_the_shared_one(tmp_path, tiny_encoder):

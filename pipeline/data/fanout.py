@@ -30,20 +30,18 @@ def build_shard(cfg: Config, shard: int) -> str:
 
 
 def build_shards(cfg: Config) -> list[Path]:
-    """Every shard of `features.num_shards` (shard unset): as tasks on the cluster at
-    `features.scheduler`, else one after another in this process, each reading only its own
-    partitions of a streamed validation (so memory follows the largest shard, not the log).
-    One unsharded build when num_shards is 1."""
+    """The `features` stage as `python -m pipeline features` and the weekly retrain run it: with
+    `features.scheduler`, every shard as a task on the cluster; with `features.shard`, that
+    shard; else every shard of `features.num_shards` one after another in this process, each
+    reading only its own partitions of a streamed validation (so memory follows the largest
+    shard, not the log), or one unsharded build when num_shards is 1."""
     from pipeline.data.features import features_stage
 
-    n = cfg.features.num_shards
-    if n == 1 and cfg.features.shard is None:
-        return [features_stage(cfg)]
     if cfg.features.scheduler:
         return build_on_cluster(cfg)
-    if cfg.features.shard is not None:
-        raise UserError(f"features.shard={cfg.features.shard}: building every shard of a build needs it unset")
-    return [Path(build_shard(cfg, i)) for i in range(n)]
+    if cfg.features.shard is not None or cfg.features.num_shards <= 1:
+        return [features_stage(cfg)]  # (its shard arguments are checked before any work)
+    return [Path(build_shard(cfg, i)) for i in range(cfg.features.num_shards)]
 
 
 def client_of(cfg: Config):
