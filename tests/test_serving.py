@@ -253,7 +253,7 @@ def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_
 def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
     from features.dataset import load_examples
     from features.store import build_id, feature_files
-    from pipeline.evaluation.blend import blend
+    from pipeline.evaluation.blend import blend, crossfit_blend
     from pipeline.evaluation.metrics import binary_metrics
     from pipeline.paths import Paths
     from pipeline.training.train import PREDICTIONS
@@ -284,9 +284,14 @@ def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
         _as_champion_the_nightly_job_scores_like_its_model(cfg, blend_version, model, events, tmp_path / "blend.parquet")
         rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
         decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
-        in_sample = blend(p_model.to_numpy()[rows["val"]], hgb[rows["val"]], *bundle.blend)
-        assert decision.champion == pytest.approx(binary_metrics(examples["label"][rows["val"]], in_sample)["roc_auc"],
-                                                  abs=1e-6)
+        # Re-scored out of fold, as the blend candidate is: the bundle's own numbers were fitted
+        # on this very validation split, so with them it would read high (in-sample).
+        val, y = rows["val"], examples["label"][rows["val"]]
+        out_of_fold = crossfit_blend(p_model.to_numpy()[val], hgb[val], y, user_key[val])
+        in_sample = blend(p_model.to_numpy()[val], hgb[val], *bundle.blend)
+        assert decision.champion == pytest.approx(binary_metrics(y, out_of_fold)["roc_auc"], abs=1e-6)
+        assert decision.champion != pytest.approx(binary_metrics(y, in_sample)["roc_auc"], abs=1e-6)
+        assert decision.champion == pytest.approx(run.data.metrics["val_roc_auc"], abs=1e-6)  # its own gate figure
         assert not decision.promoted
     finally:
         registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model

@@ -117,20 +117,29 @@ def _scorer(cfg: Config, version: str):
     return mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}/{version}").unwrap_python_model().scorer
 
 
-def score_bundle_on(scorer, files: list[Path], rows: np.ndarray) -> np.ndarray:
+def score_bundle_on(scorer, files: list[Path], rows: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """p_engaged of a registered version's bundle (pipeline/serving.py: Scorer) on given example
     rows of these files: its gradient boosting on their aggregate columns (matched by name), its
-    sequence model, or both blended with its own weight and scaling."""
+    sequence model, or both blended with its own weight and scaling. With `labels` (of `rows`;
+    what the gate passes), a blend is scored out of fold instead, as a blend candidate is
+    (`crossfit_blend`): its own weight and scaling were fitted on an earlier validation split,
+    mostly these users' examples, so scored with them it would read high and the gate would
+    lean towards keeping it."""
     from features.aggregates import aggregates_of
+    from features.dataset import load_examples
     from pipeline.evaluation.baselines import predict
-    from pipeline.evaluation.blend import blend
+    from pipeline.evaluation.blend import blend, crossfit_blend
 
     p_model = score_on(scorer.model, files, rows) if scorer.model is not None else None
     if scorer.estimator is None:
         return p_model
     X, _ = aggregates_of(files, scorer.aggregate_names)
     p_estimator = predict(scorer.estimator, X[rows])
-    return blend(p_model, p_estimator, *scorer.blend) if scorer.blend else p_estimator
+    if not scorer.blend:
+        return p_estimator
+    if labels is not None:
+        return crossfit_blend(p_model, p_estimator, labels, load_examples(files)[1][rows])
+    return blend(p_model, p_estimator, *scorer.blend)
 
 
 def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.ndarray],
@@ -170,7 +179,8 @@ def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.n
             reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
                       f"({why}); to move it by hand: python -m jobs promote --version {mv.version}")
         else:
-            p = score_on(champion_model, files, rows) if scorer is None else score_bundle_on(scorer, files, rows)
+            p = (score_on(champion_model, files, rows) if scorer is None
+                 else score_bundle_on(scorer, files, rows, labels[rows]))
             champ = binary_metrics(labels[rows], p)[metric]
             if not np.isfinite(champ):
                 promoted = False
