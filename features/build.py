@@ -284,6 +284,7 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
         own &= np.isin(etype, [t.lower() for t in lc.activity_types])
     own_keys = L.row_keys(user_row[own], ts[own])
     label_stats: dict = {}
+    user_split = L.user_splits(user_ids, lc)
     if supplied is not None:
         s = L.read_supplied_labels(supplied, pd.Index(user_ids), labels_path)
         ex_user, ex_as_of, label = s.user_row, s.as_of, s.label
@@ -294,7 +295,7 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
         grid_user = np.repeat(np.arange(len(user_ids), dtype=np.int32), len(calendar))
         grid_as_of = np.tile(calendar, len(user_ids))
         if lc.train_cutoff_every_days:
-            extra_user, extra_as_of = _dense_train_grid(user_ids, calendar, dates, data_end, lc)
+            extra_user, extra_as_of = _dense_train_grid(user_split, calendar, dates, data_end, lc)
             grid_user, grid_as_of = np.concatenate([grid_user, extra_user]), np.concatenate([grid_as_of, extra_as_of])
         ex_user, ex_as_of, label = grid_user, grid_as_of, None
     # Eligible: the program has started, has not ended before the label's window does, and
@@ -318,7 +319,7 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
     # Users long gone inflate ROC-AUC with easy negatives: report how many examples they are.
     quiet = _own_items_before(own_keys, ex_user, ex_as_of, 28) == 0
     label_stats["inactive_28d_share"] = round(float(quiet.mean()), 4) if len(quiet) else 0.0
-    examples["split"] = L.assign_splits(L.user_splits(user_ids, lc), ex_user, ex_as_of, label, lc.oot_cutoffs, dates)
+    examples["split"] = L.assign_splits(user_split, ex_user, ex_as_of, label, lc.oot_cutoffs, dates)
     for name, s in streams.items():
         keys = ev_keys if name == "events" else L.row_keys(s["_user"], s["ts"])
         end = L.first_at_or_after(keys, ex_user, ex_as_of)
@@ -330,7 +331,7 @@ def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar,
     return examples, label_stats
 
 
-def _dense_train_grid(user_ids, calendar: np.ndarray, dates: np.ndarray, data_end: int, lc
+def _dense_train_grid(user_split: np.ndarray, calendar: np.ndarray, dates: np.ndarray, data_end: int, lc
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(user row, as_of) of the extra training examples of `labels.train_cutoff_every_days`:
     every N days from the first cutoff, those not on the calendar, for training users only,
@@ -345,7 +346,7 @@ def _dense_train_grid(user_ids, calendar: np.ndarray, dates: np.ndarray, data_en
     dense = dense[~np.isin(dense, calendar)]
     if lc.last_cutoff:
         dense = dense[dense <= int(to_utc(lc.last_cutoff).timestamp())]
-    train = np.flatnonzero(L.user_splits(user_ids, lc) == SPLITS.index("train")).astype(np.int32)
+    train = np.flatnonzero(user_split == SPLITS.index("train")).astype(np.int32)
     return np.repeat(train, len(dense)), np.tile(dense, len(train))
 
 

@@ -179,16 +179,17 @@ def _merge(parts: list[dict], n: int) -> dict:
     lo = [part["ts_min_us"] for part in parts if part["ts_min_us"] is not None]
     hi = [part["ts_max_us"] for part in parts if part["ts_max_us"] is not None]
     ts_min, ts_max = (min(lo), max(hi)) if lo else (None, None)
+    order = in_order(first)
     return {
         "num_partitions": n,
         # Epoch microseconds of the first and last accepted event, and as text.
         "ts_min_us": ts_min, "ts_max_us": ts_max,
         "ts_min": str(pd.Timestamp(ts_min, unit="us", tz="UTC")) if ts_min is not None else None,
         "ts_max": str(pd.Timestamp(ts_max, unit="us", tz="UTC")) if ts_max is not None else None,
-        "first_seen": in_order(first),  # tokens in the order Vocab.extend appends them
+        "first_seen": order,  # tokens in the order Vocab.extend appends them
         # The same tokens with their first instant (epoch us): a build whose log ends earlier
         # (data.until) keeps those seen before the end, in the same order (`facts_until`).
-        "first_seen_us": {k: [[t, first[k][t]] for t in tokens] for k, tokens in in_order(first).items()},
+        "first_seen_us": {k: [[t, first[k][t]] for t in tokens] for k, tokens in order.items()},
     }
 
 

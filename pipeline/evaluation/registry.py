@@ -117,18 +117,17 @@ def _scorer(cfg: Config, version: str):
     return mlflow.pyfunc.load_model(f"models:/{cfg.tracking.model_name}/{version}").unwrap_python_model().scorer
 
 
-def score_bundle_on(scorer, files: list[Path], rows: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+def score_bundle_on(scorer, files: list[Path], rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """p_engaged of a registered version's bundle (pipeline/serving.py: Scorer) on given example
-    rows of these files: its gradient boosting on their aggregate columns (matched by name), its
-    sequence model, or both blended with its own weight and scaling. With `labels` (of `rows`;
-    what the gate passes), a blend is scored out of fold instead, as a blend candidate is
-    (`crossfit_blend`): its own weight and scaling were fitted on an earlier validation split,
-    mostly these users' examples, so scored with them it would read high and the gate would
-    lean towards keeping it."""
+    rows of these files, as the gate compares it: its gradient boosting on their aggregate columns
+    (matched by name), its sequence model, or both blended out of fold on `labels` (of `rows`), as a
+    blend candidate is (`crossfit_blend`): its own weight and scaling were fitted on an earlier
+    validation split, mostly these users' examples, so scored with them it would read high and the
+    gate would lean towards keeping it."""
     from features.aggregates import aggregates_of
     from features.dataset import load_examples
     from pipeline.evaluation.baselines import predict
-    from pipeline.evaluation.blend import blend, crossfit_blend
+    from pipeline.evaluation.blend import crossfit_blend
 
     p_model = score_on(scorer.model, files, rows) if scorer.model is not None else None
     if scorer.estimator is None:
@@ -137,9 +136,7 @@ def score_bundle_on(scorer, files: list[Path], rows: np.ndarray, labels: np.ndar
     p_estimator = predict(scorer.estimator, X[rows])
     if not scorer.blend:
         return p_estimator
-    if labels is not None:
-        return crossfit_blend(p_model, p_estimator, labels, load_examples(files)[1][rows])
-    return blend(p_model, p_estimator, *scorer.blend)
+    return crossfit_blend(p_model, p_estimator, labels, load_examples(files)[1][rows])
 
 
 def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.ndarray],
