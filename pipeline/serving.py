@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 
 from common.errors import UserError
 from features import contract as C
-from features.aggregates import aggregates_of
 from features.build import build_features
 from features.dataset import FeatureDataset, collate, load_examples
 from features.normalise import to_utc
@@ -41,8 +40,8 @@ from features.validate import normalise_users, validate_events
 from features.vocab import Vocab, pseudonyms
 from models.checkpoint import load_model
 from pipeline.config import Config, load_config, save_config
-from pipeline.evaluation.baselines import predict
 from pipeline.evaluation.blend import blend
+from pipeline.evaluation.message_scores import predict_files, text_misfit
 from pipeline.training import loop
 
 log = logging.getLogger(__name__)
@@ -124,9 +123,12 @@ class Scorer:
         if self._encoder is None:
             fc = self.cfg.features
             encoder = _load_encoder(fc.text_encoder, fc.text_device)
-            if self.model is not None and encoder.dim != self.model.config.text_dim:
+            m = self.model.config if self.model is not None else None
+            if m is not None and "conversation" in m.streams and encoder.dim != m.text_dim:
                 raise UserError(f"features.text_encoder={fc.text_encoder!r} gives {encoder.dim}-d message vectors; "
-                                f"the model was trained on {self.model.config.text_dim}-d ones from another encoder")
+                                f"the model was trained on {m.text_dim}-d ones from another encoder")
+            if why := text_misfit(self.estimator, encoder.dim):
+                raise UserError(f"features.text_encoder={fc.text_encoder!r} does not fit this bundle: {why}")
             self._encoder = encoder
         return self._encoder
 
@@ -147,9 +149,10 @@ class Scorer:
         if events.num_rows == 0:
             raise UserError(f"no event before as_of={as_of}: nobody can be scored")
         fc, workdir = scfg.features, Path(workdir)
-        # Gradient boosting, and a model without the conversation stream (trained on a log without
-        # messages, say), read no message vectors: they need no text encoder.
-        reads_text = self.model is not None and "conversation" in self.model.config.streams
+        # Gradient boosting on aggregates, and a model without the conversation stream (trained on a
+        # log without messages, say), read no message vectors: they need no text encoder.
+        reads_text = ((self.model is not None and "conversation" in self.model.config.streams)
+                      or getattr(self.estimator, "reads_messages", False))
         has_messages = reads_text and bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
         cache = Path(cache_dir) if cache_dir else workdir / "text_cache"
 
@@ -173,8 +176,7 @@ class Scorer:
             raise UserError(f"no user is eligible at {as_of}")
         p = {}  # p_engaged of each model of the bundle, in `rows` order
         if self.estimator is not None:
-            X, _ = aggregates_of([path], self.aggregate_names)
-            p["estimator"] = predict(self.estimator, X[rows])
+            p["estimator"] = predict_files(self.estimator, [path], self.aggregate_names)[rows]
         if data is not None:
             ids, _, q = loop.predict(self.model, loop.loader(data.subset(rows), 256, collate),
                                      next(self.model.parameters()).device)

@@ -106,6 +106,9 @@ WHAT = {  # a run's kind in words, for its description
     "pretrain": "**Pretraining** of the stream encoders on their self-supervised objectives (no labels)",
     "oracle": "**Oracle**, the simulator's own P(engaged): the ceiling no model can beat",
     "hgb": "**Gradient boosting** baseline (HistGradientBoosting on per-user aggregates)",
+    "hgb_text": "**Gradient boosting with message scores** (HistGradientBoosting on per-user aggregates plus "
+                "what a logistic regression on the message vectors makes of the user's messages of the last "
+                "3 weeks, learned from the training labels)",
     "logistic": "**Logistic regression** baseline on per-user aggregates",
     "prevalence": "**Prevalence** baseline: the train engaged rate, for everyone",
     "active_last_week": "**Active last week** baseline: the train engaged rate with / without activity "

@@ -312,16 +312,17 @@ def figures(monkeypatch):
     plt.close("all")
 
 
-def _seven_curves(n: int = 300) -> dict:
+def _eight_curves(n: int = 300) -> dict:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, n)
-    names = ["pretrained-100pct-all-cls", "prevalence", "active_last_week", "logistic", "hgb", "blend with hgb", "oracle"]
+    names = ["pretrained-100pct-all-cls", "prevalence", "active_last_week", "logistic", "hgb", "hgb_text",
+             "blend with hgb_text", "oracle"]
     return {name: (y, np.clip(0.5 + 0.1 * (i + 1) * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1))
             for i, name in enumerate(names)}
 
 
 def test_legends_cover_no_data_and_every_figure_fits_the_width_the_ui_shows(figures, tmp_path):
-    curves = _seven_curves()
+    curves = _eight_curves()
     plots.plot_roc(curves, tmp_path / "roc.png")
     plots.plot_pr(curves, tmp_path / "pr.png")
     plots.plot_calibration(curves, tmp_path / "cal.png")

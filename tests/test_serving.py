@@ -217,34 +217,41 @@ def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_
     _, run_id, version = champion
     cfg, result, client, exp, events = _evaluated_with(champion, "champion_hgb")  # gradient boosting competes too
     try:
-        hgb = client.search_runs([exp], "tags.baseline = 'hgb'")[0]
-        model = mlflow.pyfunc.load_model(f"models:/{hgb.data.tags[LOGGED_MODEL_TAG]}")
-        scored = model.predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
-        # The evaluation's own hgb predictions of the same users at the same cutoff.
         files = feature_files(Paths.of(cfg).features)
         examples, user_key, _ = load_examples(files)
-        cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"]
+        cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")
         at = examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())
-        expected = pd.Series(cached.to_numpy()[at], index=user_key[at].astype(str)).dropna()
-        assert len(expected) > 20
-        assert np.allclose(scored.set_index("user_id")["p_engaged"].reindex(expected.index), expected, atol=1e-9)
+        runs, models = {"model": run_id}, {}
+        for name in ("hgb", "hgb_text"):  # on aggregates; with message scores (reads the messages' text)
+            runs[name] = (found := client.search_runs([exp], f"tags.baseline = '{name}'")[0]).info.run_id
+            models[name] = mlflow.pyfunc.load_model(f"models:/{found.data.tags[LOGGED_MODEL_TAG]}")
+            scored = models[name].predict(events, params={"as_of": AS_OF, "user_ids": "pseudonym"})
+            # The evaluation's own predictions of the same users at the same cutoff.
+            expected = pd.Series(cached[name].to_numpy()[at], index=user_key[at].astype(str)).dropna()
+            assert len(expected) > 20
+            assert np.allclose(scored.set_index("user_id")["p_engaged"].reindex(expected.index), expected, atol=1e-9), name
+        assert models["hgb_text"].unwrap_python_model().scorer.estimator.scorer is not None  # it learned from text
 
-        # The alias went to the better of the two on validation, and the nightly job scores with it.
-        val = {"model": result.metrics["model"]["val"]["roc_auc"], "hgb": result.metrics["hgb"]["val"]["roc_auc"]}
+        # The alias went to the best on validation (a later candidate only when strictly better),
+        # and the nightly job scores with it.
+        val = {name: result.metrics[name]["val"]["roc_auc"] for name in runs}
+        best = max(val.values())
         champ = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
-        assert champ.run_id == (hgb.info.run_id if val["hgb"] > val["model"] else run_id)
+        assert champ.run_id == runs[next(name for name in runs if val[name] == best)]
         nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))
         by_champion = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
         merged = nightly.merge(by_champion, on="user_id")
         assert len(merged) == len(nightly) > 20 and np.allclose(merged.risk_x, merged.risk_y, atol=1e-5)
 
-        # With gradient boosting as the champion: the nightly job scores with it, and the gate
-        # re-scores it on the candidate's examples (its val ROC-AUC, as evaluate measured it).
-        hgb_version = registry.register(cfg, hgb.info.run_id).version
-        _as_champion_the_nightly_job_scores_like_its_model(cfg, hgb_version, model, events, tmp_path / "hgb.parquet")
+        # With either gradient boosting as the champion: the nightly job scores with it, and the
+        # gate re-scores it on the candidate's examples (its val ROC-AUC, as evaluate measured it).
         rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
-        decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
-        assert decision.champion == pytest.approx(val["hgb"]) and not decision.promoted
+        for name in ("hgb", "hgb_text"):
+            gbm_version = registry.register(cfg, runs[name]).version
+            _as_champion_the_nightly_job_scores_like_its_model(cfg, gbm_version, models[name], events,
+                                                               tmp_path / f"{name}.parquet")
+            decision = registry.gate(cfg, run_id, files, rows, examples["label"], {"val": np.full(len(rows["val"]), 0.5)})
+            assert decision.champion == pytest.approx(val[name]) and not decision.promoted
     finally:
         registry.set_champion(cfg, version)  # the other tests of this module expect the sequence model
 
@@ -269,7 +276,8 @@ def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
         # Equal to blending the evaluation's own predictions of both models with the bundle's numbers.
         files = feature_files(Paths.of(cfg).features)
         examples, user_key, _ = load_examples(files)
-        hgb = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")["hgb"].to_numpy()
+        # The blend's gradient boosting (eval.blend_with: with message scores, by default).
+        hgb = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")[cfg.eval.blend_with].to_numpy()
         preds = pd.read_parquet(next(Paths.of(cfg).runs.glob(f"*/{PREDICTIONS}")))
         p_model = pd.Series(preds.p_engaged.to_numpy(), index=preds.example.to_numpy()).reindex(np.arange(len(hgb)))
         at = (examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())) & p_model.notna().to_numpy()
@@ -279,7 +287,7 @@ def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
 
         # The gate saw the blend's out-of-fold validation figure; with the blend as the champion the
         # nightly job scores with it, and the gate re-scores it through its bundle.
-        assert run.data.metrics["val_roc_auc"] == pytest.approx(result.metrics["blend with hgb"]["val"]["roc_auc"])
+        assert run.data.metrics["val_roc_auc"] == pytest.approx(result.metrics["blend"]["val"]["roc_auc"])
         blend_version = registry.register(cfg, run.info.run_id).version
         _as_champion_the_nightly_job_scores_like_its_model(cfg, blend_version, model, events, tmp_path / "blend.parquet")
         rows = {"val": np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))}
@@ -318,3 +326,22 @@ def test_a_model_without_the_conversation_stream_scores_events_that_include_mess
     assert (events.event_type == "message").any()
     scored = scorer.predict(events, AS_OF)
     assert len(scored) > 20 and scored.p_engaged.between(0, 1).all()
+
+    # Blended with gradient boosting with message scores fitted on that log (no message: no
+    # scorer), it still encodes nothing.
+    import numpy as np
+
+    from features.aggregates import aggregates_of
+    from features.dataset import load_examples
+    from pipeline.evaluation.message_scores import MessageScoredHGB, RecentMessages
+
+    examples, user_key, _ = load_examples([path])
+    X, names = aggregates_of([path])
+    none = RecentMessages(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 0), np.float32), len(X))
+    text = MessageScoredHGB().fit(X, none, examples["label"], examples["split"], user_key)
+    attrs = read_meta(path).attributes
+    bundle = Scorer.write_bundle(tmp_path / "blend", cfg, read_meta(path).vocab, checkpoint=tmp_path / "m.pt",
+                                 estimator=(text, names, [*attrs["categorical"], *attrs["numeric"]]),
+                                 blend=(0.5, 1.0, 0.0))
+    blended = Scorer(bundle).predict(events, AS_OF)
+    assert len(blended) == len(scored) and blended.p_engaged.between(0, 1).all()

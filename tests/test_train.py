@@ -85,12 +85,12 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert f"`{bid}`" in note and "not evaluated yet" in note
     first = evaluate(cfg, good.run_dir)
     assert first.decision.promoted and first.decision.reason == "no champion yet"
-    for name in ("model", "prevalence", "active_last_week", "logistic", "hgb", "oracle"):
+    for name in ("model", "prevalence", "active_last_week", "logistic", "hgb", "hgb_text", "oracle"):
         assert set(first.metrics[name]) == {"val", "test", "oot"}
     assert first.metrics["prevalence"]["test"]["roc_auc"] == 0.5
     assert first.metrics["oracle"]["test"]["roc_auc"] > 0.6  # the simulator's own probability
     # The blend's weight is picked on val, so its val figure is out of fold (by user): the
-    # cross-fitted blend of the model's and gradient boosting's val predictions.
+    # cross-fitted blend of the model's and its gradient boosting's val predictions.
     from features.dataset import load_examples
     from features.store import feature_files
     from pipeline.evaluation.blend import crossfit_blend
@@ -99,8 +99,10 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     examples, user_key, _ = load_examples(feature_files(Paths.of(cfg).features))
     val = np.flatnonzero((examples["split"] == 1) & (examples["label"] >= 0))
     preds = pd.read_parquet(good.run_dir / PREDICTIONS).set_index("example")["p_engaged"]
-    hgb = pd.read_parquet(next(Paths.of(cfg).features.glob("baselines-*.parquet")))["hgb"].to_numpy()
-    oof = crossfit_blend(preds.reindex(val).to_numpy(), hgb[val], examples["label"][val], user_key[val])
+    partner = cfg.eval.blend_with
+    assert partner == "hgb_text"  # the default
+    gbm = pd.read_parquet(next(Paths.of(cfg).features.glob("baselines-*.parquet")))[partner].to_numpy()
+    oof = crossfit_blend(preds.reindex(val).to_numpy(), gbm[val], examples["label"][val], user_key[val])
     assert first.metrics[BLEND]["val"]["roc_auc"] == pytest.approx(binary_metrics(examples["label"][val], oof)["roc_auc"])
 
     # A worse candidate: the same model with its ranks reversed.
@@ -132,9 +134,10 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     # Every run says what it is, on which build, and its test ROC-AUC beside gradient boosting's.
     auc = {n: f"{m['test']['roc_auc']:.3f}" for n, m in first.metrics.items()}
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])}
-    for name, what, key in [("good", "**Sequence model** `good`", "model"), ("good+hgb", "**Blend**", BLEND),
+    for name, what, key in [("good", "**Sequence model** `good`", "model"), ("good+hgb_text", "**Blend**", BLEND),
                             ("logistic", "**Logistic regression**", "logistic"), ("oracle", "**Oracle**", "oracle"),
-                            ("prevalence", "**Prevalence**", "prevalence"), ("hgb", "**Gradient boosting**", "hgb")]:
+                            ("prevalence", "**Prevalence**", "prevalence"), ("hgb", "**Gradient boosting**", "hgb"),
+                            ("hgb_text", "**Gradient boosting with message scores**", "hgb_text")]:
         note = runs[name].data.tags[NOTE]
         assert note.startswith(what) and f"Feature build `{bid}`" in note, name
         assert f"Test ROC-AUC **{auc[key]}**" in note, name
@@ -144,9 +147,10 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     out = io.StringIO()
     df = compare(cfg, fmt="csv", out=out)
     table = pd.read_csv(io.StringIO(out.getvalue()))
-    assert {"oracle", "hgb", "logistic", "prevalence", "active_last_week", "good", "good+hgb"} <= set(table["name"])
-    assert table.loc[table.name == "good+hgb", "kind"].eq("blend").all()
-    assert table.loc[table.name == "good+hgb", "test_roc_auc"].iloc[0] == pytest.approx(first.metrics[BLEND]["test"]["roc_auc"])
+    assert {"oracle", "hgb", "hgb_text", "logistic", "prevalence", "active_last_week", "good", "good+hgb_text"} <= set(table["name"])
+    assert table.loc[table.name == "good+hgb_text", "kind"].eq("blend").all()
+    assert table.loc[table.name == "hgb_text", "kind"].eq("boosting").all()
+    assert table.loc[table.name == "good+hgb_text", "test_roc_auc"].iloc[0] == pytest.approx(first.metrics[BLEND]["test"]["roc_auc"])
     assert table.loc[table.name == "good", "champion"].eq("*").all()
     assert list(table["kind"]).index("oracle") == 0
     for fmt in ("json", "markdown", "table"):

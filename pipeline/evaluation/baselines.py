@@ -78,7 +78,7 @@ def _score(model, X: np.ndarray, y: np.ndarray) -> float:
     return -log_loss(y, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]) if len(y) else 0.0
 
 
-def _tuned(candidates: list, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, name: str):
+def tuned(candidates: list, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, name: str):
     """Fit every candidate on train, keep the best on val (the first when val is empty)."""
     best, best_score = None, -np.inf
     for model in candidates:
@@ -135,17 +135,21 @@ def _fit(X, y, split, names, which, seed, min_active_days) -> dict:
                               LogisticRegression(C=c, max_iter=2000))
                 for c in LOGISTIC_C
             ]
-            fitted[name] = _tuned(candidates, X, y, train, val, name)
+            fitted[name] = tuned(candidates, X, y, train, val, name)
         elif name == "hgb":
-            candidates = [
-                HistGradientBoostingClassifier(
-                    learning_rate=0.05, max_iter=500, max_leaf_nodes=leaves, early_stopping=True,
-                    validation_fraction=0.15, n_iter_no_change=20, random_state=seed,
-                )
-                for leaves in HGB_LEAVES
-            ]
-            fitted[name] = _tuned(candidates, X, y, train, val, name)
+            fitted[name] = tuned(hgb_candidates(seed), X, y, train, val, name)
     return fitted
+
+
+def hgb_candidates(seed: int = 0) -> list:
+    """Gradient boosting's candidates, one per number of leaves, early stopping on a share of train."""
+    return [
+        HistGradientBoostingClassifier(
+            learning_rate=0.05, max_iter=500, max_leaf_nodes=leaves, early_stopping=True,
+            validation_fraction=0.15, n_iter_no_change=20, random_state=seed,
+        )
+        for leaves in HGB_LEAVES
+    ]
 
 
 def split_rows(examples: dict, split_name: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from pipeline.config import Config
 
 METRICS = ["val_roc_auc", "test_roc_auc", "oot_roc_auc", "test_pr_auc", "test_log_loss", "test_brier",
            "test_ece", "test_recall_at_top", "test_precision_at_top", "test_recall_at_top_of_max", "test_lift_at_top"]
-KIND_ORDER = {"oracle": 0, "model": 1, "blend": 2, "baseline": 3}
+KIND_ORDER = {"oracle": 0, "model": 1, "blend": 2, "boosting": 3, "baseline": 4}
 
 
 def comparison(cfg: Config, all_builds: bool = False) -> pd.DataFrame:

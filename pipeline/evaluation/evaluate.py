@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from common.errors import UserError
 from common.files import atomic_path
@@ -24,7 +25,7 @@ from features.store import SPLITS, UNLABELLED, build_id, feature_files, read_met
 from features.vocab import pseudonyms
 from pipeline import serving, tracking
 from pipeline.config import Config
-from pipeline.evaluation import plots, registry
+from pipeline.evaluation import message_scores, plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
 from pipeline.evaluation.blend import blend, crossfit_blend, fit_blend
 from pipeline.evaluation.metrics import binary_metrics
@@ -33,7 +34,8 @@ from pipeline.training.train import BEST, DONE, PREDICTIONS, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
-BLEND = "blend with hgb"
+BLEND = "blend"  # the blend's key in `metrics` and `scores`
+GBMS = {"hgb", message_scores.NAME}  # the gradient boostings: MLflow models of their own, blend partners
 
 
 @dataclass
@@ -45,32 +47,40 @@ class EvalResult:
     decisions: dict[str, registry.GateDecision] = field(default_factory=dict)
 
 
-def baseline_predictions(cfg: Config, files: list[Path], examples: dict) -> dict[str, np.ndarray]:
-    """p_engaged of each baseline for every example (NaN where unlabelled), fitted on the
-    train split only; cached per feature build and logged once as MLflow runs."""
+def baseline_predictions(cfg: Config, files: list[Path], examples: dict, user_key: np.ndarray) -> dict[str, np.ndarray]:
+    """p_engaged of each baseline (and of gradient boosting with message scores, `hgb_text`) for
+    every example (NaN where unlabelled), fitted on the train split only; cached per feature
+    build and logged once as MLflow runs."""
     cache = Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet"
     if cache.exists():
         df = pd.read_parquet(cache)
         if set(cfg.eval.baselines) <= set(df.columns):
             return {b: df[b].to_numpy() for b in cfg.eval.baselines}
     X, names = aggregates_of(files)
-    fitted = fit_baselines(X, examples["label"], examples["split"], names, cfg.eval.baselines,
+    plain = [b for b in cfg.eval.baselines if b != message_scores.NAME]
+    fitted = fit_baselines(X, examples["label"], examples["split"], names, plain,
                            seed=cfg.train.seed, min_active_days=cfg.labels.min_active_days, threads=1)
     labelled = examples["label"] != UNLABELLED
-    if "hgb" in fitted:  # kept for the baseline run's MLflow model (`_log`)
-        with atomic_path(_estimator_file(cfg, files)) as tmp, open(tmp, "wb") as f:
-            pickle.dump((fitted["hgb"], names), f)
     out = {}
     for name, model in fitted.items():
-        p = np.full(len(X), np.nan)
-        p[labelled] = predict(model, X[labelled])
-        out[name] = p
+        out[name] = np.full(len(X), np.nan)
+        out[name][labelled] = predict(model, X[labelled])
+    if message_scores.NAME in cfg.eval.baselines:
+        msgs = message_scores.recent_user_messages(files)
+        with threadpool_limits(1):
+            fitted[message_scores.NAME] = model = message_scores.MessageScoredHGB(cfg.train.seed).fit(
+                X, msgs, examples["label"], examples["split"], user_key)
+            p = model.predict_proba(X, msgs)[:, 1]
+        out[message_scores.NAME] = np.where(labelled, p, np.nan)
+    for name in GBMS & set(fitted):  # kept for the runs' MLflow models (`_log`) and the blend's
+        with atomic_path(_estimator_file(cfg, files, name)) as tmp, open(tmp, "wb") as f:
+            pickle.dump((fitted[name], names), f)
     pd.DataFrame(out).to_parquet(cache)
-    return out
+    return {b: out[b] for b in cfg.eval.baselines}
 
 
-def _estimator_file(cfg: Config, files: list[Path]) -> Path:
-    return Paths.of(cfg).features / f"baselines-{build_id(files)}-hgb.pkl"
+def _estimator_file(cfg: Config, files: list[Path], name: str) -> Path:
+    return Paths.of(cfg).features / f"baselines-{build_id(files)}-{name}.pkl"
 
 
 def oracle_predictions(cfg: Config, examples: dict, user_key: np.ndarray) -> np.ndarray | None:
@@ -104,15 +114,17 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     rows = {s: np.flatnonzero((examples["split"] == SPLITS.index(s)) & (labels != UNLABELLED)) for s in EVAL_SPLITS}
     model_p = pd.Series(preds["p_engaged"].to_numpy(), index=preds["example"].to_numpy())
     scores: dict[str, np.ndarray] = {"model": model_p.reindex(np.arange(len(labels))).to_numpy()}
-    scores |= baseline_predictions(cfg, files, examples)
-    blend_params = None
+    scores |= baseline_predictions(cfg, files, examples, user_key)
+    blend_params, partner = None, cfg.eval.blend_with
     val = rows["val"]
-    if cfg.eval.blend and "hgb" in scores and np.isfinite(scores["model"][val]).all():
+    if cfg.eval.blend and partner not in GBMS & set(cfg.eval.baselines):
+        raise UserError(f"eval.blend_with={partner!r}: blend with one of {sorted(GBMS)}, listed in eval.baselines")
+    if cfg.eval.blend and np.isfinite(scores["model"][val]).all():
         # The sequence model with gradient boosting (missing predictions fail just below).
-        blend_params = fit_blend(scores["model"][val], scores["hgb"][val], labels[val])
-        scores[BLEND] = blend(scores["model"], scores["hgb"], *blend_params)
+        blend_params = fit_blend(scores["model"][val], scores[partner][val], labels[val])
+        scores[BLEND] = blend(scores["model"], scores[partner], *blend_params)
         # On validation itself: out of fold (by user), never scored by the weight picked on it.
-        scores[BLEND][val] = crossfit_blend(scores["model"][val], scores["hgb"][val], labels[val], user_key[val])
+        scores[BLEND][val] = crossfit_blend(scores["model"][val], scores[partner][val], labels[val], user_key[val])
     oracle = oracle_predictions(cfg, examples, user_key)
     if oracle is not None:
         scores["oracle"] = oracle
@@ -132,7 +144,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
         # figure out of fold) as candidates too: the champion is the best of them on validation.
         candidates = [("model", run_id)]
         if cfg.eval.champion_hgb:
-            candidates.append(("hgb", _baseline_run(cfg, files, "hgb")))
+            candidates += [(name, _baseline_run(cfg, files, name)) for name in sorted(GBMS & set(scores))]
         if cfg.eval.champion_blend and blend_params is not None:
             candidates.append(("blend", blend_run))
         for name, candidate_run in candidates:
@@ -140,7 +152,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
                 p = scores[BLEND if name == "blend" else name]
                 decisions[name] = registry.gate(cfg, candidate_run, files, rows, labels, {s: p[r] for s, r in rows.items()})
     decision = decisions.get("model")
-    print_table(metrics, run_dir.name, decisions)
+    print_table(metrics, run_dir.name, decisions, cfg.eval.blend_with)
     (run_dir / "evaluation.json").write_text(json.dumps({"metrics": metrics, "decision": decision.__dict__ if decision else None,
                                                          "decisions": {k: d.__dict__ for k, d in decisions.items()}},
                                                         default=float, indent=1))
@@ -168,7 +180,8 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
         mlflow.set_tags({"build_id": bid, tracking.NOTE: note(model_what, "model")})
         plot_dir = run_dir / "plots"
         for s in ("test", "oot"):
-            curves = {n: (labels[rows[s]], p[rows[s]]) for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
+            curves = {f"blend with {cfg.eval.blend_with}" if n == BLEND else n: (labels[rows[s]], p[rows[s]])
+                      for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
             paths = [plots.plot_roc(curves, plot_dir / f"roc_{s}.png", f"ROC ({s})"),
                      plots.plot_pr(curves, plot_dir / f"pr_{s}.png", f"Precision-recall, disengaged ({s})"),
                      plots.plot_calibration(curves, plot_dir / f"calibration_{s}.png", cfg.eval.calibration_bins,
@@ -180,22 +193,23 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
         tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
     exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     common = {"stage": "evaluate", "build_id": bid, "config_name": cfg.name, "git_commit": tracking.git_commit()}
-    blend_run = None
+    blend_run, partner = None, cfg.eval.blend_with
     if blend_params is not None:
-        w, a, b = blend_params  # one blend run per model run
+        w, a, b = blend_params  # one blend run per model run and partner
         text = note(f"**Blend** of the sequence model `{run_dir.name}` (test ROC-AUC {test_auc['model']:.3f}) with "
-                    "gradient boosting: their logits averaged with a weight, then Platt-scaled, both picked on "
-                    "validation", BLEND)
-        if _new_run(client, exp_id, f"tags.blend_of = '{run_id}'", text):
-            with mlflow.start_run(run_name=f"{run_dir.name}+hgb", description=text):
-                mlflow.set_tags(common | {"kind": "blend", "blend_of": run_id})
+                    f"{tracking.what(partner, partner, {})}: their logits averaged with a weight, then Platt-scaled, "
+                    "both picked on validation", BLEND)
+        where = f"tags.blend_of = '{run_id}' and tags.blend_with = '{partner}'"
+        if _new_run(client, exp_id, where, text):
+            with mlflow.start_run(run_name=f"{run_dir.name}+{partner}", description=text):
+                mlflow.set_tags(common | {"kind": "blend", "blend_of": run_id, "blend_with": partner})
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
-        found = client.search_runs([exp_id], f"tags.blend_of = '{run_id}'", max_results=1)[0]
+        found = client.search_runs([exp_id], where, max_results=1)[0]
         blend_run = found.info.run_id if serving.LOGGED_MODEL_TAG in found.data.tags else None
         if (cfg.eval.champion_blend and blend_run is None
-                and (fitted := _estimator_file(cfg, files)).exists() and (run_dir / BEST).exists()):
+                and (fitted := _estimator_file(cfg, files, partner)).exists() and (run_dir / BEST).exists()):
             # An MLflow model too, to compete for the alias: both models and the two numbers, scoring
             # raw events as one (also for a blend run logged before without one).
             with open(fitted, "rb") as f:
@@ -206,7 +220,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
             blend_run = found.info.run_id
     # Baselines and the oracle: one run each per feature build, created once.
     for name in [n for n in metrics if n not in ("model", BLEND)]:
-        kind = "oracle" if name == "oracle" else "baseline"
+        kind = "oracle" if name == "oracle" else "boosting" if name == message_scores.NAME else "baseline"
         text = note(tracking.what(name, name, {}), name)
         if not _new_run(client, exp_id, f"tags.build_id = '{bid}' and tags.baseline = '{name}'", text):
             continue
@@ -215,7 +229,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
             tracking.log_dataset(str(files[0]), read_meta(files[0]).source_fingerprint, context="evaluation")
             for s in EVAL_SPLITS:
                 tracking.log_metrics(metrics[name][s], prefix=f"{s}_")
-            if name == "hgb" and (fitted := _estimator_file(cfg, files)).exists():
+            if name in GBMS and (fitted := _estimator_file(cfg, files, name)).exists():
                 # Gradient boosting as an MLflow model too: it scores raw events like the sequence model.
                 with open(fitted, "rb") as f:
                     estimator, names = pickle.load(f)
@@ -225,7 +239,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
 
 
 def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
-    """The run id of baseline `name` on this feature build, when it logged an MLflow model."""
+    """The run id of baseline `name` (or `hgb_text`) on this feature build, when it logged an MLflow model."""
     client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     found = client.search_runs([exp], f"tags.build_id = '{build_id(files)}' and tags.baseline = '{name}'", max_results=1)
@@ -241,10 +255,10 @@ def _new_run(client, exp_id: str, where: str, description: str) -> bool:
     return not found
 
 
-def print_table(metrics: dict, model_name: str, decisions: dict) -> None:
+def print_table(metrics: dict, model_name: str, decisions: dict, blend_with: str = "hgb") -> None:
     print(f"\nevaluation of {model_name} (ROC-AUC / PR-AUC of the disengaged / their recall in the top 10% riskiest, as a share of the most possible)")
     order = sorted(metrics, key=lambda n: -np.nan_to_num(metrics[n]["test"]["roc_auc"]))
-    labels = {n: model_name if n == "model" else n for n in order}
+    labels = {n: model_name if n == "model" else f"blend with {blend_with}" if n == BLEND else n for n in order}
     w = max(18, *map(len, labels.values()))
     print(f"  {'':<{w}}" + "".join(f"{s:>26}" for s in EVAL_SPLITS))
     for name in order:

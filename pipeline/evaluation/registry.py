@@ -20,6 +20,7 @@ from models.config import ModelConfig
 from models.engagement import EngagementModel
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.evaluation.message_scores import text_misfit
 from pipeline.evaluation.metrics import binary_metrics
 from pipeline.serving import LOGGED_MODEL_TAG
 from pipeline.training import loop
@@ -124,16 +125,14 @@ def score_bundle_on(scorer, files: list[Path], rows: np.ndarray, labels: np.ndar
     blend candidate is (`crossfit_blend`): its own weight and scaling were fitted on an earlier
     validation split, mostly these users' examples, so scored with them it would read high and the
     gate would lean towards keeping it."""
-    from features.aggregates import aggregates_of
     from features.dataset import load_examples
-    from pipeline.evaluation.baselines import predict
     from pipeline.evaluation.blend import crossfit_blend
+    from pipeline.evaluation.message_scores import predict_files
 
     p_model = score_on(scorer.model, files, rows) if scorer.model is not None else None
     if scorer.estimator is None:
         return p_model
-    X, _ = aggregates_of(files, scorer.aggregate_names)
-    p_estimator = predict(scorer.estimator, X[rows])
+    p_estimator = predict_files(scorer.estimator, files, scorer.aggregate_names)[rows]
     if not scorer.blend:
         return p_estimator
     return crossfit_blend(p_model, p_estimator, labels, load_examples(files)[1][rows])
@@ -165,12 +164,14 @@ def gate(cfg: Config, run_id: str, files: list[Path], split_rows: dict[str, np.n
     else:
         # failures propagate: the gate fails, champion stays
         kind = tracking.client(cfg).get_run(current.run_id).data.tags.get("kind")
-        if kind in ("baseline", "blend"):  # scored through its MLflow model's bundle
+        if kind in ("baseline", "boosting", "blend"):  # scored through its MLflow model's bundle
             scorer = _scorer(cfg, current.version)
             champion_model = scorer.model  # None for gradient boosting alone
         else:
             scorer, champion_model = None, load_model(download_model(cfg, current.run_id))[0]
-        why = None if champion_model is None else misfit(champion_model.config, read_meta(files[0]))
+        meta = read_meta(files[0])
+        why = ((None if champion_model is None else misfit(champion_model.config, meta))
+               or (None if scorer is None else text_misfit(scorer.estimator, meta.sizes()["text_dim"])))
         if why:
             promoted = False
             reason = (f"not promoted: champion version {current.version} cannot be compared on these features "
