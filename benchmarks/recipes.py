@@ -36,14 +36,14 @@ from pipeline.training import loop
 from pipeline.training.train import train
 
 # The recipe of main before issue 13 (2026-12-02): random batches of 64, nn.Dropout, validation at 128,
-# nn.TransformerEncoderLayer's own forward.
+# nn.TransformerEncoderLayer's own forward, a whole batch per step on torch's threads (no step_threads).
 # (The length-ordered validation and the inference path of models/sequence.py have no setting: "before"
 # gets them too, so the ratio understates the gain by the validation share of an epoch. The loader and
 # AdamW's multi-tensor path have none either: "before" runs with FeatureDataset.batch switched off, so
 # batches come from `collate` of the items, and with AdamW's per-parameter loop, as they did.)
 BEFORE = ["train.batching=random", "train.batch_size=64", "train.lr=5e-4", "train.eval_batch_size=128",
           "pretrain.batching=random", "pretrain.batch_size=64", "pretrain.lr=1e-3", "model.fast_dropout=false",
-          "model.encoder_layer=torch"]
+          "model.encoder_layer=torch", "train.step_threads=1"]
 RECIPES = {"before": BEFORE, "now": []}  # "now": configs/demo.yaml as it is
 SPEEDUPS = {"train_step_speedup": "train_step_examples_per_s", "train_speedup": "train_examples_per_s",
             "pretrain_step_speedup": "pretrain_step_windows_per_s", "pretrain_speedup": "pretrain_windows_per_s"}

@@ -5,13 +5,32 @@ A profile of the demo's training step on 2 CPU cores (docs/benchmarks.md) found 
 one 64-bit draw gives four 16-bit uniforms, and an element is kept when its uniform is at or
 above round(p * 65536) / 65536 (p is exact to 1/65536). Same contract as `nn.Dropout`:
 identity in eval mode, kept elements scaled by 1 / (1 - p) in training, masks from torch's
-global generator (so a checkpointed RNG state resumes the same masks).
+global generator (so a checkpointed RNG state resumes the same masks), or inside
+`masks_from(generator)` from that generator, on that thread only: parts of a batch run on
+threads of their own each draw from their own, so their masks do not depend on which thread
+draws first (pipeline/training/loop.py: parallel_backward).
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+_local = threading.local()
+
+
+@contextmanager
+def masks_from(generator: torch.Generator):
+    """Within this block, on this thread, FastDropout masks come from `generator`."""
+    before = getattr(_local, "generator", None)
+    _local.generator = generator
+    try:
+        yield
+    finally:
+        _local.generator = before
 
 _SPAN = 1 << 16
 _LOW = -(1 << 15)  # int16 uniforms lie in [-32768, 32767]
@@ -20,7 +39,8 @@ _LOW = -(1 << 15)  # int16 uniforms lie in [-32768, 32767]
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A bool tensor of `shape`, each element True with probability 1 - p (to 1/65536)."""
     n = shape.numel()
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device,
+                          generator=getattr(_local, "generator", None))
     return words.view(torch.int16)[:n].view(shape) >= _LOW + round(p * _SPAN)
 
 

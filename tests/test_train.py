@@ -35,6 +35,82 @@ def cfg(sim_store, tmp_path):
     return cfg
 
 
+def _model_and_parts(sim_store, dropout: float, n: int = 24):
+    """A tiny engagement model in training mode, a batch of n training examples, and the
+    same examples dealt into 2 parts as the loader deals them."""
+    from dataclasses import replace
+
+    from features.dataset import FeatureDataset
+    from models.engagement import EngagementModel
+
+    path, _, mcfg = sim_store
+    mcfg = replace(mcfg, dropout=dropout, future_days=0)
+    torch.manual_seed(0)
+    model = EngagementModel(mcfg).train()
+    data = FeatureDataset(path, mcfg)
+    sub = data.subset(data.select(["train"])[:n])
+    rows = list(range(n))
+    return model, sub.batch(rows), [sub.batch(rows[j::2]) for j in range(2)]
+
+
+def test_a_batch_split_over_threads_gives_the_whole_batch_loss_and_gradients(sim_store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.training import loop
+
+    model, whole, parts = _model_and_parts(sim_store, dropout=0.0)
+    _, loss = model(whole, whole["label"])
+    loss.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with ThreadPoolExecutor(2) as pool, loop.threads_per_part(2):
+        got = loop.parallel_backward(model, parts, pool, torch.device("cpu"))
+    assert got.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert len(want) > 20
+    for k, p in model.named_parameters():
+        if k in want:
+            assert torch.allclose(p.grad, want[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_threaded_parts_draw_the_same_dropout_masks_whichever_thread_runs_first(sim_store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.training import loop
+
+    grads = []
+    for late in (0, 1):  # part 0, then part 1, waits before its forward: the other draws first
+        model, _, parts = _model_and_parts(sim_store, dropout=0.3)
+        real = model.forward
+
+        def forward(batch, labels, late=late, parts=parts, real=real):
+            if batch is parts[late]:
+                time.sleep(0.2)
+            return real(batch, labels)
+
+        model.forward = forward
+        torch.manual_seed(1)
+        with ThreadPoolExecutor(2) as pool:
+            loop.parallel_backward(model, parts, pool, torch.device("cpu"))
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_the_threaded_step_is_used_on_cpu_in_one_process_with_fast_dropout_only(sim_store):
+    from dataclasses import replace
+
+    from pipeline.training import loop
+
+    mcfg, cpu = sim_store[2], torch.device("cpu")
+    assert loop.step_parts(2, mcfg, cpu, world=1) == 2
+    assert loop.step_parts(1, mcfg, cpu, world=1) == 1
+    assert loop.step_parts(2, mcfg, cpu, world=2) == 1  # DDP all-reduces on every backward
+    assert loop.step_parts(2, mcfg, torch.device("cuda"), world=1) == 1
+    assert loop.step_parts(2, replace(mcfg, fast_dropout=False), cpu, world=1) == 1  # global-generator masks
+    assert loop.step_parts(2, replace(mcfg, attention_dropout=0.1), cpu, world=1) == 1
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, pytest.param(0.9, marks=pytest.mark.slow)])  # EMA: make test-full
 def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay):
     import pipeline.training.train as T

@@ -3,7 +3,8 @@ order that can resume mid-epoch, atomic checkpoints of the whole training state,
 DistributedDataParallel plumbing (one process per rank under `torchrun`).
 
 Exact resume: the data order of epoch e is a permutation drawn from a generator seeded
-with (seed, e); dropout draws from torch's global RNG, whose state is checkpointed with the
+with (seed, e); dropout draws from torch's global RNG (a step split over threads: from
+generators seeded from it, `parallel_backward`), whose state is checkpointed with the
 model, optimizer and scheduler. Restarting from a checkpoint at step k of epoch e replays
 steps k.. of the same permutation with the same RNG state, so an interrupted run ends with
 the weights of an uninterrupted one.
@@ -26,9 +27,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
-from common.devices import resolve_device
+from common.devices import autocast, resolve_device
 from common.errors import UserError
 from common.files import atomic_path
+from models.dropout import masks_from
 
 
 def seed_everything(seed: int) -> None:
@@ -169,9 +171,11 @@ def epoch_batches(batching: str, dataset, batch_size: int, world: int = 1) -> in
     return batches_per_epoch(len(dataset), batch_size, world)
 
 
-def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0, pin: bool = False) -> DataLoader:
+def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0, pin: bool = False,
+           parts: int = 1) -> DataLoader:
     """A DataLoader over `dataset`; `sampler` yields indices (batched by `batch_size`) or, a
-    `LengthBatches`, whole batches."""
+    `LengthBatches`, whole batches. parts > 1 (a FeatureDataset): each item is a list of that
+    many batches, the batch's examples dealt out in turn (`parallel_backward`)."""
     if num_workers and torch.multiprocessing.get_start_method() == "fork" and hasattr(dataset, "preload"):
         dataset.preload()  # read once here; the forked workers share it
     # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's
@@ -179,7 +183,7 @@ def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0
     if callable(getattr(dataset, "batch", None)):  # a FeatureDataset fetches a whole batch at once
         batches = sampler if isinstance(sampler, LengthBatches) else \
             BatchSampler(range(len(dataset)) if sampler is None else sampler, batch_size, drop_last=False)
-        dataset, collate, batching = _Batches(dataset, list(batches)), _whole, {"batch_size": None}
+        dataset, collate, batching = _Batches(dataset, list(batches), parts), _whole, {"batch_size": None}
     elif isinstance(sampler, LengthBatches):
         batching = {"batch_sampler": sampler}
     else:
@@ -193,16 +197,21 @@ def loader(dataset, batch_size: int, collate, sampler=None, num_workers: int = 0
 
 class _Batches(torch.utils.data.Dataset):
     """Whole batches as the items of a DataLoader (batch_size=None): item i is
-    `dataset.batch(batches[i])`, one vectorised fetch (features/dataset.py)."""
+    `dataset.batch(batches[i])`, one vectorised fetch (features/dataset.py), or with parts > 1
+    the list of `dataset.batch(batches[i][j::parts])`: dealt in turn, the parts of a batch cut
+    from one length-sorted window are about equally long, so their threads finish together."""
 
-    def __init__(self, dataset, batches: list[list[int]]):
-        self.dataset, self.batches = dataset, batches
+    def __init__(self, dataset, batches: list[list[int]], parts: int = 1):
+        self.dataset, self.batches, self.parts = dataset, batches, parts
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset.batch(self.batches[i])
+    def __getitem__(self, i: int) -> dict | list[dict]:
+        b = self.batches[i]
+        if self.parts == 1:
+            return self.dataset.batch(b)
+        return [self.dataset.batch(b[j :: self.parts]) for j in range(min(self.parts, len(b)))]
 
 
 def _whole(batch: dict) -> dict:
@@ -215,10 +224,60 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, paramet
     clipping, the optimizer step, then the schedule's step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    update(optimizer, parameters, grad_clip, scheduler)
+
+
+def update(optimizer: torch.optim.Optimizer, parameters, grad_clip: float, scheduler=None) -> None:
+    """The update once the gradients are in: clipping, the optimizer step, the schedule's step."""
     torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+
+
+def step_parts(requested: int, model_config, device: torch.device, world: int) -> int:
+    """How many threads a training step's batch is split over (`parallel_backward`): `requested`
+    on CPU in one process, else 1. DDP all-reduces once per backward, and CUDA runs a batch in
+    parallel anyway; dropout must be FastDropout without attention dropout (torch's own kernels
+    draw from the global generator, whose draws two threads would interleave unpredictably)."""
+    if (requested <= 1 or device.type != "cpu" or world > 1 or not model_config.fast_dropout
+            or model_config.attention_dropout > 0):
+        return 1
+    return requested
+
+
+@contextmanager
+def threads_per_part(parts: int) -> Iterator[None]:
+    """torch's intra-op threads shared out among `parts` threads of `parallel_backward` (one
+    each on 2 cores), restored afterwards (validation and prediction run one batch on all)."""
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // parts))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(total)
+
+
+def parallel_backward(net: nn.Module, parts: list[dict], pool, device: torch.device) -> torch.Tensor:
+    """Forward and backward of each part of one batch on a thread of `pool`, their mean losses
+    weighted by their share of the batch's examples: the gradients of the whole batch's mean
+    loss (up to the auxiliary loss, averaged over each part's known days), summed into .grad
+    (autograd accumulates under a lock, and a sum of two is the same in either order). Each
+    part's dropout masks come from a generator seeded from the global one before the threads
+    start, so a step is the same whichever thread runs first, and a resumed run's RNG state
+    gives the same masks. Returns the batch's loss, detached. On 2 CPU cores two threads of one
+    intra-op thread each ran a demo step about 1.3x as fast as one batch on both (the small
+    ops of these encoders leave a core idle much of the time; docs/benchmarks.md)."""
+    n = [len(p["label"]) for p in parts]
+    seeds = torch.randint(0, 2**62, (len(parts),)).tolist()
+
+    def run(part: dict, weight: float, seed: int) -> torch.Tensor:
+        with masks_from(torch.Generator().manual_seed(seed)), autocast(device):
+            _, loss = net(part, part["label"])
+        (loss * weight).backward()
+        return loss.detach() * weight
+
+    return sum(pool.map(run, parts, [k / sum(n) for k in n], seeds))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

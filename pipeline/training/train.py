@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
     ema = loop.ema_of(model, tc.ema_decay) if tc.ema_decay else None
+    parts = loop.step_parts(tc.step_threads, model.config, device, d.world)
+    pool = ThreadPoolExecutor(parts, thread_name_prefix="train-step") if parts > 1 else None
     scored = ema.module if ema is not None else model  # what is validated, kept and shipped
     averaged = {"ema": ema} if ema is not None else {}
 
@@ -147,28 +150,37 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             epoch = state["epoch"]
             sampler = loop.epoch_sampler(tc.batching, train_set, tc.seed, epoch, tc.batch_size, state["batch"], d.rank,
                                          d.world)
-            batches = loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers, pin=device.type == "cuda")
+            batches = loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers, pin=device.type == "cuda",
+                                  parts=parts)
             bar = tqdm(batches, desc=f"train {epoch + 1}/{tc.epochs}", initial=state["batch"], total=per_epoch,
                        disable=not d.main, leave=False)
             net.train()
             recent: list[float] = []
             seen, started = 0, time.perf_counter()
-            for batch in bar:
-                batch = loop.to_device(batch, device)
-                with autocast(device):
-                    _, loss = net(batch, batch["label"])
-                loop.optimizer_step(loss, optimizer, model.parameters(), tc.grad_clip, scheduler)
-                if ema is not None:
-                    ema.update_parameters(model)
-                recent = (recent + [loss.item()])[-50:]
-                state["loss_sum"] += recent[-1]
-                state["loss_n"] += 1
-                state["batch"] += 1
-                state["step"] += 1
-                seen += len(batch["label"])
-                bar.set_postfix(loss=f"{np.mean(recent):.4f}", best_val_auc=f"{state['best_auc']:.4f}")
-                if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
-                    checkpoint()
+            with loop.threads_per_part(parts):  # validation below runs on all of torch's threads
+                for batch in bar:
+                    if parts > 1:  # the batch's parts forward and backward on threads of their own
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = loop.parallel_backward(net, batch, pool, device)
+                        loop.update(optimizer, model.parameters(), tc.grad_clip, scheduler)
+                        size = sum(len(b["label"]) for b in batch)
+                    else:
+                        batch = loop.to_device(batch, device)
+                        with autocast(device):
+                            _, loss = net(batch, batch["label"])
+                        loop.optimizer_step(loss, optimizer, model.parameters(), tc.grad_clip, scheduler)
+                        size = len(batch["label"])
+                    if ema is not None:
+                        ema.update_parameters(model)
+                    recent = (recent + [loss.item()])[-50:]
+                    state["loss_sum"] += recent[-1]
+                    state["loss_n"] += 1
+                    state["batch"] += 1
+                    state["step"] += 1
+                    seen += size
+                    bar.set_postfix(loss=f"{np.mean(recent):.4f}", best_val_auc=f"{state['best_auc']:.4f}")
+                    if tc.checkpoint_every_steps and state["step"] % tc.checkpoint_every_steps == 0:
+                        checkpoint()
             # The training steps' throughput (loading included, validation not), all ranks.
             examples_per_s = seen * d.world / max(time.perf_counter() - started, 1e-9)
             _, y, p = loop.predict(scored, val_loader, device)
@@ -194,6 +206,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             stop = loop.broadcast_flag(d, state["bad_epochs"] >= tc.patience)
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
             checkpoint()
+        if pool is not None:
+            pool.shutdown()
         result = TrainResult(run_id, run_dir, run_dir / BEST, state["best_epoch"], state["best_auc"])
         if d.main:
             _finish(cfg, result, data, mcfg, device, fingerprint)
