@@ -43,7 +43,7 @@ from pipeline.training.train import train
 # batches come from `collate` of the items, and with AdamW's per-parameter loop, as they did.)
 BEFORE = ["train.batching=random", "train.batch_size=64", "train.lr=5e-4", "train.eval_batch_size=128",
           "pretrain.batching=random", "pretrain.batch_size=64", "pretrain.lr=1e-3", "model.fast_dropout=false",
-          "model.encoder_layer=torch", "train.step_threads=1"]
+          "model.encoder_layer=torch", "train.step_threads=1", "pretrain.step_threads=1"]
 RECIPES = {"before": BEFORE, "now": []}  # "now": configs/demo.yaml as it is
 SPEEDUPS = {"train_step_speedup": "train_step_examples_per_s", "train_speedup": "train_examples_per_s",
             "pretrain_step_speedup": "pretrain_step_windows_per_s", "pretrain_speedup": "pretrain_windows_per_s"}

@@ -106,7 +106,7 @@ def test_pretrain_saves_the_encoders_it_trained_which_load_into_the_engagement_m
 
 
 def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(cfg, tmp_path, monkeypatch):
-    real, steps = loop.optimizer_step, {"n": 0, "stop_at": None}
+    real, steps = loop.update, {"n": 0, "stop_at": None}  # every update, whole-batch or split steps
 
     def step(*a, **k):
         steps["n"] += 1
@@ -114,9 +114,18 @@ def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(loop, "optimizer_step", step)
+    monkeypatch.setattr(loop, "update", step)
+    cfg.pretrain.step_threads = 2  # the default: batches split over two threads, per-part generators
+    split, real_split = {"n": 0}, loop.parallel_backward
+
+    def counted(*a, **k):
+        split["n"] += 1
+        return real_split(*a, **k)
+
+    monkeypatch.setattr(loop, "parallel_backward", counted)
     whole = pretrain(cfg)
     per_epoch = steps["n"] // 2
+    assert split["n"] == steps["n"]  # every step was split
     assert per_epoch >= 2 and steps["n"] == 2 * per_epoch
 
     cfg.pretrain.dir = str(tmp_path / "killed")

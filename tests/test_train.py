@@ -64,7 +64,7 @@ def test_a_batch_split_over_threads_gives_the_whole_batch_loss_and_gradients(sim
     want = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     with ThreadPoolExecutor(2) as pool, loop.threads_per_part(2):
-        got = loop.parallel_backward(model, parts, pool, torch.device("cpu"))
+        got, _ = loop.parallel_backward(lambda p, g: (model(p, p["label"])[1], None), parts, pool)
     assert got.item() == pytest.approx(loss.item(), rel=1e-5)
     assert len(want) > 20
     for k, p in model.named_parameters():
@@ -90,7 +90,7 @@ def test_threaded_parts_draw_the_same_dropout_masks_whichever_thread_runs_first(
         model.forward = forward
         torch.manual_seed(1)
         with ThreadPoolExecutor(2) as pool:
-            loop.parallel_backward(model, parts, pool, torch.device("cpu"))
+            loop.parallel_backward(lambda p, g, model=model: (model(p, p["label"])[1], None), parts, pool)
         grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
@@ -116,8 +116,17 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monke
     import pipeline.training.train as T
 
     cfg.train.ema_decay = ema_decay
+    cfg.train.step_threads = 2  # the default: batches split over two threads, masks from per-part generators
     cfg.train.run_name = "whole"
+    split, real_split = {"n": 0}, T.loop.parallel_backward
+
+    def counted(*a, **k):
+        split["n"] += 1
+        return real_split(*a, **k)
+
+    monkeypatch.setattr(T.loop, "parallel_backward", counted)
     whole = train(cfg)
+    assert split["n"] > 0  # the steps were split
     state_whole = torch.load(whole.run_dir / LAST, weights_only=True)
 
     cfg.train.run_name = "killed"

@@ -27,5 +27,8 @@ class PretrainConfig:
     coles_streams: list[str] = field(default_factory=lambda: ["food", "events"])
     coles_splits: int = 3
     coles_min_len: int = 4
+    # As train.step_threads: each batch split over this many threads (CPU, one process), each part
+    # with its own corruption and dropout generators seeded from the epoch's.
+    step_threads: int = 2
     num_workers: int = 0
     seed: int = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -129,6 +130,13 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
     per_epoch = loop.epoch_batches(pc.batching, train_set, pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
+    n_parts = loop.step_parts(pc.step_threads, mcfg, device, d.world)
+    pool = ThreadPoolExecutor(n_parts, thread_name_prefix="pretrain-step") if n_parts > 1 else None
+
+    def forward(part: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:  # one part of a split step
+        with autocast(device):
+            return net(part, generator)
+
     state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
     last = out / LAST
     state, resumed = loop.resume(last, fingerprint, state, objectives=objectives, optimizer=optimizer,
@@ -147,7 +155,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
             sampler = loop.epoch_sampler(pc.batching, train_set, pc.seed, epoch, pc.batch_size, state["batch"], d.rank,
                                          d.world)
-            batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda")
+            batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda",
+                                  parts=n_parts)
             bar = tqdm(batches, total=per_epoch,
                        initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)
             running = {s: [] for s in parts}
@@ -155,17 +164,27 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             objectives.train()
             shown = {name: f"{state['metrics'][k]:.3f}" for k, name in HELD_OUT.items() if k in state["metrics"]}
             seen, started = 0, time.perf_counter()
-            for batch in bar:
-                with autocast(device):
-                    loss, results = net(loop.to_device(batch, device), g)
-                loop.optimizer_step(loss, optimizer, objectives.parameters(), pc.grad_clip, scheduler)
-                for s in parts:
-                    running[s].append(results[s][0].item())
-                    if s in counts and results[s][1]["n"]:
-                        counts[s] += np.bincount(results[s][1]["targets"].numpy(), minlength=len(counts[s]))
-                state["batch"] += 1
-                seen += len(batch["example"])
-                bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in parts} | shown)
+            with loop.threads_per_part(n_parts):  # held-out evaluation below runs on all of torch's threads
+                for batch in bar:
+                    if n_parts > 1:  # the batch's parts forward and backward on threads of their own
+                        optimizer.zero_grad(set_to_none=True)
+                        _, split = loop.parallel_backward(forward, batch, pool, g)
+                        loop.update(optimizer, objectives.parameters(), pc.grad_clip, scheduler)
+                        share = [len(b["example"]) / sum(len(b["example"]) for b in batch) for b in batch]
+                    else:
+                        batch = [loop.to_device(batch, device)]
+                        with autocast(device):
+                            loss, results = net(batch[0], g)
+                        loop.optimizer_step(loss, optimizer, objectives.parameters(), pc.grad_clip, scheduler)
+                        split, share = [results], [1.0]
+                    for s in parts:
+                        running[s].append(sum(w * r[s][0].item() for w, r in zip(share, split)))
+                        for r in split:
+                            if s in counts and r[s][1]["n"]:
+                                counts[s] += np.bincount(r[s][1]["targets"].numpy(), minlength=len(counts[s]))
+                    state["batch"] += 1
+                    seen += sum(len(b["example"]) for b in batch)
+                    bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in parts} | shown)
             metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
             # the steps' throughput (loading included, evaluation not), all ranks; logged, not kept
             tracking.log_metrics({"epoch_windows_per_s": seen * d.world / max(time.perf_counter() - started, 1e-9)},
@@ -182,6 +201,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             if d.main:
                 loop.save_state(last, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), **state)
+        if pool is not None:
+            pool.shutdown()
         if d.main:
             if run_id:
                 tracking.log_artifacts(list(checkpoints.values()), "encoders")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import get_cosine_schedule_with_warmup
 
-from common.devices import autocast, resolve_device
+from common.devices import resolve_device
 from common.errors import UserError
 from common.files import atomic_path
 from models.dropout import masks_from
@@ -258,26 +258,31 @@ def threads_per_part(parts: int) -> Iterator[None]:
         torch.set_num_threads(total)
 
 
-def parallel_backward(net: nn.Module, parts: list[dict], pool, device: torch.device) -> torch.Tensor:
-    """Forward and backward of each part of one batch on a thread of `pool`, their mean losses
+def parallel_backward(forward, parts: list[dict], pool, generator: torch.Generator | None = None,
+                      ) -> tuple[torch.Tensor, list]:
+    """Forward and backward of each part of one batch on a thread of `pool`, their losses
     weighted by their share of the batch's examples: the gradients of the whole batch's mean
-    loss (up to the auxiliary loss, averaged over each part's known days), summed into .grad
-    (autograd accumulates under a lock, and a sum of two is the same in either order). Each
-    part's dropout masks come from a generator seeded from the global one before the threads
-    start, so a step is the same whichever thread runs first, and a resumed run's RNG state
-    gives the same masks. Returns the batch's loss, detached. On 2 CPU cores two threads of one
-    intra-op thread each ran a demo step about 1.3x as fast as one batch on both (the small
-    ops of these encoders leave a core idle much of the time; docs/benchmarks.md)."""
-    n = [len(p["label"]) for p in parts]
-    seeds = torch.randint(0, 2**62, (len(parts),)).tolist()
+    loss (up to losses averaged over something else than examples, such as the auxiliary
+    loss's known days or a pretext task's masked items), summed into .grad (autograd
+    accumulates under a lock, and a sum of two is the same in either order).
+    `forward(part, generator) -> (loss, extra)`; each part gets a generator of its own for its
+    random corruptions (pretraining's objectives) and another for its dropout masks, seeded
+    from `generator` (None: torch's global one) before the threads start, so a step is the same
+    whichever thread runs first, and a resumed run's RNG state gives the same draws. Returns the
+    batch's loss (detached) and each part's `extra`. On 2 CPU cores two threads of one intra-op
+    thread each ran a demo step about 1.3x as fast as one batch on both (the small ops of these
+    encoders leave a core idle much of the time; docs/benchmarks.md)."""
+    n = [len(p["example"]) for p in parts]
+    seeds = torch.randint(0, 2**62, (len(parts), 2), generator=generator).tolist()
 
-    def run(part: dict, weight: float, seed: int) -> torch.Tensor:
-        with masks_from(torch.Generator().manual_seed(seed)), autocast(device):
-            _, loss = net(part, part["label"])
+    def run(part: dict, weight: float, seed: list[int]) -> tuple[torch.Tensor, Any]:
+        with masks_from(torch.Generator().manual_seed(seed[0])):
+            loss, extra = forward(part, torch.Generator().manual_seed(seed[1]))
         (loss * weight).backward()
-        return loss.detach() * weight
+        return loss.detach() * weight, extra
 
-    return sum(pool.map(run, parts, [k / sum(n) for k in n], seeds))
+    out = list(pool.map(run, parts, [k / sum(n) for k in n], seeds))
+    return sum(loss for loss, _ in out), [extra for _, extra in out]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -117,6 +117,10 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     ema = loop.ema_of(model, tc.ema_decay) if tc.ema_decay else None
     parts = loop.step_parts(tc.step_threads, model.config, device, d.world)
     pool = ThreadPoolExecutor(parts, thread_name_prefix="train-step") if parts > 1 else None
+
+    def forward(part: dict, _generator) -> tuple[torch.Tensor, None]:  # one part of a split step
+        with autocast(device):
+            return net(part, part["label"])[1], None
     scored = ema.module if ema is not None else model  # what is validated, kept and shipped
     averaged = {"ema": ema} if ema is not None else {}
 
@@ -161,7 +165,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                 for batch in bar:
                     if parts > 1:  # the batch's parts forward and backward on threads of their own
                         optimizer.zero_grad(set_to_none=True)
-                        loss = loop.parallel_backward(net, batch, pool, device)
+                        loss, _ = loop.parallel_backward(forward, batch, pool)
                         loop.update(optimizer, model.parameters(), tc.grad_clip, scheduler)
                         size = sum(len(b["label"]) for b in batch)
                     else:
