@@ -20,6 +20,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def two_threads():
+    """At least two torch threads for a test: training steps split over two threads need them
+    (pipeline/training/loop.py: step_parts)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory):
     """A random 1-layer DistilBERT (dim 16) with a character-level WordPiece vocabulary."""

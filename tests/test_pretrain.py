@@ -105,7 +105,8 @@ def test_pretrain_saves_the_encoders_it_trained_which_load_into_the_engagement_m
     assert note.startswith("**Pretraining**") and f"Feature build `{build_id([path])}`" in note
 
 
-def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(cfg, tmp_path, monkeypatch):
+def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(cfg, tmp_path, monkeypatch,
+                                                                               two_threads):
     real, steps = loop.update, {"n": 0, "stop_at": None}  # every update, whole-batch or split steps
 
     def step(*a, **k):

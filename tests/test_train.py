@@ -102,17 +102,23 @@ def test_the_threaded_step_is_used_on_cpu_in_one_process_with_fast_dropout_only(
 
     from pipeline.training import loop
 
-    mcfg, cpu = sim_store[2], torch.device("cpu")
-    assert loop.step_parts(2, mcfg, cpu, world=1) == 2
-    assert loop.step_parts(1, mcfg, cpu, world=1) == 1
-    assert loop.step_parts(2, mcfg, cpu, world=2) == 1  # DDP all-reduces on every backward
-    assert loop.step_parts(2, mcfg, torch.device("cuda"), world=1) == 1
-    assert loop.step_parts(2, replace(mcfg, fast_dropout=False), cpu, world=1) == 1  # global-generator masks
-    assert loop.step_parts(2, replace(mcfg, attention_dropout=0.1), cpu, world=1) == 1
+    mcfg, cpu, threads = sim_store[2], torch.device("cpu"), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert loop.step_parts(2, mcfg, cpu, world=1) == 2
+        assert loop.step_parts(1, mcfg, cpu, world=1) == 1
+        assert loop.step_parts(2, mcfg, cpu, world=2) == 1  # DDP all-reduces on every backward
+        assert loop.step_parts(2, mcfg, torch.device("cuda"), world=1) == 1
+        assert loop.step_parts(2, replace(mcfg, fast_dropout=False), cpu, world=1) == 1  # global-generator masks
+        assert loop.step_parts(2, replace(mcfg, attention_dropout=0.1), cpu, world=1) == 1
+        torch.set_num_threads(1)
+        assert loop.step_parts(2, mcfg, cpu, world=1) == 1  # a process held to one thread keeps to it
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, pytest.param(0.9, marks=pytest.mark.slow)])  # EMA: make test-full
-def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay):
+def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay, two_threads):
     import pipeline.training.train as T
 
     cfg.train.ema_decay = ema_decay

@@ -237,11 +237,13 @@ def update(optimizer: torch.optim.Optimizer, parameters, grad_clip: float, sched
 
 def step_parts(requested: int, model_config, device: torch.device, world: int) -> int:
     """How many threads a training step's batch is split over (`parallel_backward`): `requested`
-    on CPU in one process, else 1. DDP all-reduces once per backward, and CUDA runs a batch in
-    parallel anyway; dropout must be FastDropout without attention dropout (torch's own kernels
-    draw from the global generator, whose draws two threads would interleave unpredictably)."""
-    if (requested <= 1 or device.type != "cpu" or world > 1 or not model_config.fast_dropout
-            or model_config.attention_dropout > 0):
+    on CPU in one process with at least that many torch threads, else 1. DDP all-reduces once
+    per backward, CUDA runs a batch in parallel anyway, and a process held to fewer threads (torch
+    .set_num_threads) keeps to them; dropout must be FastDropout without attention dropout (torch's
+    own kernels draw from the global generator, whose draws two threads would interleave
+    unpredictably)."""
+    if (requested <= 1 or device.type != "cpu" or world > 1 or torch.get_num_threads() < requested
+            or not model_config.fast_dropout or model_config.attention_dropout > 0):
         return 1
     return requested
 

@@ -121,6 +121,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     def forward(part: dict, _generator) -> tuple[torch.Tensor, None]:  # one part of a split step
         with autocast(device):
             return net(part, part["label"])[1], None
+
     scored = ema.module if ema is not None else model  # what is validated, kept and shipped
     averaged = {"ema": ema} if ema is not None else {}
 
