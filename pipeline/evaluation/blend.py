@@ -36,6 +36,13 @@ def blend(p_model: np.ndarray, p_other: np.ndarray, weight: float, scale: float,
     return expit(scale * (weight * logit_of(p_model) + (1 - weight) * logit_of(p_other)) + bias)
 
 
+def user_folds(groups: np.ndarray, folds: int) -> np.ndarray:
+    """A fold in [0, folds) per example, the same for every example of a user (`groups`: user
+    keys), users spread over folds by a hash of their number rather than in id order."""
+    _, user = np.unique(groups, return_inverse=True)
+    return (user.astype(np.int64) * 2654435761 % 2**32) % folds
+
+
 def crossfit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray, groups: np.ndarray,
                    folds: int = 2) -> np.ndarray:
     """Out-of-fold p_engaged of the blend on the validation examples themselves: the examples
@@ -44,8 +51,7 @@ def crossfit_blend(p_model: np.ndarray, p_other: np.ndarray, y: np.ndarray, grou
     weight never scores the examples it was picked on: fitted on all of validation, the blend
     would score at least as well as either model there by construction (the weights 0 and 1
     are candidates)."""
-    _, user = np.unique(groups, return_inverse=True)
-    fold = (user * 2654435761 % 2**32) % folds  # users spread over folds, not in id order
+    fold = user_folds(groups, folds)
     out = np.full(len(y), np.nan)
     for k in range(folds):
         held = fold == k

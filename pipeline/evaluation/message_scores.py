@@ -33,6 +33,7 @@ from features.labels import first_at_or_after, row_keys
 from features.store import SPLITS, UNLABELLED, load_arrays
 from features.vocab import SENDER_IDS
 from pipeline.evaluation.baselines import hgb_candidates, predict, tuned
+from pipeline.evaluation.blend import user_folds
 
 NAME = "hgb_text"  # its name in eval.baselines, MLflow and `make compare`
 WINDOWS = ((0, 7), (7, 21))  # days before the cutoff: the features' windows
@@ -110,13 +111,6 @@ def pooled(scores: np.ndarray, msgs: RecentMessages) -> np.ndarray:
     return out
 
 
-def user_folds(groups: np.ndarray, folds: int = FOLDS) -> np.ndarray:
-    """A fold in [0, folds) per example, the same for every example of a user, spread by a hash
-    of the user's number rather than in id order."""
-    _, user = np.unique(groups, return_inverse=True)
-    return (user.astype(np.int64) * 2654435761 % 2**32) % folds
-
-
 class MessageScoredHGB:
     """The scorer (fitted on all training users) and gradient boosting on the aggregates plus
     the pooled scores, its leaves picked on validation as the baseline's are."""
@@ -148,7 +142,7 @@ class MessageScoredHGB:
         groups (n,) user keys."""
         labelled = y != UNLABELLED
         train, val = labelled & (split == TRAIN), labelled & (split == VAL)
-        fold = user_folds(groups)
+        fold = user_folds(groups, FOLDS)
         fits = train[msgs.example] & (msgs.age_days < FIT_DAYS)
         self.scorer = self._fit_scorer(msgs, y, fits)
         scores = self._scores(self.scorer, msgs)
