@@ -390,6 +390,19 @@ def test_evaluate_refuses_predictions_of_another_feature_build(cfg, sim_store, t
     assert evaluate(cfg, result.run_dir).decision.promoted
 
 
+def test_evaluate_refuses_a_blend_partner_it_does_not_fit(cfg, sim_store, tmp_path):
+    from features.store import build_id, feature_files
+
+    run_dir = tmp_path / "run"  # a finished run on this build; the check comes before its predictions are read
+    run_dir.mkdir()
+    (run_dir / "done.json").write_text(json.dumps({"run_id": None, "build_id": build_id(feature_files(
+        Paths.of(cfg).features))}))
+    for partner, baselines in (("logistic", cfg.eval.baselines), ("hgb_text", ["prevalence", "hgb"])):
+        cfg.eval.blend_with, cfg.eval.baselines = partner, baselines
+        with pytest.raises(UserError, match=rf"eval.blend_with='{partner}': blend with one of \['hgb', 'hgb_text'\]"):
+            evaluate(cfg, run_dir)
+
+
 def _format(cfg, fmt):
     out = io.StringIO()
     compare(cfg, fmt=fmt, out=out)

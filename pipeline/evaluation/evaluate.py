@@ -108,6 +108,9 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     if done.get("build_id") != (current := build_id(files)):
         raise UserError(f"{run_dir}: trained on feature build {done.get('build_id') or '(not recorded)'}, but "
                         f"{files[0]} is build {current} (rebuilt since); run `make train` to retrain on it first")
+    if cfg.eval.blend and cfg.eval.blend_with not in GBMS & set(cfg.eval.baselines):
+        raise UserError(f"eval.blend_with={cfg.eval.blend_with!r}: blend with one of {sorted(GBMS)}, "
+                        "listed in eval.baselines")
     preds = pd.read_parquet(run_dir / PREDICTIONS)
     examples, user_key, _ = load_examples(files)
     labels = examples["label"]
@@ -117,8 +120,6 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     scores |= baseline_predictions(cfg, files, examples, user_key)
     blend_params, partner = None, cfg.eval.blend_with
     val = rows["val"]
-    if cfg.eval.blend and partner not in GBMS & set(cfg.eval.baselines):
-        raise UserError(f"eval.blend_with={partner!r}: blend with one of {sorted(GBMS)}, listed in eval.baselines")
     if cfg.eval.blend and np.isfinite(scores["model"][val]).all():
         # The sequence model with gradient boosting (missing predictions fail just below).
         blend_params = fit_blend(scores["model"][val], scores[partner][val], labels[val])
