@@ -365,6 +365,7 @@ def test_a_run_from_another_world_size_is_neither_reused_nor_resumed(cfg, monkey
     assert saved["fingerprint"] != T._fingerprint(cfg, feature_files(Paths.of(cfg).features), 2)  # last.pt is not resumed either
 
 
+@pytest.mark.slow  # trains twice and evaluates (~9 s): `make test-full`
 def test_evaluate_refuses_predictions_of_another_feature_build(cfg, sim_store, tmp_path):
     import shutil
 
