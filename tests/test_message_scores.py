@@ -100,7 +100,7 @@ def test_training_scores_come_from_scorers_that_never_saw_the_user():
 
 def test_without_messages_it_is_gradient_boosting_on_aggregates():
     X, msgs, y, split, users = _world(2, announce=0.5, identity=0.0)
-    none = ms.RecentMessages(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 16), np.float32), len(y))
+    none = ms.RecentMessages.none(len(y), 16)
     text = ms.MessageScoredHGB().fit(X, none, y, split, users)
     assert text.scorer is None and not text.reads_messages  # scoring it needs no text encoder
     hgb = fit_baselines(X, y, split, [], ["hgb"])["hgb"]

@@ -329,7 +329,6 @@ def test_a_model_without_the_conversation_stream_scores_events_that_include_mess
 
     # Blended with gradient boosting with message scores fitted on that log (no message: no
     # scorer), it still encodes nothing.
-    import numpy as np
 
     from features.aggregates import aggregates_of
     from features.dataset import load_examples
@@ -337,7 +336,7 @@ def test_a_model_without_the_conversation_stream_scores_events_that_include_mess
 
     examples, user_key, _ = load_examples([path])
     X, names = aggregates_of([path])
-    none = RecentMessages(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 0), np.float32), len(X))
+    none = RecentMessages.none(len(X))
     text = MessageScoredHGB().fit(X, none, examples["label"], examples["split"], user_key)
     attrs = read_meta(path).attributes
     bundle = Scorer.write_bundle(tmp_path / "blend", cfg, read_meta(path).vocab, checkpoint=tmp_path / "m.pt",

@@ -59,6 +59,11 @@ class RecentMessages:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    @classmethod
+    def none(cls, n_examples: int, dim: int = 0) -> RecentMessages:
+        """No message for any of `n_examples` examples."""
+        return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, dim), np.float32), n_examples)
+
 
 def recent_user_messages(files) -> RecentMessages:
     """RecentMessages of every example of one or more feature files (shards), global example
@@ -142,15 +147,15 @@ class MessageScoredHGB:
         groups (n,) user keys."""
         labelled = y != UNLABELLED
         train, val = labelled & (split == TRAIN), labelled & (split == VAL)
-        fold = user_folds(groups, FOLDS)
-        fits = train[msgs.example] & (msgs.age_days < FIT_DAYS)
+        on_train, fold = train[msgs.example], user_folds(groups, FOLDS)[msgs.example]  # per message
+        fits = on_train & (msgs.age_days < FIT_DAYS)
         self.scorer = self._fit_scorer(msgs, y, fits)
-        scores = self._scores(self.scorer, msgs)
-        on_train = train[msgs.example]
+        scores = np.zeros(len(msgs.example))
+        scores[~on_train] = self._scores(self.scorer, msgs, ~on_train)
         for k in range(FOLDS):  # training examples: scored by a scorer that never saw their user
-            held = on_train & (fold[msgs.example] == k)
+            held = on_train & (fold == k)
             if held.any():
-                scores[held] = self._scores(self._fit_scorer(msgs, y, fits & ~(fold[msgs.example] == k)), msgs, held)
+                scores[held] = self._scores(self._fit_scorer(msgs, y, fits & (fold != k)), msgs, held)
         Z = np.hstack([X, pooled(scores, msgs)])
         self.model = tuned(hgb_candidates(self.seed), Z, y, train, val, NAME)
         return self
@@ -179,8 +184,7 @@ def predict_files(estimator, files, names: list[str]) -> np.ndarray:
     if not isinstance(estimator, MessageScoredHGB):
         return predict(estimator, X)
     if not estimator.reads_messages:  # trained without a message: its columns were all 0
-        return estimator.predict_proba(X, RecentMessages(np.zeros(0, np.int64), np.zeros(0),
-                                                         np.zeros((0, 0), np.float32), len(X)))[:, 1]
+        return estimator.predict_proba(X, RecentMessages.none(len(X)))[:, 1]
     msgs = recent_user_messages(files)
     if why := text_misfit(estimator, msgs.dim):
         raise UserError(f"{NAME} cannot score this store: {why}")

@@ -133,7 +133,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     n_parts = loop.step_parts(pc.step_threads, mcfg, device, d.world)
     pool = ThreadPoolExecutor(n_parts, thread_name_prefix="pretrain-step") if n_parts > 1 else None
 
-    def forward(part: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:  # one part of a split step
+    def forward(part: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:  # a batch, or one part
         with autocast(device):
             return net(part, generator)
 
@@ -167,23 +167,22 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             with loop.threads_per_part(n_parts):  # held-out evaluation below runs on all of torch's threads
                 for batch in bar:
                     if n_parts > 1:  # the batch's parts forward and backward on threads of their own
-                        optimizer.zero_grad(set_to_none=True)
-                        _, split = loop.parallel_backward(forward, batch, pool, g)
-                        loop.update(optimizer, objectives.parameters(), pc.grad_clip, scheduler)
-                        share = [len(b["example"]) / sum(len(b["example"]) for b in batch) for b in batch]
+                        _, split = loop.split_step(forward, batch, pool, optimizer, objectives.parameters(),
+                                                   pc.grad_clip, scheduler, g)
                     else:
                         batch = [loop.to_device(batch, device)]
-                        with autocast(device):
-                            loss, results = net(batch[0], g)
+                        loss, results = forward(batch[0], g)
                         loop.optimizer_step(loss, optimizer, objectives.parameters(), pc.grad_clip, scheduler)
-                        split, share = [results], [1.0]
+                        split = [results]
+                    size = [len(b["example"]) for b in batch]
+                    share = [k / sum(size) for k in size]
                     for s in parts:
                         running[s].append(sum(w * r[s][0].item() for w, r in zip(share, split)))
                         for r in split:
                             if s in counts and r[s][1]["n"]:
                                 counts[s] += np.bincount(r[s][1]["targets"].numpy(), minlength=len(counts[s]))
                     state["batch"] += 1
-                    seen += sum(len(b["example"]) for b in batch)
+                    seen += sum(size)
                     bar.set_postfix({s: f"{np.mean(running[s][-50:]):.3f}" for s in parts} | shown)
             metrics = {f"train_loss_{s}": float(np.mean(v)) for s, v in running.items() if v}
             # the steps' throughput (loading included, evaluation not), all ranks; logged, not kept

@@ -287,6 +287,15 @@ def parallel_backward(forward, parts: list[dict], pool, generator: torch.Generat
     return sum(loss for loss, _ in out), [extra for _, extra in out]
 
 
+def split_step(forward, parts: list[dict], pool, optimizer: torch.optim.Optimizer, parameters, grad_clip: float,
+               scheduler=None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list]:
+    """`optimizer_step` for a batch split over threads: `parallel_backward`, then `update`."""
+    optimizer.zero_grad(set_to_none=True)
+    out = parallel_backward(forward, parts, pool, generator)
+    update(optimizer, parameters, grad_clip, scheduler)
+    return out
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

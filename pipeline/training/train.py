@@ -118,7 +118,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     parts = loop.step_parts(tc.step_threads, model.config, device, d.world)
     pool = ThreadPoolExecutor(parts, thread_name_prefix="train-step") if parts > 1 else None
 
-    def forward(part: dict, _generator) -> tuple[torch.Tensor, None]:  # one part of a split step
+    def forward(part: dict, _generator) -> tuple[torch.Tensor, None]:  # a batch, or one part of a split one
         with autocast(device):
             return net(part, part["label"])[1], None
 
@@ -165,14 +165,12 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             with loop.threads_per_part(parts):  # validation below runs on all of torch's threads
                 for batch in bar:
                     if parts > 1:  # the batch's parts forward and backward on threads of their own
-                        optimizer.zero_grad(set_to_none=True)
-                        loss, _ = loop.parallel_backward(forward, batch, pool)
-                        loop.update(optimizer, model.parameters(), tc.grad_clip, scheduler)
+                        loss, _ = loop.split_step(forward, batch, pool, optimizer, model.parameters(), tc.grad_clip,
+                                                  scheduler)
                         size = sum(len(b["label"]) for b in batch)
                     else:
                         batch = loop.to_device(batch, device)
-                        with autocast(device):
-                            _, loss = net(batch, batch["label"])
+                        loss, _ = forward(batch, None)
                         loop.optimizer_step(loss, optimizer, model.parameters(), tc.grad_clip, scheduler)
                         size = len(batch["label"])
                     if ema is not None:
