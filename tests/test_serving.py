@@ -36,7 +36,9 @@ def champion(sim_store_files, tiny_encoder_dir, tmp_path_factory):
     cfg.workdir = str(tmp / "w")  # its own runs and scores; the features are the shared store's
     import shutil
 
-    shutil.copytree(sim_store_files[0].parent.parent, tmp / "w")
+    # Not the runs other modules trained in the shared workdir: the tests below read "the" run's
+    # predictions, and a copied one of another test could be found first.
+    shutil.copytree(sim_store_files[0].parent.parent, tmp / "w", ignore=shutil.ignore_patterns("runs"))
     result = train(cfg)
     mv = registry.register(cfg, result.run_id)
     registry.set_champion(cfg, mv.version)
