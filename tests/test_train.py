@@ -167,7 +167,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monke
 def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_path):
     cfg.train.run_name = "good"
     cfg.train.epochs = 3
-    cfg.eval.attention_users = 2  # configs/test.yaml draws none
+    cfg.eval.plots, cfg.eval.attention_users = True, 2  # configs/test.yaml draws none
     good = train(cfg)
     client = mlflow.MlflowClient(cfg.tracking.uri)
     bid = json.loads((good.run_dir / "done.json").read_text())["build_id"]
@@ -198,7 +198,9 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
 
     # A worse candidate: the same model with its ranks reversed.
     bad_dir, bad_run_id = fake_run(cfg, good, "bad", reversed_model(good))
+    cfg.eval.plots = False  # the first run's figures are checked below
     second = evaluate(cfg, bad_dir)
+    assert not client.list_artifacts(bad_run_id, "plots")
     d = second.decision
     assert d.promoted is False and d.reason == "champion is as good or better"
     assert d.champion == pytest.approx(first.metrics["model"]["val"]["roc_auc"], abs=1e-6)  # re-scored, same examples
@@ -219,7 +221,7 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     # (the tiny store's fullest test users have items in every stream).
     attention = [a.removeprefix("plots/attention_").removesuffix(".png").split("_") for a in arts if "attention_" in a]
     users = {user for _, user in attention}
-    assert len(users) == cfg.eval.attention_users and len(attention) == len(users) * 3
+    assert len(users) == 2 and len(attention) == len(users) * 3
     assert {stream for stream, _ in attention} == {"conversation", "food", "events"}
 
     # Every run says what it is, on which build, and its test ROC-AUC beside gradient boosting's.

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 class EvalConfig:
     top_frac: float = 0.1  # recall / lift at the top 10% riskiest users
     calibration_bins: int = 10
+    # The ROC, precision-recall, calibration and lift figures of test and out of time, and the
+    # attention maps below (about 2 s an evaluation on 2 cores); false: metrics and runs only.
+    plots: bool = True
     attention_users: int = 3  # distinct test users with attention plots, one figure per stream each
     # Also score a blend of the sequence model with a gradient boosting (pipeline/evaluation/blend.py):
     # their logits averaged with a weight, then Platt-scaled, both picked on validation.

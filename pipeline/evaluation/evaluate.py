@@ -160,6 +160,23 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
     return EvalResult(run_id, metrics, decision, decisions)
 
 
+def _plots(cfg, files, scores, labels, rows, run_dir: Path) -> None:
+    """The figures of test and out of time, and the attention maps, logged under plots/."""
+    plot_dir = run_dir / "plots"
+    for s in ("test", "oot"):
+        curves = {f"blend with {cfg.eval.blend_with}" if n == BLEND else n: (labels[rows[s]], p[rows[s]])
+                  for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
+        paths = [plots.plot_roc(curves, plot_dir / f"roc_{s}.png", f"ROC ({s})"),
+                 plots.plot_pr(curves, plot_dir / f"pr_{s}.png", f"Precision-recall, disengaged ({s})"),
+                 plots.plot_calibration(curves, plot_dir / f"calibration_{s}.png", cfg.eval.calibration_bins,
+                                        f"Calibration ({s})"),
+                 plots.plot_lift(curves, plot_dir / f"lift_{s}.png", cfg.eval.top_frac, f"Lift ({s})")]
+        tracking.log_artifacts(paths, "plots")
+    from pipeline.evaluation.attention import attention_plots
+
+    tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
+
+
 def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend_params=None) -> str | None:
     """Metrics, plots and the runs of the blend, baselines and oracle; returns the blend's run id
     when that run holds an MLflow model (the champion gate's candidate), else None."""
@@ -179,19 +196,8 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
             tracking.log_metrics(metrics["model"][s], prefix=f"{s}_")
             tracking.log_metrics({f"{s}_oracle_roc_auc": metrics.get("oracle", {}).get(s, {}).get("roc_auc")})
         mlflow.set_tags({"build_id": bid, tracking.NOTE: note(model_what, "model")})
-        plot_dir = run_dir / "plots"
-        for s in ("test", "oot"):
-            curves = {f"blend with {cfg.eval.blend_with}" if n == BLEND else n: (labels[rows[s]], p[rows[s]])
-                      for n, p in scores.items() if np.isfinite(p[rows[s]]).all()}
-            paths = [plots.plot_roc(curves, plot_dir / f"roc_{s}.png", f"ROC ({s})"),
-                     plots.plot_pr(curves, plot_dir / f"pr_{s}.png", f"Precision-recall, disengaged ({s})"),
-                     plots.plot_calibration(curves, plot_dir / f"calibration_{s}.png", cfg.eval.calibration_bins,
-                                            f"Calibration ({s})"),
-                     plots.plot_lift(curves, plot_dir / f"lift_{s}.png", cfg.eval.top_frac, f"Lift ({s})")]
-            tracking.log_artifacts(paths, "plots")
-        from pipeline.evaluation.attention import attention_plots
-
-        tracking.log_artifacts(attention_plots(cfg, run_dir, files, rows["test"], plot_dir), "plots")
+        if cfg.eval.plots:
+            _plots(cfg, files, scores, labels, rows, run_dir)
     exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     common = {"stage": "evaluate", "build_id": bid, "config_name": cfg.name, "git_commit": tracking.git_commit()}
     blend_run, partner = None, cfg.eval.blend_with
