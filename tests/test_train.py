@@ -636,3 +636,28 @@ def test_with_ema_the_averaged_weights_are_validated_and_kept(cfg):
     with pytest.raises(UserError, match="ema_decay"):
         cfg.train.ema_decay, cfg.train.run_name = 1.5, "bad"
         train(cfg)
+
+
+def test_encoders_frozen_for_the_first_epochs_then_train_with_the_head(cfg, monkeypatch):
+    import pipeline.training.loop as loop
+
+    changed = []  # per step: how many parameter tensors the update moved
+    real = loop.update
+
+    def update(optimizer, parameters, grad_clip, scheduler=None):
+        params = list(parameters)
+        before = [p.detach().clone() for p in params]
+        real(optimizer, params, grad_clip, scheduler)
+        changed.append(sum(not torch.equal(b, p) for b, p in zip(before, params)))
+
+    monkeypatch.setattr(loop, "update", update)
+    cfg.train.freeze_epochs, cfg.train.epochs, cfg.train.run_name = 1, 2, "lpft"
+    train(cfg)
+    # (The warm-up's first step has learning rate 0 and moves nothing.)
+    first, second = changed[1 : len(changed) // 2], changed[len(changed) // 2 :]
+    assert len(set(first)) == 1 and 0 < first[0] < 12  # one epoch the head's few tensors only
+    assert min(second) > 60  # then the encoders' too (a tensor whose gradient is 0 may wait a step)
+
+    cfg.train.freeze_encoders = True  # frozen for good: freeze_epochs would mean nothing
+    with pytest.raises(UserError, match="freeze_epochs"):
+        train(cfg)

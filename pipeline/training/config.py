@@ -9,6 +9,9 @@ from dataclasses import dataclass
 class TrainConfig:
     init: str = "pretrained"  # "pretrained" or "scratch"
     freeze_encoders: bool = False
+    # > 0: the pretrained encoders stay frozen for this many first epochs (the head learns on
+    # fixed features), then train with it: linear probing then fine-tuning (Kumar et al. 2022).
+    freeze_epochs: int = 0
     label_fraction: float = 1.0  # share of labelled training users used
     epochs: int = 8
     batch_size: int = 64

@@ -111,7 +111,10 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     model = build_model(cfg, mcfg, device)
     model.set_output_bias(float(train_set.labels().mean()))
     net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
-    optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)
+    optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)  # encoders included while frozen for a while
+    if tc.freeze_epochs and (tc.freeze_encoders or d.enabled):
+        raise UserError(f"train.freeze_epochs={tc.freeze_epochs} needs encoders that train afterwards "
+                        "(train.freeze_encoders=false) and one process (DDP fixes which parameters train)")
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
     ema = loop.ema_of(model, tc.ema_decay) if tc.ema_decay else None
@@ -159,6 +162,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
                                   parts=parts)
             bar = tqdm(batches, desc=f"train {epoch + 1}/{tc.epochs}", initial=state["batch"], total=per_epoch,
                        disable=not d.main, leave=False)
+            for stream in model.streams if tc.freeze_epochs else []:  # AdamW skips parameters without a gradient
+                (model.freeze_encoder if epoch < tc.freeze_epochs else model.unfreeze_encoder)(stream)
             net.train()
             recent: list[float] = []
             seen, started = 0, time.perf_counter()
