@@ -106,8 +106,9 @@ def build_features(
             vocab.extend(events)
         calendar = L.cutoff_calendar(first_ts, data_end, lc)
         if fc.shard is not None:  # after global facts, before per-user work
-            keep = shard_of(events[C.USER_ID].to_numpy(zero_copy_only=False), fc.num_shards) == fc.shard
-            events, ts_all = events.filter(pa.array(keep)), ts_all[keep]
+            keep = shard_of(events[C.USER_ID], fc.num_shards) == fc.shard
+            if not keep.all():  # a shard reading its own partition (features/stream.py) keeps every row
+                events, ts_all = events.filter(pa.array(keep)), ts_all[keep]
         user_ids, user_row = _user_rows(events[C.USER_ID])
         n_users = len(user_ids)
         etype = strings(events[C.EVENT_TYPE])  # numpy unicode: vectorised comparisons, no Python str per row
