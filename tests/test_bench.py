@@ -92,12 +92,12 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     assert [r["files"] for r in rows[5:]] == [1, 2]  # the week as one store, then as a shard per partition
     # the cluster validated the same events and its shards built every example (shard 0 is a part)
     assert dask["events"] == streamed["events"] and dask["examples"] > shard["examples"] > 0
-    assert 0 < dask["run_s"] <= dask["wall_s"] and dask["worker_peak_mb"] > 50
+    assert 0 < dask["run_s"] <= dask["wall_s"] and 0 < dask["warm_run_s"] <= dask["wall_s"] and dask["worker_peak_mb"] > 50
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
     out = capsys.readouterr().out
-    assert f"one feature shard ({shard['events']:,} events)" in out and "measured as one run" in out
+    assert f"one feature shard ({shard['events']:,} events)" in out and "measured as one run" in out and "warm workers" in out
 
 
 def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_store, monkeypatch):
