@@ -64,11 +64,13 @@ def _load_encoder(name: str, device: str) -> TextEncoder:
 
 def scoring_config(cfg: Config, as_of: str) -> Config:
     """The sections of `cfg` for a build with one cutoff, `as_of`, unlabelled, for every user
-    with events before it (supplied labels play no part in scoring)."""
+    with events before it (supplied labels play no part in scoring). The foods catalog is not
+    read: the model's vocabulary already holds its foods, and a model served elsewhere does
+    not have the training machine's files."""
     at = to_utc(as_of).isoformat()
     return replace(
         cfg,
-        data=replace(cfg.data, until=at, labels=None),
+        data=replace(cfg.data, until=at, labels=None, foods=None),
         labels=replace(cfg.labels, first_cutoff=at, include_unlabelled=True, oot_cutoffs=0, last_cutoff=None),
         features=replace(cfg.features, shard=None, num_shards=1),
     )

@@ -78,6 +78,26 @@ def test_the_champion_loaded_by_alias_scores_raw_events_as_the_nightly_job(champ
     assert set(pyfunc.user_id) <= set(events.user_id.dropna())  # raw ids back, as given
 
 
+def test_the_served_model_needs_no_file_of_the_training_machine(champion, tmp_path):
+    # The logged config names the training run's foods catalog (data.foods); a notebook or
+    # server elsewhere does not have it, and the model's vocabulary already holds its foods.
+    from pathlib import Path
+
+    cfg, _, _ = champion
+    events = pd.read_parquet(cfg.data.events).merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
+    model = registry.load_champion(cfg)
+    foods = Path(cfg.data.foods)
+    assert foods.exists()
+    foods.rename(tmp_path / "elsewhere.parquet")
+    try:
+        away = model.predict(events, params={"as_of": AS_OF})
+    finally:
+        (tmp_path / "elsewhere.parquet").rename(foods)
+    here = model.predict(events, params={"as_of": AS_OF})
+    pd.testing.assert_frame_equal(away, here)
+    assert len(here) > 20
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch and mlflow (~10 s): `make test-full`
 def test_a_fresh_process_loads_the_champion_by_alias_with_only_the_project_installed(champion, tmp_path):
     cfg, _, _ = champion
