@@ -43,9 +43,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # Loaded (via PYTHONPATH) into each torchrun worker. At exit it records whether the process
 # group was still alive: a gloo group left for interpreter shutdown can abort the rank
 # ("terminate called without an active exception", pytorch/pytorch#190489), which CI hit
-# once. With SCALE_READ_LOG it also records the example id of every item that rank reads,
-# (item by item or a whole batch at once), so the test can see which examples each process
-# trained on.
+# once. With SCALE_READ_LOG it also records the store and example id of every item that rank
+# reads (item by item or a whole batch at once), so the test can see which examples each process
+# trained on (and leave out other stores' reads, such as the logged model's check of its input
+# example, which builds and scores a store of its own).
 PROBE = textwrap.dedent("""
     import atexit
     import os
@@ -68,7 +69,7 @@ PROBE = textwrap.dedent("""
 
         def _logged_getitem(self, i):
             item = _getitem(self, i)
-            _log.write(f"{item['example']}\\n")
+            _log.write(f"{self.files[0]}\\t{item['example']}\\n")
             return item
 
         _dataset.FeatureDataset.__getitem__ = _logged_getitem
@@ -76,11 +77,17 @@ PROBE = textwrap.dedent("""
 
         def _logged_batch(self, positions):
             batch = _batch(self, positions)
-            _log.write("".join(f"{e}\\n" for e in batch["example"].tolist()))
+            _log.write("".join(f"{self.files[0]}\\t{e}\\n" for e in batch["example"].tolist()))
             return batch
 
         _dataset.FeatureDataset.batch = _logged_batch
 """)
+
+
+def reads_of(log: Path, store: Path) -> np.ndarray:
+    """The example ids a rank read from `store`, in order (the probe's log above)."""
+    rows = [line.split("\t") for line in log.read_text().splitlines()]
+    return np.array([int(e) for path, e in rows if Path(path) == Path(store)], dtype=np.int64)
 
 
 # -- data order ---------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def test_torchrun_trains_on_disjoint_shards_with_one_run_and_one_checkpoint(ddp_
     train_idx = data.select(["train"])
     train_set = data.subset(train_idx)
     n = len(train_idx)
-    read = {r: np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1) for r in range(WORLD)}
+    read = {r: reads_of(reads / f"rank{r}.txt", files[0]) for r in range(WORLD)}
     orders = {(r, e): train_idx[flat(loop.epoch_sampler(cfg.train.batching, train_set, cfg.train.seed, e, bs, 0, r,
                                                         WORLD))] for r in range(WORLD) for e in range(epochs)}
     for r in range(WORLD):
@@ -247,7 +254,7 @@ def test_torchrun_pretrains_with_one_run_and_one_set_of_encoders(ddp_workdir, ti
     pc = cfg.pretrain
     windows = latest_windows(data, data.select(["train"], labelled=False), pc.max_examples_per_user)
     for r in range(WORLD):
-        read = np.loadtxt(reads / f"rank{r}.txt", dtype=np.int64, ndmin=1)
+        read = reads_of(reads / f"rank{r}.txt", files[0])
         window_set = data.subset(windows)
         expected = np.concatenate([windows[flat(loop.epoch_sampler(pc.batching, window_set, pc.seed, e, pc.batch_size,
                                                                    0, r, WORLD))] for e in range(epochs)])
