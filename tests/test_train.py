@@ -117,11 +117,14 @@ def test_the_threaded_step_is_used_on_cpu_in_one_process_with_fast_dropout_only(
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, pytest.param(0.9, marks=pytest.mark.slow)])  # EMA: make test-full
-def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay, two_threads):
+# EMA, and encoders frozen for the first epoch (killed in it, resumed into the next): make test-full
+@pytest.mark.parametrize("ema_decay,freeze_epochs", [(0.0, 0), pytest.param(0.9, 0, marks=pytest.mark.slow),
+                                                     pytest.param(0.0, 1, marks=pytest.mark.slow)])
+def test_killed_run_resumes_to_the_same_weights_and_metrics(cfg, tmp_path, monkeypatch, ema_decay, freeze_epochs,
+                                                            two_threads):
     import pipeline.training.train as T
 
-    cfg.train.ema_decay = ema_decay
+    cfg.train.ema_decay, cfg.train.freeze_epochs = ema_decay, freeze_epochs
     cfg.train.step_threads = 2  # the default: batches split over two threads, masks from per-part generators
     cfg.train.run_name = "whole"
     split, real_split = {"n": 0}, T.loop.parallel_backward
