@@ -51,16 +51,18 @@ SPEEDUPS = {"train_step_speedup": "train_step_examples_per_s", "train_speedup": 
 
 @contextmanager
 def as_before_issue_13(on: bool):
-    """While on, loaders build batches as before issue 13 (`collate` of `dataset[i]` items) and
-    AdamW updates one parameter at a time (torch's default on CPU, `foreach=False`)."""
-    batch, make_optimizer = FeatureDataset.batch, loop.make_optimizer
+    """While on, loaders build batches as before issue 13 (`collate` of `dataset[i]` items, on the
+    training thread, not prefetched) and AdamW updates one parameter at a time (torch's default on
+    CPU, `foreach=False`)."""
+    batch, make_optimizer, prefetched = FeatureDataset.batch, loop.make_optimizer, loop.prefetched
     if on:
         FeatureDataset.batch = None
         loop.make_optimizer = partial(make_optimizer, foreach=False)
+        loop.prefetched = iter
     try:
         yield
     finally:
-        FeatureDataset.batch, loop.make_optimizer = batch, make_optimizer
+        FeatureDataset.batch, loop.make_optimizer, loop.prefetched = batch, make_optimizer, prefetched
 
 
 def run_recipe(name: str, overrides: list[str], demo_workdir: Path, work: Path, epochs: int,

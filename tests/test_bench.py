@@ -118,7 +118,9 @@ def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_stor
     with as_before_issue_13(True):
         before = list(loop.loader(ds, 8, collate, sampler))
         assert loop.make_optimizer(net, 1e-3, 0.0).defaults["foreach"] is False  # AdamW's per-parameter loop
+        assert loop.prefetched is iter  # batches gathered on the training thread
     assert len(items) == len(ds) and callable(FeatureDataset.batch)  # item by item, then restored
+    assert loop.prefetched is not iter
     assert loop.make_optimizer(net, 1e-3, 0.0).defaults["foreach"] is True
     assert len(now) == len(before) == len(sampler)
     for a, b in zip(now, before):

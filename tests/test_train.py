@@ -72,6 +72,31 @@ def test_a_batch_split_over_threads_gives_the_whole_batch_loss_and_gradients(sim
             assert torch.allclose(p.grad, want[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_prefetched_fetches_the_next_batch_while_the_step_runs_and_keeps_order_and_errors():
+    import threading
+
+    from pipeline.training import loop
+
+    fetched = [threading.Event() for _ in range(4)]
+
+    def batches():
+        for i in range(4):
+            fetched[i].set()
+            yield i
+
+    gen = loop.prefetched(batches())
+    assert next(gen) == 0
+    assert fetched[1].wait(10)  # fetched while the caller still holds batch 0
+    assert [0, *gen] == [0, 1, 2, 3]
+
+    def broken():
+        yield 0
+        raise ValueError("unreadable batch")
+
+    with pytest.raises(ValueError, match="unreadable batch"):  # raised where the loop asks for it
+        list(loop.prefetched(broken()))
+
+
 def test_threaded_parts_draw_the_same_dropout_masks_whichever_thread_runs_first(sim_store):
     from concurrent.futures import ThreadPoolExecutor
 

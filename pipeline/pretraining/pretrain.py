@@ -155,8 +155,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
             g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
             sampler = loop.epoch_sampler(pc.batching, train_set, pc.seed, epoch, pc.batch_size, state["batch"], d.rank,
                                          d.world)
-            batches = loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers, pin=device.type == "cuda",
-                                  parts=n_parts)
+            batches = loop.prefetched(loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers,
+                                                  pin=device.type == "cuda", parts=n_parts))
             bar = tqdm(batches, total=per_epoch,
                        initial=state["batch"], desc=f"pretrain {epoch + 1}/{pc.epochs}", disable=not d.main, leave=False)
             running = {s: [] for s in parts}

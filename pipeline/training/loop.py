@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,3 +430,17 @@ def predict(model: nn.Module, data: DataLoader, device: torch.device) -> tuple[n
     if not ids:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(ids), np.concatenate(ys), np.concatenate(ps)
+
+
+def prefetched(iterable):
+    """The items of `iterable`, the next one fetched on a thread while the caller works on this
+    one: a training step no longer waits for its batch to be gathered (a few ms of numpy each).
+    Nothing random happens in a fetch, so steps and resumes are unchanged. On the demo, one
+    epoch of `python -m pipeline train`, seven alternating pairs: median +5.9% examples/s
+    (docs/benchmarks.md)."""
+    it = iter(iterable)
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        fut = pool.submit(next, it, None)
+        while (item := fut.result()) is not None:
+            fut = pool.submit(next, it, None)
+            yield item

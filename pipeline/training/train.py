@@ -158,8 +158,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             epoch = state["epoch"]
             sampler = loop.epoch_sampler(tc.batching, train_set, tc.seed, epoch, tc.batch_size, state["batch"], d.rank,
                                          d.world)
-            batches = loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers, pin=device.type == "cuda",
-                                  parts=parts)
+            batches = loop.prefetched(loop.loader(train_set, tc.batch_size, collate, sampler, tc.num_workers,
+                                                  pin=device.type == "cuda", parts=parts))
             bar = tqdm(batches, desc=f"train {epoch + 1}/{tc.epochs}", initial=state["batch"], total=per_epoch,
                        disable=not d.main, leave=False)
             for stream in model.streams if tc.freeze_epochs else []:  # AdamW skips parameters without a gradient
