@@ -97,6 +97,9 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
             print(f"train: {name} is already trained on these features (val ROC-AUC {info['val_roc_auc']:.4f}); reusing {run_dir}")
         return TrainResult(info["run_id"], run_dir, run_dir / BEST, info["best_epoch"], info["val_roc_auc"], skipped=True)
 
+    if tc.freeze_epochs and (tc.freeze_encoders or d.enabled):
+        raise UserError(f"train.freeze_epochs={tc.freeze_epochs} needs encoders that train afterwards "
+                        "(train.freeze_encoders=false) and one process (DDP fixes which parameters train)")
     meta = read_meta(files[0])
     mcfg = model_config_for(cfg.model, meta)
     data = FeatureDataset(files, mcfg, targets=True)
@@ -112,9 +115,6 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     model.set_output_bias(float(train_set.labels().mean()))
     net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)  # encoders included while frozen for a while
-    if tc.freeze_epochs and (tc.freeze_encoders or d.enabled):
-        raise UserError(f"train.freeze_epochs={tc.freeze_epochs} needs encoders that train afterwards "
-                        "(train.freeze_encoders=false) and one process (DDP fixes which parameters train)")
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
     ema = loop.ema_of(model, tc.ema_decay) if tc.ema_decay else None
