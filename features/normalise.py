@@ -39,7 +39,9 @@ def clean_strings(col: pd.Series, lower: bool = False) -> pd.Series:
     arr = pc.utf8_trim_whitespace(as_arrow(s))
     if lower:
         arr = pc.utf8_lower(arr)
-    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+    empty = pc.equal(arr, "")
+    if pc.any(empty).as_py():  # if_else copies every string: only when there is one to null
+        arr = pc.if_else(empty, pa.scalar(None, arr.type), arr)
     return pd.Series(pd.arrays.ArrowStringArray(arr), index=col.index, name=col.name)
 
 

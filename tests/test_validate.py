@@ -275,3 +275,18 @@ def test_dedup_and_sort_matches_a_full_comparison_of_every_row():
     np.testing.assert_array_equal(dup, expected_dup)
     assert kept.schema == C.NORMALISED_SCHEMA
     assert kept.to_pylist() == pa.Table.from_pandas(expected, schema=C.NORMALISED_SCHEMA, preserve_index=False).to_pylist()
+
+
+def test_event_type_checks_per_distinct_value_equal_per_row_checks():
+    """The event-type pattern runs once per distinct value (`_per_value`); it must give every row
+    what the row-by-row check gives, repeats, blanks and odd values included."""
+    from features.normalise import clean_strings
+    from features.validate import _per_value
+
+    rng = np.random.default_rng(1)
+    values = rng.choice(["message", " Food_Log", "", "weigh in", "x" * 70, "a:b.c-d", "ü", None], 500)
+    etype = clean_strings(pd.Series(values, dtype=object), lower=True).fillna("")
+    per_row = etype.str.match(C.EVENT_TYPE_PATTERN).fillna(False).to_numpy()
+    per_value = _per_value(etype, lambda v: v.str.match(C.EVENT_TYPE_PATTERN).fillna(False))
+    assert 0 < per_row.sum() < len(values)
+    np.testing.assert_array_equal(per_value, per_row)
