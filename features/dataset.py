@@ -230,7 +230,7 @@ class FeatureDataset(Dataset):
             }
             if s == "conversation":
                 out |= {"embedding": a["embedding"][lo:hi], "sender": a["sender"][lo:hi],
-                        "msg_no": np.minimum(a["msg_no"][lo:hi], self.model.max_msg_no)}
+                        "msg_no": np.minimum(a["msg_no"][lo:hi], self._cap("msg_no"))}
             elif s == "food":
                 out |= {"meal": self._clamp(a["meal"][lo:hi], self.model.n_meals),
                         "foods": self._meal_foods(a, lo, hi)}
@@ -239,7 +239,7 @@ class FeatureDataset(Dataset):
                 has = a["has_value"][lo:hi].astype(np.float32)
                 out |= {
                     "type_id": t,
-                    "day": np.minimum(a["day"][lo:hi], self.model.max_day) + 1,
+                    "day": np.minimum(a["day"][lo:hi], self._cap("day")) + 1,
                     "content": self._clamp(a["content"][lo:hi], self.model.n_content),
                     "value": signed_log1p(a["value"][lo:hi]) * has,
                     "value_delta": signed_log1p(a["value_delta"][lo:hi]) * has,
@@ -293,14 +293,14 @@ class FeatureDataset(Dataset):
                         out["embedding"] = np.zeros((B, T, a["embedding"].shape[1]), np.float32)
                     out["embedding"][r, c] = a["embedding"][i]
                     out["sender"][r, c] = a["sender"][i]
-                    out["msg_no"][r, c] = np.minimum(a["msg_no"][i], self.model.max_msg_no)
+                    out["msg_no"][r, c] = np.minimum(a["msg_no"][i], self._cap("msg_no"))
                 elif s == "food":
                     out["meal"][r, c] = self._clamp(a["meal"][i], self.model.n_meals)
                     foods.append((r, c, self._foods_at(a, i)))
                 else:
                     has = a["has_value"][i].astype(np.float32)
                     out["type_id"][r, c] = self._clamp(a["type_id"][i], self.model.n_event_types)
-                    out["day"][r, c] = np.minimum(a["day"][i], self.model.max_day) + 1
+                    out["day"][r, c] = np.minimum(a["day"][i], self._cap("day")) + 1
                     out["content"][r, c] = self._clamp(a["content"][i], self.model.n_content)
                     out["value"][r, c] = signed_log1p(a["value"][i]) * has
                     out["value_delta"][r, c] = signed_log1p(a["value_delta"][i]) * has
@@ -317,6 +317,29 @@ class FeatureDataset(Dataset):
             batch[s] = {k: torch.from_numpy(v) for k, v in out.items()} | {"padding_mask": torch.from_numpy(mask)}
         batch["presence"] = torch.from_numpy(np.stack(presence, axis=1).astype(np.float32))  # (B, 3)
         return batch
+
+    def _cap(self, key: str) -> int:
+        """Where day of program ("day") or message number ("msg_no") is clamped: the store's
+        cap, or the model's trained maximum where training set one (`trained_limits`)."""
+        cap, trained = getattr(self.model, f"max_{key}"), getattr(self.model, f"trained_max_{key}")
+        return min(cap, trained) if trained >= 0 else cap
+
+    def trained_limits(self) -> dict[str, int]:
+        """The largest day of program and message number in the windows of this dataset's
+        examples (each stream's last item: both only grow along a user's history), as the
+        model config's `trained_max_day` / `trained_max_msg_no` (-1 where no window has
+        one). Training saves them with the model, so later inputs stay on rows it trained."""
+        arrays, g = self._load(), self.indices
+        out = {"trained_max_day": -1, "trained_max_msg_no": -1}
+        for f in np.unique(self.file_of[g]):
+            rows = g[self.file_of[g] == f]
+            for s, key in (("events", "day"), ("conversation", "msg_no")):
+                lo, hi = self.examples[f"{s}_start"][rows], self.examples[f"{s}_end"][rows]
+                last = hi[hi > lo] - 1
+                if len(last):
+                    top = min(int(arrays[f][s][key][last].max()), getattr(self.model, f"max_{key}"))
+                    out[f"trained_max_{key}"] = max(out[f"trained_max_{key}"], top)
+        return out
 
     def _meal_foods(self, a: dict, lo: int, hi: int) -> np.ndarray:
         """`_foods` of one example's meals lo..hi, from two contiguous slices (cheap reads

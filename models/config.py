@@ -47,6 +47,12 @@ class ModelConfig:
     # hashed one): a value appended to the vocabulary later reads as unknown, never as an
     # embedding row training never saw.
     attribute_known_ids: list[int] = field(default_factory=list)
+    # Filled by training: the largest day of program and message number in its examples'
+    # windows (-1: not set). Inputs are clamped to them, so an out-of-time example further
+    # into a program than training reached reads the latest row training updated, never an
+    # embedding row it left at its initialisation (docs/models.md).
+    trained_max_day: int = -1
+    trained_max_msg_no: int = -1
     # Dense auxiliary targets (issue 14): a second output of the fusion head predicts the
     # user's own activity on each of the next `future_days` days (-1: every day of the label's
     # horizon, labels.horizon_days, unless labels are supplied (data.labels): then none; 0: no

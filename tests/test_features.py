@@ -625,3 +625,35 @@ def test_a_whole_batch_fetch_equals_collating_its_items(tmp_path, tiny_encoder, 
         if len(empty):  # rows with no item at all: one padded column everywhere
             _assert_same_batch(ds.batch(empty), collate([ds[int(i)] for i in empty]))
     assert len(np.unique(datasets[2].file_of)) == 2
+
+
+def test_trained_limits_are_the_largest_day_and_message_number_training_saw_and_later_inputs_clamp(
+        tmp_path, tiny_encoder, sim_store):
+    """`trained_limits` (saved with a trained model) against every item of the training windows
+    read one by one, on the simulator store and on two shard files; with them set, the items
+    and the whole-batch fetch of any split stay within them (the rows training updated), and
+    without them nothing else changes."""
+    path, cfg, mcfg = sim_store
+    events = make_events(n_users=10, seed=22, per_user=(0, 60))
+    shards = [build_store(tmp_path, events, tiny_encoder, "s", f"features.shard={i}", "features.num_shards=2")[0]
+              for i in range(2)]
+    for files, model in ((path, mcfg), (shards, model_config_for(mcfg, read_meta(shards[0])))):
+        ds = FeatureDataset(files, model)
+        train = ds.subset(ds.select(["train"]))
+        limits = train.trained_limits()
+        items = [train[i] for i in range(len(train))]  # inputs are day + 1 and msg_no, 0 = padding
+        assert limits["trained_max_day"] == max(int(it["events"]["day"].max(initial=0)) for it in items) - 1
+        assert limits["trained_max_msg_no"] == max(int(it["conversation"]["msg_no"].max(initial=0)) for it in items)
+        later = ds.subset(ds.select(["test", "oot"], labelled=False))
+        before = [later[i] for i in range(len(later))]
+        reached = max(int(it["events"]["day"].max(initial=0)) for it in before) - 1
+        assert reached > limits["trained_max_day"]  # the out-of-time examples go further into programs
+        ds.model = dataclasses.replace(model, **limits)
+        later = ds.subset(ds.select(["test", "oot"], labelled=False))
+        after = [later[i] for i in range(len(later))]
+        assert max(int(it["events"]["day"].max(initial=0)) for it in after) == limits["trained_max_day"] + 1
+        assert max(int(it["conversation"]["msg_no"].max(initial=0)) for it in after) <= limits["trained_max_msg_no"]
+        for b, a in zip(before, after):  # only the values past training's change, and only to its latest
+            np.testing.assert_array_equal(a["events"]["day"], np.minimum(b["events"]["day"], limits["trained_max_day"] + 1))
+        idx = np.arange(min(40, len(later)))
+        _assert_same_batch(later.batch(idx), collate([later[int(i)] for i in idx]))

@@ -631,6 +631,9 @@ def test_the_saved_model_carries_its_calibration_and_serves_the_logged_predictio
     assert (logged["calibration_scale"], logged["calibration_bias"]) == pytest.approx((a, b))
     preds = pd.read_parquet(result.run_dir / "predictions.parquet").sort_values("example")
     data = FeatureDataset(feature_files(Paths.of(cfg).features), model.config)
+    # How far into programs training reached is saved with it (and the predictions below used it).
+    limits = data.subset(data.select(["train"], user_fraction=cfg.train.label_fraction)).trained_limits()
+    assert min(limits.values()) > 0 and limits == {k: ckpt["model_config"][k] for k in limits}
     subset = data.subset(preds["example"].to_numpy())
     _, _, p = loop.predict(model, loop.loader(subset, 16, collate), torch.device("cpu"))
     np.testing.assert_allclose(p, preds["p_engaged"].to_numpy(), rtol=1e-5, atol=1e-6)

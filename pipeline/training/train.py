@@ -108,6 +108,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     val_idx = data.select(["val"])
     if not len(train_idx) or not len(val_idx):
         raise UserError(f"{files[0]}: {len(train_idx)} labelled train and {len(val_idx)} val examples; need both")
+    # Day of program and message number past training's are read as its latest (saved with the model).
+    data.model = mcfg = replace(mcfg, **data.subset(train_idx).trained_limits())
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
 
     loop.seed_everything(tc.seed)
