@@ -36,7 +36,7 @@ from features import contract as C
 from features.config import DataConfig
 from features.io import SOURCE_FILE, SOURCE_ROW, _table_files, _types_mapper, write_parquet_atomic
 from features.validate import dedup_and_sort, validate_events
-from features.vocab import KINDS, codes, first_seen, in_order, shard_of
+from features.vocab import KINDS, first_seen, in_order, shard_of, value_counts
 
 log = logging.getLogger(__name__)
 PARTITIONS = "events"  # <out>/events/part-PPP-of-NNN.parquet
@@ -163,10 +163,9 @@ def finish_partition(out: Path, p: int, n: int) -> dict:
     events, dup = dedup_and_sort(table)
     write_parquet_atomic(events, out / PARTITIONS / partition_name(p, n))
     shutil.rmtree(pending)
-    types, names = codes(events[C.EVENT_TYPE])
     ts = pc.min_max(pc.cast(events[C.TS], pa.int64()))  # epoch us; nulls for an empty partition
     return {"accepted": events.num_rows, "duplicates": int(dup.sum()), "users": len(pc.unique(events[C.USER_ID])),
-            "event_types": dict(zip(names, np.bincount(types[types >= 0], minlength=len(names)).tolist())),
+            "event_types": value_counts(events[C.EVENT_TYPE]),
             "first_seen": first_seen(events), "ts_min_us": ts["min"].as_py(), "ts_max_us": ts["max"].as_py()}
 
 

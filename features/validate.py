@@ -31,6 +31,7 @@ from features.normalise import (
     parse_timestamps,
     parse_timestamps_and_units,
 )
+from features.vocab import codes, value_counts
 
 log = logging.getLogger(__name__)
 REPORT = "validation.json"
@@ -139,7 +140,7 @@ def validate_events(
         "quarantined": int((~ok).sum()),
         "reasons": {k: int(v) for k, v in counts.items()},
         "users": pc.count_distinct(table[C.USER_ID]).as_py(),
-        "event_types": _counts(table[C.EVENT_TYPE]),
+        "event_types": value_counts(table[C.EVENT_TYPE]),
         "ts_min": str(pd.Timestamp(ts_range["min"].as_py())) if table.num_rows else None,
         "ts_max": str(pd.Timestamp(ts_range["max"].as_py())) if table.num_rows else None,
         "settings": validation_settings(data),
@@ -186,17 +187,9 @@ def dedup_and_sort(events: pa.Table) -> tuple[pa.Table, np.ndarray]:
 
 def _per_value(values: pd.Series, test) -> np.ndarray:
     """`test` (strings -> booleans) of every row of `values` (strings without nulls), run once
-    per distinct value: event types are a handful of values in millions of rows."""
-    enc = pc.dictionary_encode(as_arrow(values))
-    result = np.asarray(test(pd.Series(pd.arrays.ArrowStringArray(enc.dictionary))), dtype=bool)
-    return result[enc.indices.to_numpy()]
-
-
-def _counts(values: pa.ChunkedArray) -> dict[str, int]:
-    """Rows per value, most frequent first (pandas' value_counts order), without nulls."""
-    counts = pc.value_counts(values.combine_chunks()).to_pylist()
-    pairs = [(c["values"], c["counts"]) for c in counts if c["values"] is not None]
-    return dict(sorted(pairs, key=lambda vc: -vc[1]))
+    per distinct value (`codes`): event types are a handful of values in millions of rows."""
+    c, distinct = codes(as_arrow(values))
+    return np.asarray(test(pd.Series(distinct, dtype="string[pyarrow]")), dtype=bool)[c]
 
 
 def _arrow(values: pd.Series, where: np.ndarray | None = None) -> pa.Array:

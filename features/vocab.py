@@ -133,6 +133,14 @@ def codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
     return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
 
 
+def value_counts(values: pa.Array | pa.ChunkedArray) -> dict:
+    """Rows per distinct non-null value of an Arrow column (`codes`), most frequent first, ties
+    in order of first appearance."""
+    c, distinct = codes(values)
+    n = np.bincount(c[c >= 0], minlength=len(distinct))
+    return {distinct[i]: int(n[i]) for i in np.argsort(-n, kind="stable")}
+
+
 def strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An Arrow string column as a numpy unicode array ('' for null), for vectorised
     comparisons (`etype == "message"`) without a Python string per row."""
