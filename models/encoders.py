@@ -77,19 +77,22 @@ class StreamEncoder(nn.Module):
         x = self.drop(self.norm(x))  # (B, T, D)
         return x * (~s["padding_mask"]).unsqueeze(-1).to(x.dtype)  # (B, T, D)
 
-    def forward(self, s: dict[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, s: dict[str, torch.Tensor], items: bool = True,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode one stream.
 
         Args:
             s: the stream dict of the batch (fields in the subclass docstring): (B, T) long
                 ids with 0 = padding, (B, T) float32 values, `padding_mask` (B, T) bool with
                 True = padding (a row may be all padding: the stream is empty).
+            items: False when only `cls` is read: the last layer may then skip the items
+                (`SequenceEncoder.forward`).
 
         Returns:
             cls: (B, D) float32 pooled state (config.pooling) and items: (B, T, D) float32,
-            exactly 0 at padding.
+            exactly 0 at padding (None after `items=False` where the last layer skipped them).
         """
-        return self.encoder(self.embed(s, **kwargs), s["padding_mask"])  # (B, D), (B, T, D)
+        return self.encoder(self.embed(s, **kwargs), s["padding_mask"], items=items)  # (B, D), (B, T, D)
 
     def attention_maps(self, s: dict[str, torch.Tensor], **kwargs) -> list[torch.Tensor]:
         """One (B, n_heads, 1+T, 1+T) tensor per layer; index 0 is [CLS]."""
@@ -134,12 +137,12 @@ class ConversationEncoder(StreamEncoder):
         return x
 
     def forward(
-        self, conv: dict[str, torch.Tensor], split: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, conv: dict[str, torch.Tensor], split: torch.Tensor | None = None, items: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args: conv, the conversation stream dict (see class docstring); split, optional
-        (B, T) long, 0 none / 1 before the cut / 2 after the cut.
-        Returns cls (B, D) float32 and items (B, T, D) float32 (0 at padding)."""
-        return super().forward(conv, split=split)  # (B, D), (B, T, D)
+        (B, T) long, 0 none / 1 before the cut / 2 after the cut; items as `StreamEncoder`'s.
+        Returns cls (B, D) float32 and items (B, T, D) float32 (0 at padding) or None."""
+        return super().forward(conv, items=items, split=split)  # (B, D), (B, T, D)
 
 
 class FoodEncoder(StreamEncoder):

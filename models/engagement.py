@@ -96,7 +96,7 @@ class EngagementModel(nn.Module):
                 `config.future_days` and `batch["future"]`, plus `future_weight` x the mean
                 binary cross-entropy of the per-day activity outputs over the known days.
         """
-        states = [self.encoders[s](batch[s])[0] for s in self.streams]  # S x (B, D)
+        states = [self.encoders[s](batch[s], items=False)[0] for s in self.streams]  # S x (B, D)
         presence = batch["presence"].index_select(1, self.presence_index)  # (B, 3) -> (B, S)
         parts = states + [presence]
         if self.aggregate_proj is not None:

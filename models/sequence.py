@@ -78,6 +78,30 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.dropout1(attn.out_proj(o))  # (B, T, D)
 
+    def forward_first(self, src: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """`forward(src, padding_mask)[:, 0]`, computed for that row only: position 0 (the
+        [CLS]) queries the keys and values of every position, but no other position's query,
+        attention output or feed-forward is computed. For a last layer whose other rows nobody
+        reads (a classifier reading [CLS]) that skips most of the layer's arithmetic: per item
+        only the k and v projections remain, 2 D^2 of the layer's 8 D^2 multiply-adds at
+        d_ff = 2 D (the default), and the attention is one query per row instead of 1 + T.
+        src: (B, T, D); padding_mask: (B, T) bool, True = padding. Returns (B, D)."""
+        attn = self.self_attn
+        B, T, D = src.shape
+        H = attn.num_heads
+        h = self.norm1(src)  # (B, T, D): keys and values need every position's norm
+        w, b = attn.in_proj_weight, attn.in_proj_bias  # (3D, D), (3D,): q, k, v stacked
+        # (2-D operands throughout: a (B, 1, D) view of h rounded differently from the whole
+        # projection depending on whether the weight required grad.)
+        q = F.linear(h[:, 0], w[:D], b[:D]).view(B, H, 1, D // H)  # (B, H, 1, D/H)
+        kv = F.linear(h, w[D:], b[D:])  # (B, T, 2D)
+        k, v = kv.view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, T, D/H)
+        mask = (~padding_mask)[:, None, None, :]  # (B, 1, 1, T), True = attend
+        p = attn.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, 1, D/H)
+        x = src[:, 0] + self.dropout1(attn.out_proj(o.reshape(B, D)))  # (B, D)
+        return x + self._ff_block(self.norm2(x))  # (B, D)
+
 
 class SequenceEncoder(nn.Module):
     """[CLS] + items -> TransformerEncoder (batch_first, pre-norm) -> final LayerNorm.
@@ -143,22 +167,31 @@ class SequenceEncoder(nn.Module):
         return x, mask
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, items: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode one stream.
 
         Args:
             x: (B, T, D) float32 item vectors, batch first.
             padding_mask: (B, T) bool, **True = padding** (the `src_key_padding_mask`
                 convention); None means no padding. A row may be all True (empty stream).
+            items: False when the caller reads the pooled state only: with `pooling="cls"`
+                and this module's `EncoderLayer`, the last layer then computes the [CLS] row
+                alone (`EncoderLayer.forward_first`), the same function for that row.
 
         Returns:
             pooled: (B, D) float32 — the [CLS] state (`pooling="cls"`), or the mean over
                 [CLS] and the valid items (`pooling="mean"`; [CLS] keeps it finite when a
                 stream is empty).
-            items: (B, T, D) float32 item states; exactly 0 at padded positions.
+            items: (B, T, D) float32 item states; exactly 0 at padded positions. None when
+                `items=False` took the [CLS]-only path.
         """
         x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D), (B, 1+T)
+        layers = self.transformer.layers
+        if not items and self.pooling == "cls" and isinstance(layers[-1], EncoderLayer):
+            for layer in layers[:-1]:
+                x = layer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
+            return self.ln_f(layers[-1].forward_first(x, mask)), None  # (B, D)
         with _without_mha_fastpath():
             h = self.transformer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
         h = self.ln_f(h)  # (B, 1+T, D)

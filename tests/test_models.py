@@ -54,7 +54,7 @@ class SeedBugEncoder(SequenceEncoder):
         self.transformer = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.transposed_mask = transposed_mask
 
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, padding_mask=None, items=True):
         x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D)
         # A "fix" of the shape error by transposing the mask keeps the batch mixing.
         h = self.transformer(x, src_key_padding_mask=mask.T if self.transposed_mask else None)
@@ -64,8 +64,8 @@ class SeedBugEncoder(SequenceEncoder):
 
 
 class MaskIgnoringEncoder(SequenceEncoder):
-    def forward(self, x, padding_mask=None):
-        return super().forward(x, None)
+    def forward(self, x, padding_mask=None, items=True):
+        return super().forward(x, None, items)
 
 
 def with_sequence_encoder(cfg, cls, seed=0, **kwargs):
@@ -257,7 +257,7 @@ def test_gradients_reach_cls_and_every_encoder(cfg, batch):
 def test_grad_check_catches_an_unused_encoder(cfg, batch):
     model = make_model(cfg)
     food = model.encoders["food"]
-    food.forward = lambda s: tuple(t.detach() for t in FoodEncoder.forward(food, s))
+    food.forward = lambda s, **kw: tuple(t.detach() for t in FoodEncoder.forward(food, s) if t is not None)
     result = diag.grad_norm_check(model, batch)
     assert not result.passed and "encoders.food" in result.detail
 
@@ -549,7 +549,9 @@ def test_sdpa_encoder_layer_computes_what_torchs_layer_computes(cfg, batch, pool
     # models/sequence.py EncoderLayer is nn.TransformerEncoderLayer's function on another
     # path: same weights, same outputs in eval, and in training (same seed, so the same dropout
     # masks in the same order) the same loss and the same gradients, empty streams included.
-    cfg = dataclasses.replace(cfg, pooling=pooling)
+    # With [CLS] pooling the classifier's last layers compute the [CLS] row alone, so their
+    # dropout masks are smaller than the reference's: that case trains without dropout.
+    cfg = dataclasses.replace(cfg, pooling=pooling, dropout=0.0 if pooling == "cls" else cfg.dropout)
     fast = make_model(cfg)
     ref = EngagementModel(dataclasses.replace(cfg, encoder_layer="torch"))
     ref.load_state_dict(fast.state_dict())
@@ -571,6 +573,47 @@ def test_sdpa_encoder_layer_computes_what_torchs_layer_computes(cfg, batch, pool
         for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
             if p.grad is not None or q.grad is not None:
                 assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def _double(x):
+    if isinstance(x, dict):
+        return {k: _double(v) for k, v in x.items()}
+    return x.double() if x.is_floating_point() else x
+
+
+def test_a_classifier_computes_the_last_layer_for_cls_alone_and_gets_the_full_layers_answer(cfg, batch):
+    # The engagement model reads each encoder's [CLS] state only, so its last layer computes
+    # the [CLS] row alone (EncoderLayer.forward_first): the same state and gradients as the
+    # whole layer, empty streams included (in float64, where rounding cannot hide a difference;
+    # float32 gradients of this loss differ by 1e-3 relative on either path), with B rows
+    # reaching the last feed-forward instead of B * (1 + T). Mean pooling needs every row.
+    model = make_model(dataclasses.replace(cfg, dropout=0.0)).double()
+    rows = []
+    for enc in model.encoders.values():
+        enc.encoder.transformer.layers[-1].linear1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1]))
+    for b in (_double(batch), _double(all_empty_batch(cfg))):
+        for s in model.streams:
+            enc = model.encoders[s]
+            rows.clear()
+            full, items = enc(b[s])
+            assert items is not None and rows == [(len(b["label"]), 1 + b[s]["padding_mask"].shape[1])]
+            rows.clear()
+            first, none = enc(b[s], items=False)
+            assert none is None and rows == [(len(b["label"]),)]
+            torch.testing.assert_close(first, full, atol=1e-12, rtol=0)
+            grads = []
+            for x in (full, first):
+                model.zero_grad()
+                x.pow(2).sum().backward()
+                grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+            assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+            for n in grads[0]:
+                torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-10, rtol=1e-8, msg=n)
+    rows.clear()
+    model(_double(batch))
+    assert len(rows) == len(model.streams) and all(len(r) == 1 for r in rows)
+    mean = make_model(dataclasses.replace(cfg, pooling="mean"))
+    assert mean.encoders["food"](batch["food"], items=False)[1] is not None
 
 
 def test_encoder_layer_choice_is_checked(cfg):

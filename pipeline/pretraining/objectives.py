@@ -78,7 +78,7 @@ class ConversationNegativeSampling(nn.Module):
                                                  batch["user"].cpu(), g)
         device = self.head.weight.device
         conv = {k: v.to(device) for k, v in conv.items()}
-        cls, _ = self.encoder(conv, split=split.to(device))  # (B, D)
+        cls, _ = self.encoder(conv, split=split.to(device), items=False)  # (B, D)
         logits = self.head(cls).squeeze(-1)[used.to(device)]  # (B,) -> (n_used,)
         target = target.to(device)[used.to(device)]
         if not len(target):
@@ -222,7 +222,7 @@ class FutureActivity(nn.Module):
     def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         """batch: a collated batch with `future` (B, days) float, -1 = unknown."""
         device = self.head.weight.device
-        states = [enc({k: v.to(device) for k, v in batch[s].items()})[0] for s, enc in self.encoders.items()]
+        states = [enc({k: v.to(device) for k, v in batch[s].items()}, items=False)[0] for s, enc in self.encoders.items()]
         logits = self.head(torch.cat(states, dim=-1))  # (B, S*D) -> (B, days)
         target = batch["future"].to(device)
         known = target >= 0
@@ -305,7 +305,7 @@ class CoLES(nn.Module):
             if len(label) < 2 or len(label.unique()) < 2:
                 continue
             device = next(enc.parameters()).device
-            cls, _ = enc({k: v.to(device) for k, v in slices.items()})  # (N, D)
+            cls, _ = enc({k: v.to(device) for k, v in slices.items()}, items=False)  # (N, D)
             loss, h, m = self.pair_loss(F.normalize(cls, dim=-1), label.to(device))
             losses.append(loss)
             hits, n = hits + h, n + m
