@@ -77,7 +77,7 @@ class StreamEncoder(nn.Module):
         x = self.drop(self.norm(x))  # (B, T, D)
         return x * (~s["padding_mask"]).unsqueeze(-1).to(x.dtype)  # (B, T, D)
 
-    def forward(self, s: dict[str, torch.Tensor], items: bool = True,
+    def forward(self, s: dict[str, torch.Tensor], items: bool | torch.Tensor = True,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode one stream.
 
@@ -85,12 +85,13 @@ class StreamEncoder(nn.Module):
             s: the stream dict of the batch (fields in the subclass docstring): (B, T) long
                 ids with 0 = padding, (B, T) float32 values, `padding_mask` (B, T) bool with
                 True = padding (a row may be all padding: the stream is empty).
-            items: False when only `cls` is read: the last layer may then skip the items
-                (`SequenceEncoder.forward`).
+            items: True for every item state, False for none (only `cls` is read), or a
+                (B, R) long tensor of the item indices per row to return; the last layer
+                then skips the others (`SequenceEncoder.forward`).
 
         Returns:
             cls: (B, D) float32 pooled state (config.pooling) and items: (B, T, D) float32,
-            exactly 0 at padding (None after `items=False` where the last layer skipped them).
+            exactly 0 at padding ((B, R, D) for a tensor `items`; None after `items=False`).
         """
         return self.encoder(self.embed(s, **kwargs), s["padding_mask"], items=items)  # (B, D), (B, T, D)
 
@@ -137,7 +138,7 @@ class ConversationEncoder(StreamEncoder):
         return x
 
     def forward(
-        self, conv: dict[str, torch.Tensor], split: torch.Tensor | None = None, items: bool = True
+        self, conv: dict[str, torch.Tensor], split: torch.Tensor | None = None, items: bool | torch.Tensor = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args: conv, the conversation stream dict (see class docstring); split, optional
         (B, T) long, 0 none / 1 before the cut / 2 after the cut; items as `StreamEncoder`'s.

@@ -78,29 +78,31 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.dropout1(attn.out_proj(o))  # (B, T, D)
 
-    def forward_first(self, src: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """`forward(src, padding_mask)[:, 0]`, computed for that row only: position 0 (the
-        [CLS]) queries the keys and values of every position, but no other position's query,
-        attention output or feed-forward is computed. For a last layer whose other rows nobody
-        reads (a classifier reading [CLS]) that skips most of the layer's arithmetic: per item
-        only the k and v projections remain, 2 D^2 of the layer's 8 D^2 multiply-adds at
-        d_ff = 2 D (the default), and the attention is one query per row instead of 1 + T.
-        src: (B, T, D); padding_mask: (B, T) bool, True = padding. Returns (B, D)."""
+    def forward_rows(self, src: torch.Tensor, padding_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`forward(src, padding_mask)` at positions `rows` only: those rows query the keys and
+        values of every position, and no other row's query, attention output or feed-forward is
+        computed. For a last layer of which a caller reads a few rows (a classifier its [CLS],
+        a masked objective [CLS] and the masked items) that skips most of the layer's
+        arithmetic: per item only the k and v projections remain, 2 D^2 of the layer's 8 D^2
+        multiply-adds at d_ff = 2 D (the default), and the attention has one query per kept row
+        instead of one per position.
+        src: (B, T, D); padding_mask: (B, T) bool, True = padding; rows: (B, R) long positions
+        (repeats allowed). Returns (B, R, D)."""
         attn = self.self_attn
         B, T, D = src.shape
-        H = attn.num_heads
+        R, H = rows.shape[1], attn.num_heads
+        at = rows.unsqueeze(-1).expand(B, R, D)  # (B, R, D) gather index
         h = self.norm1(src)  # (B, T, D): keys and values need every position's norm
         w, b = attn.in_proj_weight, attn.in_proj_bias  # (3D, D), (3D,): q, k, v stacked
-        # (2-D operands throughout: a (B, 1, D) view of h rounded differently from the whole
-        # projection depending on whether the weight required grad.)
-        q = F.linear(h[:, 0], w[:D], b[:D]).view(B, H, 1, D // H)  # (B, H, 1, D/H)
+        q = F.linear(h.gather(1, at), w[:D], b[:D])  # (B, R, D)
+        q = q.view(B, R, H, D // H).transpose(1, 2)  # (B, H, R, D/H)
         kv = F.linear(h, w[D:], b[D:])  # (B, T, 2D)
         k, v = kv.view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, T, D/H)
         mask = (~padding_mask)[:, None, None, :]  # (B, 1, 1, T), True = attend
         p = attn.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, 1, D/H)
-        x = src[:, 0] + self.dropout1(attn.out_proj(o.reshape(B, D)))  # (B, D)
-        return x + self._ff_block(self.norm2(x))  # (B, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, R, D/H)
+        x = src.gather(1, at) + self.dropout1(attn.out_proj(o.transpose(1, 2).reshape(B, R, D)))  # (B, R, D)
+        return x + self._ff_block(self.norm2(x))  # (B, R, D)
 
 
 class SequenceEncoder(nn.Module):
@@ -167,7 +169,7 @@ class SequenceEncoder(nn.Module):
         return x, mask
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, items: bool = True
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, items: bool | torch.Tensor = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode one stream.
 
@@ -175,23 +177,34 @@ class SequenceEncoder(nn.Module):
             x: (B, T, D) float32 item vectors, batch first.
             padding_mask: (B, T) bool, **True = padding** (the `src_key_padding_mask`
                 convention); None means no padding. A row may be all True (empty stream).
-            items: False when the caller reads the pooled state only: with `pooling="cls"`
-                and this module's `EncoderLayer`, the last layer then computes the [CLS] row
-                alone (`EncoderLayer.forward_first`), the same function for that row.
+            items: which item states the caller reads: True all, False none (the pooled
+                state only), or a (B, R) long tensor of item indices (0 to T-1) per row. With
+                `pooling="cls"` and this module's `EncoderLayer`, the last layer then computes
+                [CLS] and those rows alone (`EncoderLayer.forward_rows`): the same function
+                for them, for a fraction of the arithmetic.
 
         Returns:
             pooled: (B, D) float32 — the [CLS] state (`pooling="cls"`), or the mean over
                 [CLS] and the valid items (`pooling="mean"`; [CLS] keeps it finite when a
                 stream is empty).
-            items: (B, T, D) float32 item states; exactly 0 at padded positions. None when
-                `items=False` took the [CLS]-only path.
+            items: (B, T, D) float32 item states, exactly 0 at padded positions; with a
+                tensor `items`, (B, R, D) the states of those items (0 where one is padding);
+                None with `items=False`.
         """
+        rows = None if isinstance(items, bool) else items  # (B, R) item indices
         x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D), (B, 1+T)
         layers = self.transformer.layers
-        if not items and self.pooling == "cls" and isinstance(layers[-1], EncoderLayer):
+        if items is not True and self.pooling == "cls" and isinstance(layers[-1], EncoderLayer):
             for layer in layers[:-1]:
                 x = layer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
-            return self.ln_f(layers[-1].forward_first(x, mask)), None  # (B, D)
+            at = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # (B, 1): [CLS]
+            if rows is not None:
+                at = torch.cat([at, rows + 1], dim=1)  # (B, 1+R): [CLS], then the items
+            h = self.ln_f(layers[-1].forward_rows(x, mask, at))  # (B, 1+R, D)
+            if rows is None:
+                return h[:, 0], None  # (B, D)
+            valid = (~mask).gather(1, at[:, 1:]).unsqueeze(-1).to(h.dtype)  # (B, R, 1)
+            return h[:, 0], h[:, 1:] * valid  # (B, D), (B, R, D)
         with _without_mha_fastpath():
             h = self.transformer(x, src_key_padding_mask=mask)  # (B, 1+T, D)
         h = self.ln_f(h)  # (B, 1+T, D)
@@ -201,6 +214,8 @@ class SequenceEncoder(nn.Module):
             pooled = h[:, 0]  # (B, D)
         else:
             pooled = h.sum(dim=1) / valid.sum(dim=1)  # (B, D), count >= 1 thanks to [CLS]
+        if rows is not None:  # the states asked for, taken from all of them
+            return pooled, h[:, 1:].gather(1, rows.unsqueeze(-1).expand(*rows.shape, h.shape[-1]))  # (B, R, D)
         return pooled, h[:, 1:]  # (B, D), (B, T, D)
 
     @torch.no_grad()

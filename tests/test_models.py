@@ -581,39 +581,52 @@ def _double(x):
     return x.double() if x.is_floating_point() else x
 
 
-def test_a_classifier_computes_the_last_layer_for_cls_alone_and_gets_the_full_layers_answer(cfg, batch):
-    # The engagement model reads each encoder's [CLS] state only, so its last layer computes
-    # the [CLS] row alone (EncoderLayer.forward_first): the same state and gradients as the
-    # whole layer, empty streams included (in float64, where rounding cannot hide a difference;
-    # float32 gradients of this loss differ by 1e-3 relative on either path), with B rows
-    # reaching the last feed-forward instead of B * (1 + T). Mean pooling needs every row.
+@pytest.mark.parametrize("read", ["cls", "cls and some items"])
+def test_the_last_layer_computes_only_the_rows_read_and_gets_the_full_layers_answer(cfg, batch, read):
+    # The engagement model reads each encoder's [CLS] state only, a masked objective [CLS] and
+    # the masked items, so their last layer computes those rows alone
+    # (EncoderLayer.forward_rows): the same states and gradients as the whole layer, empty
+    # streams included (in float64, where rounding cannot hide a difference; float32
+    # gradients of this loss differ by 1e-3 relative on either path), with B * rows reaching
+    # the last feed-forward instead of B * (1 + T). Mean pooling needs every row.
     model = make_model(dataclasses.replace(cfg, dropout=0.0)).double()
-    rows = []
+    seen = []
     for enc in model.encoders.values():
-        enc.encoder.transformer.layers[-1].linear1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1]))
+        enc.encoder.transformer.layers[-1].linear1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1]))
+    g = torch.Generator().manual_seed(0)
     for b in (_double(batch), _double(all_empty_batch(cfg))):
         for s in model.streams:
             enc = model.encoders[s]
-            rows.clear()
+            n, T = len(b["label"]), b[s]["padding_mask"].shape[1]
+            seen.clear()
             full, items = enc(b[s])
-            assert items is not None and rows == [(len(b["label"]), 1 + b[s]["padding_mask"].shape[1])]
-            rows.clear()
-            first, none = enc(b[s], items=False)
-            assert none is None and rows == [(len(b["label"]),)]
+            assert items is not None and seen == [(n, 1 + T)]
+            rows = torch.randint(0, T, (n, 3), generator=g) if read != "cls" else None  # repeats allowed
+            seen.clear()
+            first, some = enc(b[s], items=False if rows is None else rows)
+            assert seen == [(n, 1 if rows is None else 4)]
             torch.testing.assert_close(first, full, atol=1e-12, rtol=0)
+            if rows is None:
+                assert some is None
+            else:
+                torch.testing.assert_close(some, items[torch.arange(n)[:, None], rows], atol=1e-12, rtol=0)
+                assert (some[b[s]["padding_mask"].gather(1, rows)] == 0).all()
             grads = []
-            for x in (full, first):
+            for out in ((full, items[torch.arange(n)[:, None], rows] if rows is not None else None), (first, some)):
                 model.zero_grad()
-                x.pow(2).sum().backward()
-                grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+                (out[0].pow(2).sum() + (out[1].pow(3).sum() if out[1] is not None else 0)).backward()
+                grads.append({k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None})
             assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-            for n in grads[0]:
-                torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-10, rtol=1e-8, msg=n)
-    rows.clear()
+            for k in grads[0]:
+                torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-10, rtol=1e-8, msg=k)
+    seen.clear()
     model(_double(batch))
-    assert len(rows) == len(model.streams) and all(len(r) == 1 for r in rows)
+    assert len(seen) == len(model.streams) and all(r == (len(batch["label"]), 1) for r in seen)
     mean = make_model(dataclasses.replace(cfg, pooling="mean"))
     assert mean.encoders["food"](batch["food"], items=False)[1] is not None
+    rows = torch.zeros(len(batch["label"]), 2, dtype=torch.long)
+    torch.testing.assert_close(mean.eval().encoders["food"](batch["food"], items=rows)[1],
+                               mean.encoders["food"](batch["food"])[1][:, [0, 0]])
 
 
 def test_encoder_layer_choice_is_checked(cfg):

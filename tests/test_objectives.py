@@ -10,7 +10,12 @@ from scipy.stats import chi2_contingency
 from features.dataset import FeatureDataset, collate
 from models.encoders import ConversationEncoder, EventEncoder, FoodEncoder
 from models.synthetic import random_batch, tiny_config
-from pipeline.pretraining.objectives import ConversationNegativeSampling, MaskedEvents, MaskedFood
+from pipeline.pretraining.objectives import (
+    ConversationNegativeSampling,
+    MaskedEvents,
+    MaskedFood,
+    rows_per_user,
+)
 from pipeline.pretraining.pretrain import evaluate_objectives, latest_windows
 
 
@@ -379,3 +384,18 @@ def test_an_objectives_held_out_figures_do_not_depend_on_the_others_beside_it(si
     assert alone["heldout_nsp_accuracy"] == crowd["heldout_nsp_accuracy"]
     assert alone["baseline_nsp_accuracy"] == crowd["baseline_nsp_accuracy"]  # the same corruptions
     assert "heldout_coles_top1" in crowd and "heldout_event_top1" in crowd
+
+
+def test_rows_per_user_lays_the_masked_items_out_per_row_and_finds_each_again():
+    # A masked objective asks its encoder for the states of its masked items only
+    # (`items=rows`); rows_per_user turns the masked (b, t) pairs into those rows, and each
+    # pair must find its own item's state again at (b, column).
+    g = torch.Generator().manual_seed(0)
+    for pick in (torch.rand(9, 11, generator=g) < 0.2, torch.zeros(4, 5, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)):
+        where = torch.nonzero(pick)
+        rows, column = rows_per_user(where, pick.shape[0])
+        assert rows.shape == (pick.shape[0], max(1, int(pick.sum(1).max())))
+        assert torch.equal(rows[where[:, 0], column], where[:, 1])
+        states = torch.randn(*pick.shape, 4)  # (B, T, D) every item's state
+        picked = states[torch.arange(pick.shape[0])[:, None], rows]  # (B, R, D) what the encoder returns
+        assert torch.equal(picked[where[:, 0], column], states[pick])

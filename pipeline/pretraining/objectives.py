@@ -106,6 +106,18 @@ def _topk_hits(logits: torch.Tensor, target: torch.Tensor, ks=(1, 10)) -> dict:
     return {f"top{k}": (top[:, :k] == target[:, None]).any(1).sum().item() for k in ks}
 
 
+def rows_per_user(where: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) long (b, t) pairs in row-major order (`torch.nonzero`'s) -> the (B, R) item
+    indices of each row (R = the most pairs of a row, at least 1; the rest filled with 0), the
+    encoder's `items` argument, and the (N,) column of each pair in it: the states of the pairs
+    are `states[where[:, 0], column]`."""
+    counts = torch.bincount(where[:, 0], minlength=B)  # (B,)
+    column = torch.arange(len(where)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)  # (N,)
+    rows = torch.zeros(B, max(1, int(counts.max()) if len(where) else 1), dtype=torch.long)  # (B, R)
+    rows[where[:, 0], column] = where[:, 1]
+    return rows, column
+
+
 class MaskedFood(nn.Module):
     """Mask one food of some meals (never padding) and predict it over the food vocabulary,
     with the output tied to the encoder's food embedding."""
@@ -140,8 +152,9 @@ class MaskedFood(nn.Module):
         """batch: a collated batch (features/dataset.py); uses its food stream."""
         food_c, where, target = self.corrupt({k: v.cpu() for k, v in batch[self.stream].items()}, g)
         device = self.head.bias.device
-        _, items = self.encoder({k: v.to(device) for k, v in food_c.items()})  # (B, T, D)
-        h = items[where[:, 0].to(device), where[:, 1].to(device)]  # (N, D)
+        rows, slot = rows_per_user(where, food_c["food_ids"].shape[0])  # (B, R), (N,)
+        _, items = self.encoder({k: v.to(device) for k, v in food_c.items()}, items=rows.to(device))  # (B, R, D)
+        h = items[where[:, 0].to(device), slot.to(device)]  # (N, D)
         table = self.encoder.food_embedding.weight[: self.vocab]  # (V, D) without [MASK]
         logits = self.head(h, table)  # (N, V)
         target = target.to(device)
@@ -179,10 +192,11 @@ class MaskedEvents(nn.Module):
         ev = batch[self.stream]
         ev_c, pick = self.corrupt({k: v.cpu() for k, v in ev.items()}, g)
         device = self.head.bias.device
-        _, items = self.encoder({k: v.to(device) for k, v in ev_c.items()})  # (B, T, D)
-        pick = pick.to(device)
-        h = items[pick]  # (N, D)
-        target = ev["type_id"].to(device)[pick]  # (N,)
+        where = torch.nonzero(pick)  # (N, 2) (b, t), in the order of ev["type_id"][pick]
+        rows, slot = rows_per_user(where, pick.shape[0])  # (B, R), (N,)
+        _, items = self.encoder({k: v.to(device) for k, v in ev_c.items()}, items=rows.to(device))  # (B, R, D)
+        h = items[where[:, 0].to(device), slot.to(device)]  # (N, D)
+        target = ev["type_id"].to(device)[pick.to(device)]  # (N,)
         if not len(target):
             return h.sum() * 0.0, {"n": 0}
         logits = self.head(h, self.encoder.type_embedding.weight[: self.vocab])  # (N, V)
