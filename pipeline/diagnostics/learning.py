@@ -180,6 +180,31 @@ def leak_label(batch: Batch, stream: str = "conversation", scale: float = 1.0) -
     return out
 
 
+def coin_labels(batch: Batch, g: torch.Generator) -> Batch:
+    """A copy of `batch` with fair coin flips for labels: once leaked, the leak is then the
+    only thing that predicts them. (With the real labels the other features predict them in
+    part, and a model fitting a few batches could lean on those for the rarer class and miss
+    it on held-out examples, failing a sound model on some seeds.)"""
+    return dict(batch) | {"label": torch.randint(0, 2, batch["label"].shape, generator=g).to(batch["label"].dtype)}
+
+
+def leak_level(batches: Sequence[Batch], stream: str) -> float:
+    """The magnitude `leak_label` writes: 1 + twice the largest magnitude the leaked feature
+    takes on a valid item of `batches`, so no real value can pass for a leaked one (the
+    message vectors of a small test encoder reach 0.8 in a dimension where ±1 drowned; a
+    sentence encoder's unit vectors stay near 0.05). 1 for the food stream's categorical slot."""
+    key = {"conversation": "embedding", "events": "value"}.get(stream)
+    if key is None:
+        return 1.0
+    top = 0.0
+    for b in batches:
+        values = b[stream][key][..., 0] if key == "embedding" else b[stream][key]  # (B, T)
+        valid = ~b[stream]["padding_mask"]  # (B, T)
+        if valid.any():
+            top = max(top, float(values[valid].abs().max()))
+    return 1.0 + 2.0 * top
+
+
 def leaked_label_check(
     model_factory: Callable[[], nn.Module],
     train_batches: Sequence[Batch],
@@ -190,7 +215,8 @@ def leaked_label_check(
     min_accuracy: float = 0.98,
 ) -> CheckResult:
     """Write the label into one input feature of `stream` (`leak_label`), train a fresh model
-    `steps` Adam steps on `train_batches`, and measure accuracy on *other* examples
+    `steps` Adam steps on `train_batches` (at a magnitude no real value of the feature
+    reaches, `leak_level`), and measure accuracy on *other* examples
     (`eval_batches`, also leaked) that have at least one `stream` item: it must be ~100%.
     Held-out examples matter: a small model can memorise random labels of its training set.
 
@@ -200,7 +226,10 @@ def leaked_label_check(
     """
     net = model_factory()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
-    leaked = [leak_label(b, stream) for b in train_batches]
+    level = leak_level([*train_batches, *eval_batches], stream)
+    g = torch.Generator().manual_seed(0)
+    train_batches, eval_batches = ([coin_labels(b, g) for b in bs] for bs in (train_batches, eval_batches))
+    leaked = [leak_label(b, stream, level) for b in train_batches]
     start = time.perf_counter()
     loss = torch.tensor(math.nan)
     for step in range(steps):
@@ -213,7 +242,7 @@ def leaked_label_check(
     correct, seen = 0, 0
     for b in eval_batches:
         has_item = (~b[stream]["padding_mask"]).any(dim=1)  # (B,)
-        pred = eval_logits(net, leak_label(b, stream)) > 0  # (B,)
+        pred = eval_logits(net, leak_label(b, stream, level)) > 0  # (B,)
         correct += int(((pred == (b["label"] > 0.5)) & has_item).sum())
         seen += int(has_item.sum())
     acc = correct / max(seen, 1)
