@@ -189,7 +189,7 @@ class SequenceEncoder(nn.Module):
                 stream is empty).
             items: (B, T, D) float32 item states, exactly 0 at padded positions; with a
                 tensor `items`, (B, R, D) the states of those items (0 where one is padding);
-                None with `items=False`.
+                None with `items=False` where the last layer skipped them (else all of them).
         """
         rows = None if isinstance(items, bool) else items  # (B, R) item indices
         x, mask = self._prepend_cls(x, padding_mask)  # (B, 1+T, D), (B, 1+T)
