@@ -131,20 +131,26 @@ def test_when_only_an_attribute_predicts_the_label_baselines_and_model_both_lear
     mlflow.set_tracking_uri(cfg.tracking.uri)
     from models.checkpoint import load_model
 
-    model, ckpt = load_model(result.checkpoint)
+    _, ckpt = load_model(result.checkpoint)
     assert ckpt["model_config"]["categorical_attributes"] == ["plan", "zip"]
-    data = FeatureDataset(path, model.config)
-    sub = data.subset(heldout)
     import torch
 
-    with torch.no_grad():
-        logits, _ = model(collate([sub[j] for j in range(len(sub))]))
-    assert roc_auc_score(y, logits.numpy()) > 0.95
-    # Without the attributes the same model has only the random events to go on.
+    def heldout_auc(checkpoint) -> float:
+        model, _ = load_model(checkpoint)
+        sub = FeatureDataset(path, model.config).subset(heldout)
+        with torch.no_grad():
+            logits, _ = model(collate([sub[j] for j in range(len(sub))]))
+        return roc_auc_score(y, logits.numpy())
+
+    seen = heldout_auc(result.checkpoint)
+    assert result.val_roc_auc > 0.95 and seen > 0.95
+    # Without the attributes the same model has only the random events to go on. Compared on
+    # the 118 held-out examples of all 48 users, not on validation's 6 users alone, where a
+    # blind model's ROC-AUC ranged from 0.78 to 0.91 by chance.
     cfg.model.attributes = False
     cfg.train.run_name = "no-attributes"
-    blind = train(cfg)
-    assert result.val_roc_auc > 0.95 and blind.val_roc_auc < result.val_roc_auc - 0.1  # 0.78 vs 1.00 here
+    blind = heldout_auc(train(cfg).checkpoint)
+    assert blind < seen - 0.1, (blind, seen)  # 0.77 against 1.00 here
 
 
 def test_a_later_store_is_read_by_name_a_column_it_lacks_reads_missing(tmp_path, tiny_encoder):
