@@ -214,7 +214,8 @@ def leaked_label_check(
     lr: float = 1e-3,
     min_accuracy: float = 0.98,
 ) -> CheckResult:
-    """Write the label into one input feature of `stream` (`leak_label`), train a fresh model
+    """Replace the labels by coin flips (`coin_labels`) and write them into one input feature
+    of `stream` (`leak_label`), train a fresh model
     `steps` Adam steps on `train_batches` (at a magnitude no real value of the feature
     reaches, `leak_level`), and measure accuracy on *other* examples
     (`eval_batches`, also leaked) that have at least one `stream` item: it must be ~100%.
