@@ -92,14 +92,20 @@ def write_bench_store(events: pa.Table, users: pd.DataFrame, path: Path) -> Path
     return write_store(path, built.arrays, built.meta)
 
 
-def _time_batches(dataset, batch_size: int, n: int) -> tuple[float, list]:
-    """Seconds to draw `n` batches in the training loader's order (epochs 0, 1, ... as needed)."""
+def _time_batches(dataset, batch_size: int, n: int, keep: int) -> tuple[float, list]:
+    """Seconds to draw `n` batches in the training loader's order (epochs 0, 1, ... as needed),
+    and the first `keep` of them. The rest are dropped as a training loop drops them: holding
+    hundreds of batches (about 6 MB each at the demo's sizes) timed the allocation of fresh memory
+    too, which made the same loader 2-5x slower here (docs/benchmarks.md#figures)."""
     batches: list = []
+    drawn = 0
     t = time.perf_counter()
     for epoch in itertools.count():
         for batch in loop.loader(dataset, batch_size, collate, loop.EpochOrder(len(dataset), 0, epoch, batch_size)):
-            batches.append(batch)
-            if len(batches) == n:
+            if len(batches) < keep:
+                batches.append(batch)
+            drawn += 1
+            if drawn == n:
                 return time.perf_counter() - t, batches
     raise AssertionError("unreachable")
 
@@ -112,8 +118,8 @@ def data_loading(store: Path, device: torch.device, batches: int, naive_batches:
     data = FeatureDataset(store, mcfg)
     train = data.subset(data.select(["train"]))
     load_s, _ = best_of(train._load, 1)  # one read per dataset, once per process
-    real_s, real = _time_batches(train, bs, max(batches, steps + 1))
-    naive_s, slow = _time_batches(PerItemReads(store, mcfg, train.indices), bs, naive_batches)
+    real_s, real = _time_batches(train, bs, max(batches, steps + 1), keep=steps + 1)
+    naive_s, slow = _time_batches(PerItemReads(store, mcfg, train.indices), bs, naive_batches, keep=1)
     for a, b in zip(_flat(real[0]), _flat(slow[0])):
         assert torch.equal(a, b), "per-item HDF5 reads and FeatureDataset give different batches"
 
@@ -121,7 +127,7 @@ def data_loading(store: Path, device: torch.device, batches: int, naive_batches:
     optimizer = loop.make_optimizer(model, 1e-3, 0.01)
     train_step(model, optimizer, real[0], device)  # warm-up
     step_s, _ = best_of(lambda: [train_step(model, optimizer, b, device) for b in real[1 : steps + 1]], 1)
-    per_batch, naive_per_batch, per_step = real_s / len(real), naive_s / naive_batches, step_s / steps
+    per_batch, naive_per_batch, per_step = real_s / max(batches, steps + 1), naive_s / naive_batches, step_s / steps
     return {"batch_size": bs, "train_examples": len(train), "store_load_seconds": load_s,
             "batches_per_s": 1 / per_batch, "naive_batches_per_s": 1 / naive_per_batch,
             "ratio": naive_per_batch / per_batch, "step_seconds": per_step,
