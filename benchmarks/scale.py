@@ -46,13 +46,11 @@ SHARD = """
 def shard(out, i, n):
     import json, pyarrow.parquet as pq
     from features.build import build_features
-    from features.io import use_jemalloc
     from features.stream import SUMMARY, partition_name
     from features.vocab import Vocab
     from pipeline.config import load_config
     cfg = load_config('configs/demo.yaml', ['data.foods=null', 'data.until=null', f'features.shard={i}',
                                             f'features.num_shards={n}'])
-    use_jemalloc()  # as the features stage does
     facts = json.loads(open(f'{out}/{SUMMARY}').read())
     part = pq.read_table(f'{out}/events/' + partition_name(i, n))
     return part.num_rows, build_features(part, None, cfg, None, 0, 'none', Vocab(), facts=facts).summary['examples']

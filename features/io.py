@@ -4,7 +4,6 @@ act on, atomic Parquet writes, input fingerprints. Never lets a pandas/pyarrow t
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,25 +19,6 @@ from common.files import atomic_path
 SOURCE_FILE = "source_file"
 SOURCE_ROW = "source_row"
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
-
-
-JEMALLOC_DECAY_MS = 5000  # freed pages go back to the OS after this long, not at once (Arrow's 0)
-
-
-def use_jemalloc() -> str:
-    """Arrow's buffers from jemalloc instead of pyarrow's default mimalloc, for the rest of this
-    process, unless $ARROW_DEFAULT_MEMORY_POOL names a pool; returns the pool in use. Called by
-    the stages and tasks that move whole tables (validation's units and partitions, the feature
-    build). With mimalloc a pass over a large table spent a third of its time in the kernel,
-    faulting in pages it had just given back (docs/benchmarks.md#arrows-allocator-jemalloc-2026-12-04). A
-    pyarrow built without jemalloc keeps its default."""
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL") and pa.default_memory_pool().backend_name != "jemalloc":
-        try:
-            pa.set_memory_pool(pa.jemalloc_memory_pool())
-            pa.jemalloc_set_decay_ms(JEMALLOC_DECAY_MS)
-        except NotImplementedError:  # not built with jemalloc (some platforms' wheels)
-            pass
-    return pa.default_memory_pool().backend_name
 
 
 def _table_files(path: Path) -> list[Path]:

@@ -34,14 +34,7 @@ from common.errors import UserError
 from common.files import write_text_atomic
 from features import contract as C
 from features.config import DataConfig
-from features.io import (
-    SOURCE_FILE,
-    SOURCE_ROW,
-    _table_files,
-    _types_mapper,
-    use_jemalloc,
-    write_parquet_atomic,
-)
+from features.io import SOURCE_FILE, SOURCE_ROW, _table_files, _types_mapper, write_parquet_atomic
 from features.validate import dedup_and_sort, validate_events
 from features.vocab import KINDS, first_seen, in_order, shard_of, value_counts
 
@@ -93,7 +86,6 @@ def batches(unit: tuple[str, int | None, int], batch_rows: int) -> Iterator[pd.D
 def validate_unit(unit, u: int, data: DataConfig, users, now, out: Path, n: int, batch_rows: int) -> dict:
     """Validate one unit batch by batch; accepted rows go to `<out>/events/.pPPP/` (one Arrow
     IPC file per batch and partition), rejected ones to `<out>/quarantine/`. Returns the batch counts."""
-    use_jemalloc()  # a task may be the first table work of a worker process
     totals = {"rows_in": 0, "duplicates": 0, "quarantined": 0, "reasons": Counter(), "future": []}
     for b, raw in enumerate(batches(unit, batch_rows)):
         name = f"unit-{u:06d}-batch-{b:06d}"
@@ -165,7 +157,6 @@ def finish_partition(out: Path, p: int, n: int) -> dict:
     """One partition's batches -> its file: duplicates that arrived in different batches
     removed and the rows sorted (validation's own `dedup_and_sort`); then its counts and its
     part of the global facts."""
-    use_jemalloc()
     pending = _pending(out, p)
     files = sorted(pending.glob("unit-*"))
     table = pa.concat_tables([feather.read_table(f) for f in files]) if files else C.NORMALISED_SCHEMA.empty_table()

@@ -166,34 +166,3 @@ def test_a_local_dask_cluster_builds_the_shards_of_one_streamed_build(sim_store_
     shard_files = feature_files(Paths.of(cfg).features)
     assert [f.name for f in shard_files] == ["features-000-of-002.h5", "features-001-of-002.h5"]
     assert_same_examples(whole_file, shard_files, whole_cfg)
-
-
-def test_validation_takes_arrows_jemalloc_pool_unless_the_user_names_one(raw, tmp_path):
-    """A process that validates allocates Arrow buffers from jemalloc (features/io.py
-    `use_jemalloc`), unless $ARROW_DEFAULT_MEMORY_POOL says otherwise. Fresh interpreters: the
-    pool is process-wide, and this one's may already have been switched."""
-    import os
-    import subprocess
-    import sys
-
-    import pyarrow as pa
-
-    try:
-        pa.jemalloc_memory_pool()
-    except NotImplementedError:
-        pytest.skip("this pyarrow is built without jemalloc")
-    code = ("import pyarrow as pa\nfrom features.config import DataConfig\n"
-            "from features.stream import validate_to_partitions\n"
-            f"print(pa.default_memory_pool().backend_name)\n"
-            f"validate_to_partitions({str(raw)!r}, DataConfig(events={str(raw)!r}), {str(tmp_path)!r}, 2)\n"
-            "print(pa.default_memory_pool().backend_name)")
-    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-
-    def pools(**extra) -> list[str]:
-        out = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True,
-                             check=True).stdout
-        return out.split()
-
-    before, after = pools()
-    assert before != "jemalloc" and after == "jemalloc"  # pyarrow's default is mimalloc
-    assert pools(ARROW_DEFAULT_MEMORY_POOL="system") == ["system", "system"]

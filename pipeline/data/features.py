@@ -16,7 +16,7 @@ from common.errors import UserError
 from features import stream
 from features import validate as V
 from features.build import build_features, check_shards
-from features.io import fingerprint, read_table, use_jemalloc
+from features.io import fingerprint, read_table
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder, embed_messages
@@ -73,7 +73,6 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     """Build <workdir>/features/features.h5 (or a shard file) from `data.events`; a file
     already built from the same inputs and settings is reused as is."""
     check_shards(cfg.features)  # before any work
-    use_jemalloc()  # Arrow's allocator for whole tables (features/io.py)
     paths = Paths.of(cfg)
     vdir = ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())

@@ -17,7 +17,7 @@ from common.errors import UserError
 from features import contract as C
 from features import stream
 from features import validate as V
-from features.io import fingerprint, read_table, use_jemalloc, write_parquet_atomic
+from features.io import fingerprint, read_table, write_parquet_atomic
 from pipeline.config import Config, save_config
 from pipeline.data.sources import ensure_raw
 from pipeline.paths import Paths
@@ -71,7 +71,6 @@ def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | Non
     """Read `data.events` (+ `data.users`), validate, write the accepted events,
     quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
     out = Path(out) if out else Paths.of(cfg).validated
-    use_jemalloc()  # Arrow's allocator for whole tables (features/io.py)
     started = time.perf_counter()
     source, files = _sources(cfg)
     users = V.normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
