@@ -143,7 +143,9 @@ def test_when_only_an_attribute_predicts_the_label_baselines_and_model_both_lear
         return roc_auc_score(y, logits.numpy())
 
     seen = heldout_auc(result.checkpoint)
-    assert result.val_roc_auc > 0.95 and seen > 0.95
+    # 0.89-0.98 over training seeds 0-4 (0.97 at this one); validation alone (6 users) read
+    # 0.92-1.00. Without the attributes: 0.63-0.77.
+    assert seen > 0.85, seen
     # Without the attributes the same model has only the random events to go on. Compared on
     # the 118 held-out examples of all 48 users, not on validation's 6 users alone, where a
     # blind model's ROC-AUC ranged from 0.78 to 0.91 by chance.
