@@ -68,15 +68,23 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         H = attn.num_heads
         qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D/H)
+        return self._attend(q, k, v, padding_mask)  # (B, T, D)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """q: (B, H, R, D/H) queries, k and v: (B, H, T, D/H); padding_mask as `forward`'s.
+        Returns the attention block's output for the R queries, (B, R, D), its dropout included."""
+        attn = self.self_attn
         mask = None
         if padding_mask is not None:
             # SDPA's bool masks mean True = attend; additive float masks are used as they are.
             mask = ~padding_mask if padding_mask.dtype == torch.bool else padding_mask  # (B, T)
             mask = mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
         p = attn.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D/H)
-        o = o.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.dropout1(attn.out_proj(o))  # (B, T, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, R, D/H)
+        B, H, R, d = o.shape
+        o = o.transpose(1, 2).reshape(B, R, H * d)  # (B, R, D)
+        return self.dropout1(attn.out_proj(o))  # (B, R, D)
 
     def forward_rows(self, src: torch.Tensor, padding_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`forward(src, padding_mask)` at positions `rows` only: those rows query the keys and
@@ -98,10 +106,7 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         q = q.view(B, R, H, D // H).transpose(1, 2)  # (B, H, R, D/H)
         kv = F.linear(h, w[D:], b[D:])  # (B, T, 2D)
         k, v = kv.view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, T, D/H)
-        mask = (~padding_mask)[:, None, None, :]  # (B, 1, 1, T), True = attend
-        p = attn.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, R, D/H)
-        x = src.gather(1, at) + self.dropout1(attn.out_proj(o.transpose(1, 2).reshape(B, R, D)))  # (B, R, D)
+        x = src.gather(1, at) + self._attend(q, k, v, padding_mask)  # (B, R, D)
         return x + self._ff_block(self.norm2(x))  # (B, R, D)
 
 
