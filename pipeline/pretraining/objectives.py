@@ -118,6 +118,15 @@ def rows_per_user(where: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tens
     return rows, column
 
 
+def item_states(encoder: nn.Module, stream: dict, where: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The encoder's states of the items at `where` ((N, 2) (b, t) pairs in row-major order) of
+    `stream` (a stream dict on the CPU), (N, D) on `device`: its last layer computes only those
+    items and [CLS] (`rows_per_user`)."""
+    rows, column = rows_per_user(where, stream["padding_mask"].shape[0])  # (B, R), (N,)
+    _, items = encoder({k: v.to(device) for k, v in stream.items()}, items=rows.to(device))  # (B, R, D)
+    return items[where[:, 0].to(device), column.to(device)]  # (N, D)
+
+
 class MaskedFood(nn.Module):
     """Mask one food of some meals (never padding) and predict it over the food vocabulary,
     with the output tied to the encoder's food embedding."""
@@ -152,9 +161,7 @@ class MaskedFood(nn.Module):
         """batch: a collated batch (features/dataset.py); uses its food stream."""
         food_c, where, target = self.corrupt({k: v.cpu() for k, v in batch[self.stream].items()}, g)
         device = self.head.bias.device
-        rows, slot = rows_per_user(where, food_c["food_ids"].shape[0])  # (B, R), (N,)
-        _, items = self.encoder({k: v.to(device) for k, v in food_c.items()}, items=rows.to(device))  # (B, R, D)
-        h = items[where[:, 0].to(device), slot.to(device)]  # (N, D)
+        h = item_states(self.encoder, food_c, where, device)  # (N, D)
         table = self.encoder.food_embedding.weight[: self.vocab]  # (V, D) without [MASK]
         logits = self.head(h, table)  # (N, V)
         target = target.to(device)
@@ -193,9 +200,7 @@ class MaskedEvents(nn.Module):
         ev_c, pick = self.corrupt({k: v.cpu() for k, v in ev.items()}, g)
         device = self.head.bias.device
         where = torch.nonzero(pick)  # (N, 2) (b, t), in the order of ev["type_id"][pick]
-        rows, slot = rows_per_user(where, pick.shape[0])  # (B, R), (N,)
-        _, items = self.encoder({k: v.to(device) for k, v in ev_c.items()}, items=rows.to(device))  # (B, R, D)
-        h = items[where[:, 0].to(device), slot.to(device)]  # (N, D)
+        h = item_states(self.encoder, ev_c, where, device)  # (N, D)
         target = ev["type_id"].to(device)[pick.to(device)]  # (N,)
         if not len(target):
             return h.sum() * 0.0, {"n": 0}
