@@ -25,7 +25,16 @@ from features.config import FeatureConfig, Sections, sections_dict
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
 from features.validate import user_attributes
-from features.vocab import FIRST, Vocab, content_buckets, pseudonyms, sender_ids, shard_of, strings
+from features.vocab import (
+    FIRST,
+    SENDER_IDS,
+    Vocab,
+    content_buckets,
+    pseudonyms,
+    sender_ids,
+    shard_of,
+    strings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,7 @@ def build_features(
     source_fingerprint: str = "",
     config: dict | None = None,
     facts: dict | None = None,
+    dates=None,  # callable(texts, ts, read mask) -> (mention_first, mention_last) (features/text_dates.py); None: NaN
 ) -> Built:
     """Build every array of the store from normalised, (user_id, ts)-sorted events. `config`
     is the resolved config recorded in the store (default: the data, labels and features
@@ -127,6 +137,11 @@ def build_features(
             conv["embedding"], text_stats = embed(texts)
         else:
             conv["embedding"], text_stats = np.zeros((len(texts), text_dim), np.float16), {}
+    with timer.step("date_mentions"):
+        if dates is not None:  # the user's own plans, not the coach's
+            conv["mention_first"], conv["mention_last"] = dates(texts, conv["ts"], conv["sender"] == SENDER_IDS[C.SENDER_USER])
+        else:
+            conv["mention_first"] = conv["mention_last"] = np.full(len(texts), np.nan, np.float32)
         del texts  # text is read once, never stored
     with timer.step("examples"):
         streams = {"events": ev, "food": food, "conversation": conv}

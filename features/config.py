@@ -3,7 +3,7 @@ feature layer reads. pipeline/config.py composes them with the other layers' sec
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from features import contract as C
@@ -72,6 +72,9 @@ class FeatureConfig:
     text_batch_size: int = 64
     text_max_tokens: int = 128
     text_device: str = "auto"
+    # Languages of the dates a user's message mentions (features/text_dates.py, dateparser codes);
+    # []: read none (the mention columns are NaN). Read only when message text is.
+    date_languages: list[str] = field(default_factory=lambda: ["en"])
     max_msg_no: int = 1024  # message numbers are capped here
     max_day: int = 730  # day of program is capped here
     content_buckets: int = 512  # content ids are hashed into this many buckets

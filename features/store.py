@@ -24,7 +24,8 @@ from common.files import atomic_path
 # 2: the vocabularies attribute holds the senders too (sizes() reads it); a version-1 file
 # lacks it, so readers ask for a rebuild instead of failing on a missing key.
 # 3: user attributes (users/attr_codes, users/attr_values, the `attributes` attribute).
-SCHEMA_VERSION = 3
+# 4: the dates a user's message mentions (conversation/mention_first, mention_last).
+SCHEMA_VERSION = 4
 
 STREAMS = ("conversation", "food", "events")
 SPLITS = ("train", "val", "test", "oot")  # split codes 0..3; oot = out-of-time test
@@ -39,6 +40,8 @@ LAYOUT: dict[str, dict[str, str]] = {
     "conversation": {
         "user_offsets": "i8", "ts": "i8", "embedding": "f2", "sender": "i1",
         "msg_no": "i4", "dt_bucket": "i2",
+        # the earliest / latest date a user's message mentions, days after it was written (NaN: none)
+        "mention_first": "f4", "mention_last": "f4",
     },
     "food": {
         "user_offsets": "i8", "ts": "i8", "dt_bucket": "i2", "meal": "i2",

@@ -35,6 +35,7 @@ from features.build import build_features
 from features.dataset import FeatureDataset, collate, load_examples
 from features.normalise import to_utc
 from features.store import write_store
+from features.text_dates import mentioned_days
 from features.text_vectors import TextEncoder, embed_messages
 from features.validate import normalise_users, validate_events
 from features.vocab import Vocab, pseudonyms
@@ -162,10 +163,14 @@ class Scorer:
             return embed_messages(texts, self.encoder(), cache, fc.pseudonym_key, fc.text_batch_size,
                                   fc.text_max_tokens)
 
+        def dates(texts, ts, read):
+            return mentioned_days(texts, ts, fc.date_languages, read, cache, fc.pseudonym_key)
+
         encoder = self.encoder() if has_messages else None
         built = build_features(
             events, users, scfg, embed if has_messages else None, encoder.dim if encoder else 0,
             encoder.identity if encoder else "none", Vocab(self.vocab_tokens), None, source_fingerprint=source_fingerprint,
+            dates=dates if has_messages else None,
         )
         path = write_store(workdir / "features.h5", built.arrays, built.meta)
         # The sequence model's dataset reads the examples; gradient boosting alone reads only them.

@@ -27,6 +27,7 @@ def test_recent_messages_are_the_users_own_of_the_three_weeks_before_each_cutoff
             age = (int(ex["as_of"][i]) - int(cv["ts"][j])) / DAY
             if cv["sender"][j] == SENDER_IDS[C.SENDER_USER] and age < 21:
                 want.append((i, age, j))
+    assert np.isfinite(cv["mention_first"]).any()  # some of the simulator's messages name a day
     assert len(want) > 50 and got.n_examples == 2 * n and len(got.example) == 2 * len(want)
     rows, ages, items = map(np.array, zip(*want))
     assert (ages > 0).all()  # strictly before the cutoff
@@ -34,6 +35,8 @@ def test_recent_messages_are_the_users_own_of_the_three_weeks_before_each_cutoff
         assert np.array_equal(got.example[half], rows + offset)
         assert np.allclose(got.age_days[half], ages)
         assert np.array_equal(got.vectors[half], cv["embedding"][items])
+        mentioned = np.column_stack([cv["mention_first"][items], cv["mention_last"][items]]) - ages[:, None]
+        assert np.allclose(got.mentions[half], mentioned, equal_nan=True)  # from the cutoff, not the message
 
 
 def test_pooled_columns_are_lowest_mean_and_count_per_window():
@@ -131,3 +134,42 @@ def test_predict_files_matches_the_fitted_models_predictions(sim_store, name):
         model = ms.MessageScoredHGB().fit(X, msgs, examples["label"], examples["split"], user_key)
         want = model.predict_proba(X, msgs)[:, 1]
     assert np.array_equal(ms.predict_files(model, [path], names), want)
+
+
+def test_mention_columns_keep_the_messages_whose_dates_reach_into_the_horizon():
+    # days after the cutoff: [3, 10] reaches in, [-4, -1] is over, [8, 12] starts after the week
+    msgs = ms.RecentMessages(example=np.array([0, 0, 0, 1, 2]), age_days=np.array([2.0, 5.0, 1.0, 3.0, 4.0]),
+                             vectors=np.zeros((5, 3), np.float32), n_examples=4,
+                             mentions=np.array([[3, 10], [-4, -1], [8, 12], [np.nan, np.nan], [-1, 0]], np.float32),
+                             horizon_days=7)
+    out = ms.mention_columns(np.array([-2.0, -9.0, -7.0, -5.0, 4.0]), msgs)
+    assert ms.MENTION_COLUMNS == ["mention_count", "mention_first_day", "mention_last_day", "mention_min_score"]
+    assert out.tolist() == [[1, 3, 10, -2], [0, 0, 0, 0], [1, -1, 0, 4], [0, 0, 0, 0]]
+
+
+def test_it_learns_when_a_mentioned_date_falls_in_the_week_after_the_cutoff():
+    # Every example has the same kind of message ("away from <date>"); what tells the label is
+    # whether that date lands in the week after the cutoff: a vector scorer cannot see it, the
+    # mention columns can.
+    X, msgs, y, split, users = _world(4, announce=0.0, identity=0.0)
+    rng = np.random.default_rng(4)
+    start = np.where(y[msgs.example] == 0, rng.uniform(0, 6, len(msgs.example)), rng.uniform(8, 20, len(msgs.example)))
+    msgs.mentions = np.column_stack([start, start + 5]).astype(np.float32)
+    text = ms.MessageScoredHGB().fit(X, msgs, y, split, users)
+    hgb = fit_baselines(X, y, split, [], ["hgb"])["hgb"]
+    with_dates, without = _val_auc(text.predict_proba(X, msgs)[:, 1], y, split), _val_auc(predict(hgb, X), y, split)
+    msgs.mentions = None
+    no_dates = _val_auc(ms.MessageScoredHGB().fit(X, msgs, y, split, users).predict_proba(X, msgs)[:, 1], y, split)
+    assert with_dates > without + 0.05 and with_dates > no_dates + 0.05, (with_dates, without, no_dates)
+
+
+def test_a_model_saved_before_the_mention_columns_still_scores():
+    # A champion pickled by the code before the mention columns has no `reads_mentions`: it must
+    # be given the columns it was fitted on, not a wider matrix (the champion gate scores it).
+    X, msgs, y, split, users = _world(5, announce=0.5, identity=0.0)
+    old = ms.MessageScoredHGB()
+    old.reads_mentions = False
+    old.fit(X, msgs, y, split, users)
+    del old.reads_mentions
+    assert old.model.n_features_in_ == X.shape[1] + len(ms.COLUMNS)
+    assert old.predict_proba(X, msgs).shape == (len(y), 2)

@@ -19,6 +19,7 @@ from features.build import build_features, check_shards
 from features.io import fingerprint, read_table
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
+from features.text_dates import mentioned_days
 from features.text_vectors import TextEncoder, embed_messages
 from features.vocab import Vocab
 from pipeline.config import Config, save_config, to_dict
@@ -96,12 +97,16 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
     def embed(texts):
         return embed_messages(texts, encoder, paths.text_cache, fc.pseudonym_key, fc.text_batch_size, fc.text_max_tokens)
 
+    def dates(texts, ts, read):
+        return mentioned_days(texts, ts, fc.date_languages, read, paths.text_cache, fc.pseudonym_key)
+
     vocab_path = paths.vocab
     vocab = Vocab.load(vocab_path)
     built = build_features(
         events, users, cfg, embed if has_messages else None,
         encoder.dim if has_messages else 0, encoder.identity if has_messages else "none", vocab, labels,
         source_fingerprint=report["source_fingerprint"], config=to_dict(cfg), facts=facts,
+        dates=dates if has_messages else None,
     )
     write_store(out, built.arrays, built.meta)
     vocab.save(vocab_path)

@@ -9,14 +9,18 @@ never sees text. Here a logistic regression scores each message vector a user wr
 the cutoff is what the message is scored for); an example then gets, per window of its last 7
 and the 7 to 21 days before, the lowest score (the most disengaged-sounding message), the mean
 score and the number of messages, as six columns beside the aggregates of one tuned
-HistGradientBoosting (pipeline/evaluation/baselines.py).
+HistGradientBoosting (pipeline/evaluation/baselines.py). Four more columns say when: of the
+messages of the last 21 days whose mentioned dates (features/text_dates.py) reach into the
+label's window after the cutoff, how many, the earliest and latest such day counted from the
+cutoff, and the lowest score among them ("flying to Lisbon on Friday for a week" written on
+Saturday lands in the week after a Monday cutoff; written a month before, it does not).
 
 No leak: the columns of a training example come from a scorer fitted on the other folds of
 training users (5 folds by user), so gradient boosting learns how far to trust a score on
 messages its scorer never saw, as it will at validation, test and scoring time, where the scorer
 fitted on all training users is used. Labels of other splits are never read except the
 validation ones that pick gradient boosting's leaves, as for the baseline. A log without
-messages gives six zero columns: the same model as the baseline.
+messages gives ten zero columns: the same model as the baseline.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ WINDOWS = ((0, 7), (7, 21))  # days before the cutoff: the features' windows
 FIT_DAYS = 7  # the scorer learns from messages this recent only
 SCORER_C = 0.1  # inverse L2 strength of the scorer (picked on validation, docs/results.md)
 FOLDS = 5
+MENTION_COLUMNS = ["mention_count", "mention_first_day", "mention_last_day", "mention_min_score"]
 COLUMNS = [f"msg_{what}_{a}_{b}d" for a, b in WINDOWS for what in ("min_score", "mean_score", "count")]
 TRAIN, VAL = SPLITS.index("train"), SPLITS.index("val")
 _DAY = 86400
@@ -54,6 +59,10 @@ class RecentMessages:
     age_days: np.ndarray  # (P,) float64, cutoff minus the message's time, in days (> 0)
     vectors: np.ndarray  # (P, D) float32 message vectors
     n_examples: int
+    # (P, 2) float32: the earliest / latest date the message mentions, in days after the
+    # example's cutoff (NaN: none); None: no message mentions one
+    mentions: np.ndarray | None = None
+    horizon_days: int = 7  # the label's window after the cutoff, in days
 
     @property
     def dim(self) -> int:
@@ -70,9 +79,10 @@ def recent_user_messages(files) -> RecentMessages:
     rows in file order as `features.dataset.load_examples` numbers them. Vectorised: per file,
     one search for each example's first message inside the window."""
     horizon = max(b for _, b in WINDOWS)
-    parts, offset, dim = [], 0, 0
+    parts, offset, dim, horizon_days = [], 0, 0, 7
     for f in files:
-        a, _ = load_arrays(f, ("examples", "conversation"))
+        a, meta = load_arrays(f, ("examples", "conversation"))
+        horizon_days = meta.config.get("labels", {}).get("horizon_days", horizon_days)
         ex, cv = a["examples"], a["conversation"]
         n = len(ex["as_of"])
         ts = cv["ts"].astype(np.int64)
@@ -87,14 +97,18 @@ def recent_user_messages(files) -> RecentMessages:
         item = np.repeat(lo, count) + np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)
         mine = cv["sender"][item] == SENDER_IDS[C.SENDER_USER]
         row, item = row[mine], item[mine]
-        parts.append((row + offset, (as_of[row] - ts[item]) / _DAY, cv["embedding"][item]))
+        age = (as_of[row] - ts[item]) / _DAY
+        mentions = np.column_stack([cv["mention_first"][item], cv["mention_last"][item]]) - age[:, None]
+        parts.append((row + offset, age, cv["embedding"][item], mentions))
         offset += n
-    vectors = [v for _, _, v in parts if len(v)]
+    vectors = [v for _, _, v, _ in parts if len(v)]
     return RecentMessages(
-        np.concatenate([r for r, _, _ in parts]).astype(np.int64),
-        np.concatenate([a for _, a, _ in parts]).astype(np.float64),
+        np.concatenate([r for r, _, _, _ in parts]).astype(np.int64),
+        np.concatenate([a for _, a, _, _ in parts]).astype(np.float64),
         np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32),
         offset,
+        np.concatenate([m for _, _, _, m in parts]).astype(np.float32),
+        horizon_days,
     )
 
 
@@ -116,6 +130,28 @@ def pooled(scores: np.ndarray, msgs: RecentMessages) -> np.ndarray:
     return out
 
 
+def mention_columns(scores: np.ndarray, msgs: RecentMessages) -> np.ndarray:
+    """(n_examples, len(MENTION_COLUMNS)) float32: of the messages whose mentioned dates reach
+    into [0, horizon_days) days after the cutoff, the count, the earliest first and latest last
+    mentioned day (from the cutoff), and the lowest score; all 0 without one, as `pooled` (a
+    column of NaN only would stop gradient boosting's binning)."""
+    n = msgs.n_examples
+    out = np.zeros((n, len(MENTION_COLUMNS)), np.float32)
+    if msgs.mentions is None or not len(msgs.example):
+        return out
+    first, last = msgs.mentions[:, 0], msgs.mentions[:, 1]
+    hit = np.isfinite(first) & (last >= 0) & (first < msgs.horizon_days)
+    e = msgs.example[hit]
+    count = np.bincount(e, minlength=n)
+    out[:, 0] = count
+    for j, (values, reduce) in enumerate(((first[hit], np.minimum), (last[hit], np.maximum),
+                                          (scores[hit], np.minimum)), start=1):
+        col = np.full(n, np.inf if reduce is np.minimum else -np.inf)
+        reduce.at(col, e, values)
+        out[:, j] = np.where(count > 0, col, 0.0)
+    return out
+
+
 class MessageScoredHGB:
     """The scorer (fitted on all training users) and gradient boosting on the aggregates plus
     the pooled scores, its leaves picked on validation as the baseline's are."""
@@ -124,6 +160,7 @@ class MessageScoredHGB:
         self.seed = seed
         self.scorer: LogisticRegression | None = None
         self.model = None
+        self.reads_mentions = True  # the mention columns beside the pooled scores
 
     @property
     def reads_messages(self) -> bool:
@@ -147,6 +184,14 @@ class MessageScoredHGB:
         groups (n,) user keys."""
         labelled = y != UNLABELLED
         train, val = labelled & (split == TRAIN), labelled & (split == VAL)
+        Z = self.fit_columns(X, msgs, y, train, groups)
+        self.model = tuned(hgb_candidates(self.seed), Z, y, train, val, NAME)
+        return self
+
+    def fit_columns(self, X: np.ndarray, msgs: RecentMessages, y: np.ndarray, train: np.ndarray,
+                    groups: np.ndarray) -> np.ndarray:
+        """Fit the scorer on the `train` rows' messages; return every example's columns as
+        gradient boosting is fitted on them (the train rows' out of fold)."""
         on_train, fold = train[msgs.example], user_folds(groups, FOLDS)[msgs.example]  # per message
         fits = on_train & (msgs.age_days < FIT_DAYS)
         self.scorer = self._fit_scorer(msgs, y, fits)
@@ -156,12 +201,16 @@ class MessageScoredHGB:
             held = on_train & (fold == k)
             if held.any():
                 scores[held] = self._scores(self._fit_scorer(msgs, y, fits & (fold != k)), msgs, held)
-        Z = np.hstack([X, pooled(scores, msgs)])
-        self.model = tuned(hgb_candidates(self.seed), Z, y, train, val, NAME)
-        return self
+        return self._columns(X, scores, msgs)
+
+    def _columns(self, X: np.ndarray, scores: np.ndarray, msgs: RecentMessages) -> np.ndarray:
+        # A model saved before the mention columns existed (a registered champion) lacks the flag
+        # and reads the columns it was fitted on.
+        mentions = [mention_columns(scores, msgs)] if getattr(self, "reads_mentions", False) else []
+        return np.hstack([X, pooled(scores, msgs), *mentions])
 
     def features(self, X: np.ndarray, msgs: RecentMessages) -> np.ndarray:
-        return np.hstack([X, pooled(self._scores(self.scorer, msgs), msgs)])
+        return self._columns(X, self._scores(self.scorer, msgs), msgs)
 
     def predict_proba(self, X: np.ndarray, msgs: RecentMessages) -> np.ndarray:
         """(n, 2) like an sklearn classifier's, every example scored by the full scorer."""

@@ -1,0 +1,88 @@
+"""The dates a user's message mentions ("flying out on Friday", "back in 6 days", "next week"):
+the start (UTC midnight) of the earliest and the latest mentioned day, in days after the message
+was written, as the store's conversation/mention_first and mention_last (docs/design.md §4).
+
+Why: a message that announces an absence says *when* it starts, and the mean-pooled sentence
+vectors barely keep that: a linear probe on the MiniLM vectors of the simulator's trip
+announcements recovers the days until the trip with R^2 0.09 (docs/results.md). dateparser
+(`search_dates`, resolved against the day the message was written) reads the expressions
+instead; gradient boosting with message scores turns them into columns relative to each
+example's cutoff (pipeline/evaluation/message_scores.py).
+
+Only the user's own messages are read (their plans, not the coach's). Parsing costs about 1 ms a
+message on one core; with a cache folder, a (text, day) parsed by an earlier build is read back
+instead (the message-vector cache's store, `VectorCache`, under its own name), so a nightly
+rebuild parses only new messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from features.text_vectors import VectorCache, text_digests
+
+log = logging.getLogger(__name__)
+_DAY = 86400
+CACHE_VERSION = 1  # bump when what is cached changes meaning
+
+
+def mentioned_days(texts: list[str | None], ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
+                   cache_root: str | Path | None = None, key: str = "", progress: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per message, the start of the earliest and of the latest day it mentions, in days after
+    the message's time (UTC seconds `ts`): float32 (N,) each; NaN for a message that mentions
+    none, is None, is not in the bool mask `read` (default: every one), or for every message when
+    `languages` is empty. `cache_root`: reuse and extend the cache there (digests keyed by `key`)."""
+    first = np.full(len(texts), np.nan, np.float32)
+    last = np.full(len(texts), np.nan, np.float32)
+    if not languages:
+        return first, last
+    candidates = np.flatnonzero(read) if read is not None else np.arange(len(texts))
+    todo = np.array([i for i in candidates if texts[i]], dtype=np.int64)
+    if not len(todo):
+        return first, last
+    day = np.asarray(ts, dtype=np.int64)[todo] // _DAY
+    keyed = [f"{d}\x00{texts[i]}" for d, i in zip(day.tolist(), todo.tolist())]  # a weekday resolves per day
+    digests = text_digests(keyed, key)
+    unique, first_of, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    cache = VectorCache(cache_root, f"date-mentions-v{CACHE_VERSION}-{'-'.join(languages)}") if cache_root else None
+    rows = cache.lookup(unique) if cache is not None else np.full(len(unique), -1)
+    missing = np.flatnonzero(rows < 0)
+    parsed = _parse([texts[todo[j]] for j in first_of[missing]], day[first_of[missing]], languages, progress)
+    if cache is not None:
+        cache.add(unique[missing], parsed)
+        from_day = cache.read(cache.lookup(unique), 2).astype(np.float32)
+    else:
+        from_day = parsed
+    from_day = from_day[inverse]  # (len(todo), 2): days after the start of the message's day
+    since_midnight = (np.asarray(ts, dtype=np.int64)[todo] - day * _DAY) / _DAY
+    first[todo], last[todo] = from_day[:, 0] - since_midnight, from_day[:, 1] - since_midnight
+    return first, last
+
+
+def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bool) -> np.ndarray:
+    """(N, 2) float32: the earliest and latest mentioned day of each text, in days after the start
+    of its `day` (days since the epoch, UTC), NaN without one."""
+    out = np.full((len(texts), 2), np.nan, np.float32)
+    if not len(texts):
+        return out
+    from dateparser.search import search_dates  # imported here: a second or so, paid only when used
+
+    settings = {"PREFER_DATES_FROM": "future", "RETURN_AS_TIMEZONE_AWARE": False}
+    for j, text in enumerate(tqdm(texts, desc="date mentions", unit="msg", disable=not progress, leave=False)):
+        base = datetime.fromtimestamp(int(day[j]) * _DAY, timezone.utc).replace(tzinfo=None)
+        try:
+            found = search_dates(text, languages=list(languages), settings={**settings, "RELATIVE_BASE": base})
+        except (ValueError, OverflowError) as e:  # a date past datetime's range ("in 99999 years")
+            log.debug("date mentions: a message not parsed (%s)", e)
+            continue
+        if found:
+            days = [(when.replace(tzinfo=None) - base).total_seconds() / _DAY for _, when in found]
+            # the day a date falls on: "tomorrow" keeps the base's time (midnight), "at 5pm" adds hours
+            out[j] = np.floor(min(days)), np.floor(max(days))
+    return out

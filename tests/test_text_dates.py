@@ -1,0 +1,54 @@
+"""The dates a user's message mentions (features/text_dates.py), their cache, and that the
+feature build stores them for the user's own messages only."""
+
+from datetime import datetime, timezone
+
+import numpy as np
+
+from features import contract as C
+from features.store import load_arrays
+from features.text_dates import mentioned_days
+from features.vocab import SENDER_IDS
+
+WEDNESDAY_NOON = datetime(2026, 2, 4, 12, tzinfo=timezone.utc).timestamp()
+TEXTS = ["flying to Lisbon in 5 days, back in 12 days", "see you on Friday", "back tomorrow",
+         "had a salad for lunch", None, "in 3 days"]
+READ = np.array([True] * 5 + [False])
+
+
+def test_mentioned_days_start_days_after_the_message():
+    ts = np.full(len(TEXTS), WEDNESDAY_NOON)
+    first, last = mentioned_days(TEXTS, ts, ["en"], read=READ, progress=False)
+    assert first[0] == 4.5 and last[0] == 11.5  # Monday and the Saturday after, from Wednesday noon
+    assert first[1] == last[1] == 1.5  # Friday 00:00, a day and a half after Wednesday noon
+    assert first[2] == 0.5
+    assert np.isnan(first[3:]).all() and np.isnan(last[3:]).all()  # no date, no text, not read
+
+
+def test_the_cache_gives_the_same_days_and_parses_only_what_is_new(tmp_path, monkeypatch):
+    from features import text_dates
+
+    ts = np.full(len(TEXTS), WEDNESDAY_NOON)
+    want = mentioned_days(TEXTS, ts, ["en"], read=READ, cache_root=tmp_path, key="k", progress=False)
+    parsed = []
+    real = text_dates._parse
+    monkeypatch.setattr(text_dates, "_parse", lambda texts, *a: parsed.extend(texts) or real(texts, *a))
+    again = mentioned_days(TEXTS + ["see you on Friday"], np.append(ts, WEDNESDAY_NOON + 86400), ["en"],
+                           read=np.append(READ, True), cache_root=tmp_path, key="k", progress=False)
+    assert parsed == ["see you on Friday"]  # the only (text, day) not seen before
+    assert np.array_equal(again[0][:-1], want[0], equal_nan=True) and np.array_equal(again[1][:-1], want[1], equal_nan=True)
+    assert again[0][-1] == 0.5  # written on Thursday noon: Friday is half a day away
+
+
+def test_no_language_reads_nothing():
+    first, last = mentioned_days(["in 3 days"], np.array([WEDNESDAY_NOON]), [], progress=False)
+    assert np.isnan(first).all() and np.isnan(last).all()
+
+
+def test_the_store_holds_the_dates_of_the_users_own_messages(sim_store):
+    a, _ = load_arrays(sim_store[0], ("conversation",))
+    cv = a["conversation"]
+    user = cv["sender"] == SENDER_IDS[C.SENDER_USER]
+    found = np.isfinite(cv["mention_first"])
+    assert found[user].mean() > 0.02 and not found[~user].any()  # the coach's messages are not read
+    assert (cv["mention_last"][found] >= cv["mention_first"][found]).all()
