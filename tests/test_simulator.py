@@ -307,3 +307,21 @@ def _row_keys(df: pd.DataFrame) -> pd.Series:
 def test_start_date_must_be_a_monday():
     with pytest.raises(UserError, match="Monday"):
         simulate(SimConfig(users=5, weeks=2, start_date="2026-01-06"))
+
+
+def test_headroom_matches_the_store_to_its_simulation_and_reads_announcements(sim_store):
+    import copy
+
+    from pipeline.diagnostics import headroom
+
+    path, cfg, _ = sim_store
+    m = headroom.match(cfg, path)  # raises unless the hidden history gives the store's labels
+    announced, booked = headroom.life_columns(m, True), headroom.life_columns(m, False)
+    assert announced.shape == booked.shape == (len(m.user), 2 * len(headroom.KINDS))
+    overlap = slice(0, None, 2)
+    assert (announced[:, overlap] <= booked[:, overlap]).all()  # what was said is a part of what was booked
+    assert booked[:, overlap].max() > 0 and (booked[:, overlap] <= m.horizon).all()
+    other = copy.deepcopy(cfg)
+    other.sim.seed += 1
+    with pytest.raises(ValueError, match="not this simulation's"):
+        headroom.match(other, path)
