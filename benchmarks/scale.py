@@ -69,7 +69,8 @@ def job_step(raw, workdir, partitions, shards, as_of):
     save_tiny_text_encoder(enc)
     cfg = load_config('configs/demo.yaml', [f'workdir={workdir}', 'data.source=files', f'data.events={raw}/events.parquet',
                       f'data.users={raw}/users.parquet', 'data.foods=null', 'data.truth=null', f'features.text_encoder={enc}',
-                      f'data.stream_partitions={partitions}', f'features.num_shards={shards}'])
+                      f'data.stream_partitions={partitions}', f'features.num_shards={shards}',
+                      'features.date_languages=[]'])  # text work (vectors, dates) is `make bench`'s and the demo's
     return len(features_step(Context(cfg, 'weekly-retrain', parse_day(as_of), Path(workdir)))['feature_files'])
 """
 
