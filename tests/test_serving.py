@@ -366,3 +366,45 @@ def test_a_model_without_the_conversation_stream_scores_events_that_include_mess
                                  blend=(0.5, 1.0, 0.0))
     blended = Scorer(bundle).predict(events, AS_OF)
     assert len(blended) == len(scored) and blended.p_engaged.between(0, 1).all()
+
+
+def test_the_logged_requirements_cover_every_library_scoring_imports():
+    # A logged model scores raw events through the feature build: every third-party library the
+    # scoring code imports (at the top or inside a function) must come with the pinned
+    # requirements, directly or as their dependency, or a fresh environment fails at scoring.
+    import ast
+    from importlib.metadata import packages_distributions, requires
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from pipeline.serving import requirements
+
+    def closure(names):
+        seen, todo = set(), [n.lower() for n in names]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for req in map(Requirement, requires(name) or []):
+                if req.marker is None or req.marker.evaluate({"extra": ""}):  # what installs here, no extras
+                    todo.append(req.name.lower().replace("_", "-"))
+        return seen
+
+    shipped = closure(p.split("==")[0] for p in requirements("minilm"))  # the demo's text encoder
+    files = [*Path("features").rglob("*.py"), *Path("models").glob("*.py"), *Path("common").glob("*.py"),
+             Path("pipeline/serving.py"), *Path("pipeline/evaluation").glob("*.py")]
+    imported = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    ours = {"common", "features", "models", "pipeline", "jobs", "tests", "benchmarks"}
+    third_party = imported - set(sys.stdlib_module_names) - ours - {"__future__"}
+    dists = packages_distributions()
+    missing = {m: dists.get(m) for m in third_party
+               if not any(d.lower().replace("_", "-") in shipped for d in dists.get(m, [m]))}
+    assert len(third_party) > 8 and not missing, missing
