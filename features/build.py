@@ -28,12 +28,12 @@ from features.validate import user_attributes
 from features.vocab import (
     FIRST,
     SENDER_IDS,
+    Tokens,
     Vocab,
     content_buckets,
     pseudonyms,
     sender_ids,
     shard_of,
-    strings,
 )
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def build_features(
                 events, ts_all = events.filter(pa.array(keep)), ts_all[keep]
         user_ids, user_row = _user_rows(events[C.USER_ID])
         n_users = len(user_ids)
-        etype = strings(events[C.EVENT_TYPE])  # numpy unicode: vectorised comparisons, no Python str per row
+        etype = Tokens(events[C.EVENT_TYPE])  # vectorised comparisons, no Python str per row
         program_start = _program_start(user_ids, user_row, ts_all, users)
         program_end = _program_end(user_ids, users)
         attributes, attr = _attributes(user_ids, users, vocab, fc)
@@ -295,9 +295,9 @@ def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tu
 def _examples(events, etype, user_ids, user_row, ts, program, streams, calendar, data_end, lc, supplied, labels_path):
     program_start, program_end = program
     ev_keys = L.row_keys(streams["events"]["_user"], streams["events"]["ts"])
-    own = C.is_user_activity(etype, strings(events[C.SENDER]))
+    own = C.is_user_activity(etype, Tokens(events[C.SENDER]))
     if lc.activity_types:
-        own &= np.isin(etype, [t.lower() for t in lc.activity_types])
+        own &= etype.isin([t.lower() for t in lc.activity_types])
     own_keys = L.row_keys(user_row[own], ts[own])
     label_stats: dict = {}
     user_split = L.user_splits(user_ids, lc)

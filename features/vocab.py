@@ -141,11 +141,23 @@ def value_counts(values: pa.Array | pa.ChunkedArray) -> dict:
     return {distinct[i]: int(n[i]) for i in np.argsort(-n, kind="stable")}
 
 
-def strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """An Arrow string column as a numpy unicode array ('' for null), for vectorised
-    comparisons (`etype == "message"`) without a Python string per row."""
-    c, distinct = codes(values)
-    return np.array(distinct + [""], dtype=str)[c]  # code -1 (null) picks the trailing ""
+class Tokens:
+    """An Arrow string column as its dictionary codes, for vectorised comparisons
+    (`etype == "message"`, `etype.isin([...])`: bool (N,) arrays, a null equal to nothing) with
+    one Python comparison per distinct value and none per row. A numpy unicode array of the
+    column cost 4-5 times as much in a feature build (docs/benchmarks.md)."""
+
+    __hash__ = None  # `==` compares row by row
+
+    def __init__(self, values: pa.Array | pa.ChunkedArray):
+        self.codes, self.distinct = codes(values)
+
+    def isin(self, tokens) -> np.ndarray:
+        wanted = set(tokens)
+        return np.array([d in wanted for d in self.distinct] + [False])[self.codes]  # code -1 (null): False
+
+    def __eq__(self, token) -> np.ndarray:
+        return self.isin([token])
 
 
 def _positions(tokens: list, values) -> np.ndarray:

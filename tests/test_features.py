@@ -657,3 +657,17 @@ def test_trained_limits_are_the_largest_day_and_message_number_training_saw_and_
             np.testing.assert_array_equal(a["events"]["day"], np.minimum(b["events"]["day"], limits["trained_max_day"] + 1))
         idx = np.arange(min(40, len(later)))
         _assert_same_batch(later.batch(idx), collate([later[int(i)] for i in idx]))
+
+
+def test_tokens_compare_row_by_row_through_dictionary_codes():
+    import pyarrow as pa
+
+    from features.vocab import Tokens
+
+    col = pa.chunked_array([["message", None, "food_log"], ["message", "weigh_in"]])
+    t = Tokens(col)
+    ref = np.array(["message", "", "food_log", "message", "weigh_in"])  # null compares equal to nothing
+    assert (t == "message").tolist() == (ref == "message").tolist()
+    assert (t == "never").tolist() == [False] * 5
+    assert t.isin(["food_log", "weigh_in"]).tolist() == np.isin(ref, ["food_log", "weigh_in"]).tolist()
+    assert not (t == "").any()  # a null is not the empty string

@@ -59,8 +59,8 @@ class RecentMessages:
     age_days: np.ndarray  # (P,) float64, cutoff minus the message's time, in days (> 0)
     vectors: np.ndarray  # (P, D) float32 message vectors
     n_examples: int
-    # (P, 2) float32: the earliest / latest date the message mentions, in days after the
-    # example's cutoff (NaN: none); None: no message mentions one
+    # (P, 2) float32: the start of the earliest / latest day the message mentions, in days after
+    # the example's cutoff (NaN: none); None: no message mentions one
     mentions: np.ndarray | None = None
     horizon_days: int = 7  # the label's window after the cutoff, in days
 
