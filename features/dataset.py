@@ -15,7 +15,8 @@ open the file themselves) and keeps the most recent `max_len` items per stream.
     future (B, D) f32: own activity (1/0) on each of the D days from as_of, -1 after the data's
                    end, with model.future_days and `targets=True`; a training target (the
                    auxiliary head, the future objective of pretraining), never a model input
-    conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position (B,T) i64
+    conversation: embedding (B,T,E) f32, sender, msg_no, dt_bucket, recency, position,
+                  mention_first, mention_last (B,T) i64
     food:         food_ids (B,T,M) i64, meal, dt_bucket, recency, position (B,T) i64
     events:       type_id, day, content, dt_bucket, recency, position (B,T) i64;
                   value, value_delta (signed log1p), has_value (B,T) f32
@@ -40,7 +41,7 @@ from features.store import SPLITS, STREAMS, UNLABELLED, StoreMeta, load_arrays, 
 from models.config import ModelConfig
 
 CATEGORICAL = {
-    "conversation": ("sender", "msg_no", "dt_bucket", "recency", "position"),
+    "conversation": ("sender", "msg_no", "dt_bucket", "recency", "position", "mention_first", "mention_last"),
     "food": ("meal", "dt_bucket", "recency", "position"),
     "events": ("type_id", "day", "content", "dt_bucket", "recency", "position"),
 }
@@ -53,9 +54,17 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
 
 
+def mentions(a: dict, at, as_of) -> dict[str, np.ndarray]:
+    """The days conversation items `at` mention, counted from their example's cutoff `as_of`, as
+    `timebuckets.mention_buckets` ids ("mention_first", "mention_last")."""
+    age = (as_of - a["ts"][at]) / 86400.0  # days from the message to the cutoff
+    return {k: tb.mention_buckets(a[k][at] - age) for k in ("mention_first", "mention_last")}
+
+
 def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     """The model config with vocabulary sizes and text width taken from the store."""
-    extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"]}
+    extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"],
+             "n_mention_buckets": tb.N_MENTION_BUCKETS}
     if model.future_days < 0:  # every day of the label's horizon, when the events show them:
         # supplied labels (data.labels) may describe days the event log does not cover
         # (KDD Cup's logs end where its label window starts), so no such head then.
@@ -230,7 +239,8 @@ class FeatureDataset(Dataset):
             }
             if s == "conversation":
                 out |= {"embedding": a["embedding"][lo:hi], "sender": a["sender"][lo:hi],
-                        "msg_no": np.minimum(a["msg_no"][lo:hi], self._cap("msg_no"))}
+                        "msg_no": np.minimum(a["msg_no"][lo:hi], self._cap("msg_no")),
+                        **mentions(a, slice(lo, hi), as_of)}
             elif s == "food":
                 out |= {"meal": self._clamp(a["meal"][lo:hi], self.model.n_meals),
                         "foods": self._meal_foods(a, lo, hi)}
@@ -294,6 +304,8 @@ class FeatureDataset(Dataset):
                     out["embedding"][r, c] = a["embedding"][i]
                     out["sender"][r, c] = a["sender"][i]
                     out["msg_no"][r, c] = np.minimum(a["msg_no"][i], self._cap("msg_no"))
+                    for k, v in mentions(a, i, as_of[r]).items():
+                        out[k][r, c] = v
                 elif s == "food":
                     out["meal"][r, c] = self._clamp(a["meal"][i], self.model.n_meals)
                     foods.append((r, c, self._foods_at(a, i)))

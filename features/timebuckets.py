@@ -52,3 +52,18 @@ def _fmt(s: float) -> str:
         if s >= size:
             return f"{s / size:.3g}{unit}"
     return f"{s:.3g}s"
+
+
+# The day a message mentions (features/text_dates.py), counted from the example's cutoff:
+# 0 = padding, 1 = no mention, then one id per day from MENTION_FROM to MENTION_TO days after
+# the cutoff, earlier and later days clipped to the ends (a week past, three weeks ahead).
+NO_MENTION = 1
+MENTION_FROM, MENTION_TO = -7, 21
+N_MENTION_BUCKETS: int = FIRST + MENTION_TO - MENTION_FROM + 1
+
+
+def mention_buckets(days_after_cutoff: np.ndarray) -> np.ndarray:
+    """Days (float, NaN = no mention) -> ids in [NO_MENTION, N_MENTION_BUCKETS). Vectorised."""
+    d = np.asarray(days_after_cutoff, dtype=np.float64)
+    day = np.clip(np.floor(np.nan_to_num(d, nan=0.0)), MENTION_FROM, MENTION_TO)
+    return np.where(np.isnan(d), NO_MENTION, FIRST + day - MENTION_FROM).astype(np.int16)

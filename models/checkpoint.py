@@ -123,6 +123,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
     from models.engagement import EngagementModel
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = EngagementModel(ModelConfig(**ckpt["model_config"]))
+    # A model saved before `mention_days` existed embeds no mentioned days.
+    model = EngagementModel(ModelConfig(**{"mention_days": False, **ckpt["model_config"]}))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

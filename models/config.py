@@ -53,6 +53,10 @@ class ModelConfig:
     # embedding row it left at its initialisation (docs/models.md).
     trained_max_day: int = -1
     trained_max_msg_no: int = -1
+    # The conversation encoder also embeds the first and last day each message mentions,
+    # counted from the cutoff (features/text_dates.py, features/timebuckets.py): "on Friday"
+    # written on Saturday lands in the label's week, written a month before it does not.
+    mention_days: bool = True
     # Dense auxiliary targets (issue 14): a second output of the fusion head predicts the
     # user's own activity on each of the next `future_days` days (-1: every day of the label's
     # horizon, labels.horizon_days, unless labels are supplied (data.labels): then none; 0: no
@@ -72,6 +76,7 @@ class ModelConfig:
     n_meals: int = 0
     n_senders: int = 0
     n_dt_buckets: int = 0
+    n_mention_buckets: int = 0
     n_content: int = 0
     max_msg_no: int = 1024
     max_day: int = 730

@@ -107,11 +107,14 @@ class ConversationEncoder(StreamEncoder):
     Stream dict (B batch, T messages, E = config.text_dim):
         embedding (B, T, E) float32 precomputed message vectors;
         sender (B, T) long 0 pad / 1 user / 2 coach; msg_no (B, T) long 1-based, 0 pad;
-        dt_bucket, recency, position (B, T) long; padding_mask (B, T) bool, True = padding.
+        dt_bucket, recency, position (B, T) long; padding_mask (B, T) bool, True = padding;
+        with config.mention_days, mention_first, mention_last (B, T) long: the day mentioned,
+        from the cutoff (features.timebuckets.mention_buckets; 0 pad, 1 none).
     """
 
     stream = "conversation"
-    config_fields = SHARED_FIELDS + ("text_dim", "n_senders", "max_msg_no", "max_len_conversation")
+    config_fields = SHARED_FIELDS + ("text_dim", "n_senders", "max_msg_no", "max_len_conversation", "mention_days",
+                                     "n_mention_buckets")
     N_SPLIT = 3  # 0 none (padding row), 1 before the cut, 2 after the cut
 
     def __init__(self, config: ModelConfig):
@@ -126,6 +129,13 @@ class ConversationEncoder(StreamEncoder):
         self.sender_embedding = _embedding(config.n_senders, D, "n_senders")
         self.msg_no_embedding = _embedding(config.max_msg_no + 1, D, "max_msg_no")
         self.split_embedding = _embedding(self.N_SPLIT, D, "split")
+        self.mention_days = config.mention_days
+        if config.mention_days:  # the first / last day a message mentions, from the cutoff
+            # Zero at first (and drawing nothing from the generator): pretraining never sees them
+            # (negative sampling blanks them), so fine-tuning starts from the pretrained function.
+            rows = max(2, config.n_mention_buckets)
+            self.mention_first_embedding = nn.Embedding(rows, D, padding_idx=0, _weight=torch.zeros(rows, D))
+            self.mention_last_embedding = nn.Embedding(rows, D, padding_idx=0, _weight=torch.zeros(rows, D))
 
     def embed_fields(
         self, s: dict[str, torch.Tensor], split: torch.Tensor | None = None
@@ -133,6 +143,8 @@ class ConversationEncoder(StreamEncoder):
         x = self.text_projection(s["embedding"])  # (B, T, E) -> (B, T, D)
         x = x + self.sender_embedding(s["sender"])  # (B, T, D)
         x = x + self.msg_no_embedding(s["msg_no"])  # (B, T, D)
+        if self.mention_days:
+            x = x + self.mention_first_embedding(s["mention_first"]) + self.mention_last_embedding(s["mention_last"])
         if split is not None:  # (B, T) long: 0 none, 1 before the cut, 2 after
             x = x + self.split_embedding(split)  # (B, T, D)
         return x

@@ -33,6 +33,7 @@ def tiny_config(**overrides) -> ModelConfig:
         n_meals=6,
         n_senders=3,
         n_dt_buckets=10,
+        n_mention_buckets=10,
         n_content=20,
         max_msg_no=40,
         max_day=30,
@@ -96,6 +97,7 @@ def random_batch(
         "embedding": torch.randn(B, T, cfg.text_dim, generator=g).masked_fill(pad[..., None], 0.0),
         "sender": ints(1, cfg.n_senders).masked_fill(pad, 0),
         "msg_no": (start + torch.arange(T) + 1).clamp(max=cfg.max_msg_no).masked_fill(pad, 0),
+        **{k: ints(1, max(2, cfg.n_mention_buckets)).masked_fill(pad, 0) for k in ("mention_first", "mention_last")},
     }
 
     food = timeline("food")

@@ -667,3 +667,21 @@ def test_future_head_adds_its_loss_and_never_reads_the_targets(cfg, batch):
     loss.backward()
     assert model.future_head.weight.grad.abs().sum() > 0
     assert make_model(dataclasses.replace(cfg, future_days=0)).future_head is None  # old checkpoints load
+
+
+def test_mentioned_days_start_as_a_no_op_and_draw_nothing_from_the_generator():
+    # The mention tables are zero at first and consume no random draws, so a model with them
+    # starts as the very function of the model without (pretrained encoders keep their meaning:
+    # pretraining blanks them); training then moves them.
+    batch = random_batch(tiny_config(), B=6, T=5, seed=2)
+    torch.manual_seed(0)
+    without = EngagementModel(tiny_config(mention_days=False)).eval()
+    torch.manual_seed(0)
+    with_days = EngagementModel(tiny_config(mention_days=True)).eval()
+    shared = without.state_dict()
+    assert all(torch.equal(v, with_days.state_dict()[k]) for k, v in shared.items())
+    assert torch.equal(without(batch)[0], with_days(batch)[0])
+    with_days.train()
+    with_days(batch)[0].sum().backward()
+    grad = with_days.encoders["conversation"].mention_first_embedding.weight.grad
+    assert grad is not None and grad.abs().sum() > 0

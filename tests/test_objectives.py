@@ -34,7 +34,8 @@ def _conv_batch(lengths, users=None, T=10, E=4, first_msg_no=1, max_msg_no=40):
     msg_no = torch.clamp(torch.arange(first_msg_no, first_msg_no + T), max=max_msg_no).repeat(B, 1)
     conv = {"embedding": emb, "sender": ints(torch.randint(1, 3, (B, T), generator=torch.Generator().manual_seed(0))),
             "msg_no": ints(msg_no), "dt_bucket": ints((torch.arange(T) % 7 + 2).repeat(B, 1)),
-            "recency": ints(torch.full((B, T), 7)), "position": pos, "padding_mask": mask}
+            "recency": ints(torch.full((B, T), 7)), "position": pos, "padding_mask": mask,
+            "mention_first": ints(torch.full((B, T), 1)), "mention_last": ints(torch.full((B, T), 1))}
     user = torch.arange(B) if users is None else torch.tensor(users)
     return {"conversation": conv, "user": user}
 
@@ -84,7 +85,7 @@ def test_negatives_never_come_from_the_same_user_and_split_marks_sit_after_k(len
                 assert (user[source[k:]] != user[b]).all()  # never the user's own continuation
             else:
                 assert torch.equal(out["embedding"][b], conv["embedding"][b])
-        assert out["recency"].eq(0).all()  # blanked for real and fake alike
+        assert all(out[k].eq(0).all() for k in ("recency", "mention_first", "mention_last"))  # blanked for real and fake alike
     assert seen_fake > 10
 
 

@@ -87,9 +87,10 @@ def test_pretrain_saves_the_encoders_it_trained_which_load_into_the_engagement_m
         assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
         start = _encoder_state(init, stream)
         moved = [k for k in state if not torch.equal(state[k], start[k])]
-        # Every weight moved, but the conversation's recency table: negative sampling blanks
-        # recency (it would date a donor's messages), so only fine-tuning teaches it.
-        still = {"recency_embedding.weight"} if stream == "conversation" else set()
+        # Every weight moved, but the conversation's recency and mentioned-day tables: negative
+        # sampling blanks them (they would date a donor's messages), so only fine-tuning teaches them.
+        still = ({"recency_embedding.weight", "mention_first_embedding.weight", "mention_last_embedding.weight"}
+                 if stream == "conversation" else set())
         assert set(state) - set(moved) == still, stream
         # The engagement model with the checkpoint computes what the trained encoder computes.
         encoder = ENCODERS[stream](mcfg).eval()

@@ -52,3 +52,34 @@ def test_the_store_holds_the_dates_of_the_users_own_messages(sim_store):
     found = np.isfinite(cv["mention_first"])
     assert found[user].mean() > 0.02 and not found[~user].any()  # the coach's messages are not read
     assert (cv["mention_last"][found] >= cv["mention_first"][found]).all()
+
+
+def test_mention_buckets_count_days_from_the_cutoff():
+    from features import timebuckets as tb
+
+    got = tb.mention_buckets(np.array([np.nan, -30.0, -7.0, -0.5, 0.0, 6.9, 21.0, 400.0]))
+    first = tb.FIRST - tb.MENTION_FROM  # the id of day 0
+    assert got.tolist() == [tb.NO_MENTION, tb.FIRST, tb.FIRST, first - 1, first, first + 6,
+                            tb.N_MENTION_BUCKETS - 1, tb.N_MENTION_BUCKETS - 1]
+
+
+def test_the_model_reads_each_messages_mentioned_days_from_its_examples_cutoff(sim_store):
+    from features import timebuckets as tb
+    from features.dataset import FeatureDataset
+
+    path, _, mcfg = sim_store
+    data = FeatureDataset(path, mcfg)
+    cv = load_arrays(path, ("conversation",))[0]["conversation"]
+    checked = 0
+    for i in range(len(data)):
+        item = data[i]["conversation"]
+        if not (item["mention_first"] > tb.NO_MENTION).any():
+            continue
+        e = {k: v[data.indices[i]] for k, v in data.examples.items()}
+        lo = max(int(e["conversation_start"]), int(e["conversation_end"]) - mcfg.max_len_conversation)
+        at = np.arange(lo, int(e["conversation_end"]))
+        age = (e["as_of"] - cv["ts"][at]) / 86400
+        assert np.array_equal(item["mention_first"], tb.mention_buckets(cv["mention_first"][at] - age))
+        assert np.array_equal(item["mention_last"], tb.mention_buckets(cv["mention_last"][at] - age))
+        checked += 1
+    assert checked > 5

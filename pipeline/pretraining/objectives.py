@@ -68,7 +68,8 @@ class ConversationNegativeSampling(nn.Module):
             for key in ("embedding", "sender"):  # a message is its vector and its author
                 out[key][b, k:n] = conv[key][d, kd : kd + m]
             target[b] = 0.0
-        out["recency"] = torch.zeros_like(out["recency"])  # would date the donor's messages
+        for key in ("recency", "mention_first", "mention_last"):  # each would date the donor's messages
+            out[key] = torch.zeros_like(out[key])
         return out, split, target, used
 
     def forward(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
