@@ -133,7 +133,10 @@ class ConversationEncoder(StreamEncoder):
         if config.mention_days:  # the first / last day a message mentions, from the cutoff
             # Zero at first (and drawing nothing from the generator): pretraining never sees them
             # (negative sampling blanks them), so fine-tuning starts from the pretrained function.
-            rows = max(2, config.n_mention_buckets)
+            rows = config.n_mention_buckets
+            if rows < 2:
+                raise ValueError("model.n_mention_buckets is filled from the feature store (features.timebuckets); "
+                                 "build features first, set it, or set model.mention_days=false")
             self.mention_first_embedding = nn.Embedding(rows, D, padding_idx=0, _weight=torch.zeros(rows, D))
             self.mention_last_embedding = nn.Embedding(rows, D, padding_idx=0, _weight=torch.zeros(rows, D))
 
