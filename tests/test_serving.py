@@ -233,7 +233,8 @@ def _as_champion_the_nightly_job_scores_like_its_model(cfg, version, model, even
 @pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
 def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
     from features.dataset import load_examples
-    from features.store import build_id, feature_files
+    from features.store import feature_files
+    from pipeline.evaluation.evaluate import baselines_cache
     from pipeline.paths import Paths
 
     _, run_id, version = champion
@@ -241,7 +242,7 @@ def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_
     try:
         files = feature_files(Paths.of(cfg).features)
         examples, user_key, _ = load_examples(files)
-        cached = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")
+        cached = pd.read_parquet(baselines_cache(cfg, files))
         at = examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())
         runs, models = {"model": run_id}, {}
         for name in ("hgb", "hgb_text"):  # on aggregates; with message scores (reads the messages' text)
@@ -281,8 +282,9 @@ def test_gradient_boosting_is_a_model_too_and_can_be_the_champion(champion, tmp_
 @pytest.mark.slow  # a whole evaluate (~6 s): `make test-full`
 def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
     from features.dataset import load_examples
-    from features.store import build_id, feature_files
+    from features.store import feature_files
     from pipeline.evaluation.blend import blend, crossfit_blend
+    from pipeline.evaluation.evaluate import baselines_cache
     from pipeline.evaluation.metrics import binary_metrics
     from pipeline.paths import Paths
     from pipeline.training.train import PREDICTIONS
@@ -299,7 +301,7 @@ def test_the_blend_is_a_model_too_and_can_be_the_champion(champion, tmp_path):
         files = feature_files(Paths.of(cfg).features)
         examples, user_key, _ = load_examples(files)
         # The blend's gradient boosting (eval.blend_with: with message scores, by default).
-        hgb = pd.read_parquet(Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet")[cfg.eval.blend_with].to_numpy()
+        hgb = pd.read_parquet(baselines_cache(cfg, files))[cfg.eval.blend_with].to_numpy()
         preds = pd.read_parquet(next(Paths.of(cfg).runs.glob(f"*/{PREDICTIONS}")))
         p_model = pd.Series(preds.p_engaged.to_numpy(), index=preds.example.to_numpy()).reindex(np.arange(len(hgb)))
         at = (examples["as_of"] == int(pd.Timestamp(AS_OF, tz="UTC").timestamp())) & p_model.notna().to_numpy()

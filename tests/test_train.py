@@ -692,3 +692,30 @@ def test_encoders_frozen_for_the_first_epochs_then_train_with_the_head(cfg, monk
     cfg.train.freeze_encoders = True  # frozen for good: freeze_epochs would mean nothing
     with pytest.raises(UserError, match="freeze_epochs"):
         train(cfg)
+
+
+def test_a_changed_baseline_is_fitted_again_not_read_from_the_cache_of_the_code_before(sim_store, monkeypatch):
+    from features.dataset import load_examples
+    from features.store import feature_files
+    from pipeline.evaluation import baselines, evaluate
+
+    path, cfg, _ = sim_store
+    files = feature_files(Paths.of(cfg).features)
+    examples, user_key, _ = load_examples(files)
+    before = evaluate.baselines_cache(cfg, files)
+    evaluate.baseline_predictions(cfg, files, examples, user_key)
+    assert before.exists()
+    fits = []
+    real = baselines.fit_baselines
+    monkeypatch.setattr(evaluate, "fit_baselines", lambda *a, **k: fits.append(1) or real(*a, **k))
+    evaluate.baseline_predictions(cfg, files, examples, user_key)
+    assert fits == []  # the same code: read back
+    monkeypatch.setattr(baselines, "__file__", __file__)  # as if baselines.py had changed
+    after = evaluate.baselines_cache(cfg, files)
+    assert after != before
+    try:
+        evaluate.baseline_predictions(cfg, files, examples, user_key)
+        assert fits == [1]
+    finally:  # the shared store's folder keeps one cache, as other tests read it
+        for f in after.parent.glob(after.stem + "*"):
+            f.unlink()

@@ -4,6 +4,7 @@ and plots to MLflow; then the champion gate (pipeline/registry.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -25,7 +26,7 @@ from features.store import SPLITS, UNLABELLED, build_id, feature_files, read_met
 from features.vocab import pseudonyms
 from pipeline import serving, tracking
 from pipeline.config import Config
-from pipeline.evaluation import message_scores, plots, registry
+from pipeline.evaluation import baselines, message_scores, plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
 from pipeline.evaluation.blend import blend, crossfit_blend, fit_blend
 from pipeline.evaluation.metrics import binary_metrics
@@ -47,11 +48,19 @@ class EvalResult:
     decisions: dict[str, registry.GateDecision] = field(default_factory=dict)
 
 
+def baselines_cache(cfg: Config, files: list[Path], name: str = "") -> Path:
+    """Where the baselines' predictions (name "") or one fitted estimator (`name`) of this feature
+    build are cached: keyed by the build and by the code that fits them, so a changed baseline is
+    fitted again rather than read back from the code before."""
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (baselines, message_scores))).hexdigest()[:8]
+    return Paths.of(cfg).features / f"baselines-{build_id(files)}-{code}{'-' + name + '.pkl' if name else '.parquet'}"
+
+
 def baseline_predictions(cfg: Config, files: list[Path], examples: dict, user_key: np.ndarray) -> dict[str, np.ndarray]:
     """p_engaged of each baseline (and of gradient boosting with message scores, `hgb_text`) for
     every example (NaN where unlabelled), fitted on the train split only; cached per feature
-    build and logged once as MLflow runs."""
-    cache = Paths.of(cfg).features / f"baselines-{build_id(files)}.parquet"
+    build and code (`baselines_cache`) and logged once as MLflow runs."""
+    cache = baselines_cache(cfg, files)
     if cache.exists():
         df = pd.read_parquet(cache)
         if set(cfg.eval.baselines) <= set(df.columns):
@@ -80,7 +89,7 @@ def baseline_predictions(cfg: Config, files: list[Path], examples: dict, user_ke
 
 
 def _estimator_file(cfg: Config, files: list[Path], name: str) -> Path:
-    return Paths.of(cfg).features / f"baselines-{build_id(files)}-{name}.pkl"
+    return baselines_cache(cfg, files, name)
 
 
 def oracle_predictions(cfg: Config, examples: dict, user_key: np.ndarray) -> np.ndarray | None:
