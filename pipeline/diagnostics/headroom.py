@@ -26,14 +26,14 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from features.aggregates import aggregates_of
+from features.contract import USER_ID
 from features.store import SPLITS, UNLABELLED, feature_files, load_arrays
 from features.vocab import pseudonyms
 from pipeline.config import load_config
 from pipeline.evaluation.baselines import hgb_candidates, tuned
 from pipeline.evaluation.message_scores import MessageScoredHGB, recent_user_messages
 from pipeline.paths import Paths
-from pipeline.simulator.dynamics import draw_traits
-from pipeline.simulator.run import day_zero, run_simulation
+from pipeline.simulator.run import Simulation, day_zero, run_simulation
 
 KINDS = ("travel", "busy", "illness", "quit")
 
@@ -46,8 +46,8 @@ class Matched:
     day: np.ndarray  # (n,) the cutoff's day index
     label: np.ndarray
     split: np.ndarray
-    sim: object  # pipeline.simulator.run.Simulation
-    traits: object  # pipeline.simulator.dynamics.Traits
+    sim: Simulation
+    row_of: dict[str, int]  # raw user id -> the simulator's user row
     horizon: int
     day0: pd.Timestamp
 
@@ -56,22 +56,20 @@ def match(cfg, store: str) -> Matched:
     """Simulate `cfg.sim` again and match the examples of `store`; raises when the labels
     recomputed from the hidden history are not the store's (another seed or config)."""
     sim = run_simulation(cfg.sim)
-    n_days, n_users = sim.history.active.shape
-    seed_dynamics = np.random.SeedSequence(cfg.sim.seed).spawn(4)[0]  # run.simulate_users' first stream
-    traits = draw_traits(n_users, n_days, np.random.default_rng(seed_dynamics))
+    n_days = sim.history.active.shape[0]
+    raw = sim.tables["users"][USER_ID].to_numpy(zero_copy_only=False).astype(str)  # in user-row order
+    row_of_key = dict(zip(pseudonyms(raw, cfg.features.pseudonym_key).tolist(), range(len(raw))))
     a, _ = load_arrays(store, ("examples", "users"))
     ex = a["examples"]
-    width = max(5, len(str(cfg.sim.users - 1)))
-    raw = np.array([f"u{i:0{width}d}" for i in range(n_users)])
-    row_of = dict(zip(pseudonyms(raw, cfg.features.pseudonym_key).tolist(), range(n_users)))
-    user = np.array([row_of[k] for k in a["users"]["key"][ex["user_row"]].tolist()])
+    user = np.array([row_of_key[k] for k in a["users"]["key"][ex["user_row"]].tolist()])
     day = (ex["as_of"].astype(np.int64) - day_zero(cfg.sim.start_date).value // 10**9) // 86400
     lc = cfg.labels
     active = sum(sim.history.active[np.minimum(day + j, n_days - 1), user].astype(int) for j in range(lc.horizon_days))
     labelled = ex["label"] != UNLABELLED
     if not np.array_equal(active[labelled] >= lc.min_active_days, ex["label"][labelled] == 1):
         raise ValueError(f"{store}: its labels are not this simulation's (another sim seed or size?)")
-    return Matched(user, day, ex["label"], ex["split"], sim, traits, lc.horizon_days, day_zero(cfg.sim.start_date))
+    return Matched(user, day, ex["label"], ex["split"], sim, dict(zip(raw, range(len(raw)))), lc.horizon_days,
+                   day_zero(cfg.sim.start_date))
 
 
 def life_columns(m: Matched, announced_only: bool) -> np.ndarray:
@@ -80,7 +78,7 @@ def life_columns(m: Matched, announced_only: bool) -> np.ndarray:
     the cutoff: announced in a message, or (announced_only=False) booked."""
     lives = m.sim.life_events
     days = {c: ((lives[c] - m.day0).dt.total_seconds() / 86400).to_numpy() for c in ("booked", "start", "end", "announced_at")}
-    ev = pd.DataFrame({"user": lives["user_id"].str[1:].astype(int).to_numpy(), "kind": lives["kind"], **days})
+    ev = pd.DataFrame({"user": lives[USER_ID].map(m.row_of).to_numpy(), "kind": lives["kind"], **days})
     ex = pd.DataFrame({"example": np.arange(len(m.user)), "user": m.user, "day": m.day})
     pairs = ex.merge(ev, on="user")
     known = pairs["announced_at"] < pairs["day"] if announced_only else pairs["booked"] < pairs["day"]
@@ -95,22 +93,22 @@ def life_columns(m: Matched, announced_only: bool) -> np.ndarray:
         g = pairs[pairs["kind"] == kind].groupby("example")
         overlap, ahead = np.zeros(len(m.user)), np.full(len(m.user), 99.0)
         if len(g):
-            overlap[g["overlap"].max().index] = g["overlap"].max().to_numpy()
-            ahead[g["ahead"].min().index] = g["ahead"].min().to_numpy()
+            most, soonest = g["overlap"].max(), g["ahead"].min()
+            overlap[most.index], ahead[soonest.index] = most.to_numpy(), soonest.to_numpy()
         cols += [overlap, ahead]
     return np.column_stack(cols)
 
 
 def hidden_state(m: Matched) -> np.ndarray:
     """(n, 6): motivation at the cutoff, whether the user had quit, and fixed traits."""
-    h, t, u = m.sim.history, m.traits, m.user
+    h, t, u = m.sim.history, m.sim.traits, m.user
     return np.column_stack([h.motivation[m.day, u], h.churned[np.maximum(m.day - 1, 0), u],
                             t.base[u], t.respond[u], t.mu0[u], t.fatigue[u]])
 
 
 def oracle(m: Matched) -> np.ndarray:
     truth = m.sim.tables["truth"].to_pandas()
-    key = pd.DataFrame({"user": truth["user_id"].str[1:].astype(int),
+    key = pd.DataFrame({"user": truth[USER_ID].map(m.row_of),
                         "day": ((truth["as_of"] - m.day0).dt.total_seconds() // 86400).astype(int),
                         "p": truth["p_engaged"]})
     got = pd.DataFrame({"user": m.user, "day": m.day}).merge(key, on=["user", "day"], how="left")

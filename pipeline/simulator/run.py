@@ -32,7 +32,7 @@ from features.contract import AS_OF, PROGRAM_START, USER_ID
 from pipeline.simulator.catalog import food_catalog
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.conversation import plan_and_write
-from pipeline.simulator.dynamics import day_step, draw_traits, initial_state
+from pipeline.simulator.dynamics import Traits, day_step, draw_traits, initial_state
 from pipeline.simulator.events import US_PER_DAY, Clock, logged_events
 from pipeline.simulator.persona import History, draw_persona
 from pipeline.simulator.report import life_events, summarize
@@ -53,6 +53,7 @@ class Simulation:
     tables: dict[str, pa.Table]  # events, users, foods, truth
     life_events: pd.DataFrame  # user_id, kind, booked, start, end, announced_at
     history: History  # (n_days, n_users) hidden days: active, motivation, travel...
+    traits: Traits  # the users' hidden fixed parameters (base rate, responsiveness...)
     stats: dict[str, object]
 
 
@@ -147,7 +148,7 @@ def simulate_users(sim: SimConfig, users: np.ndarray, seq: np.random.SeedSequenc
     lives = life_events(hist, msgs.announced, user_ids, day0)
     stats = summarize(hist, tr, truth, lives, clean, events.num_rows - clean.num_rows, day0)
     stats["seconds"] = time.perf_counter() - t0
-    return Simulation(tables=tables, life_events=lives, history=hist, stats=stats)
+    return Simulation(tables=tables, life_events=lives, history=hist, traits=tr, stats=stats)
 
 
 def simulate(sim: SimConfig) -> dict[str, pd.DataFrame]:
