@@ -50,15 +50,15 @@ def mentioned_days(texts: list[str | None], ts: np.ndarray, languages: list[str]
     keyed = [f"{d}\x00{texts[i]}" for d, i in zip(day.tolist(), todo.tolist())]  # a weekday resolves per day
     digests = text_digests(keyed, key)
     unique, first_of, inverse = np.unique(digests, return_index=True, return_inverse=True)
-    cache = VectorCache(cache_root, f"date-mentions-v{CACHE_VERSION}-{'-'.join(languages)}") if cache_root else None
-    rows = cache.lookup(unique) if cache is not None else np.full(len(unique), -1)
-    missing = np.flatnonzero(rows < 0)
-    parsed = _parse([texts[todo[j]] for j in first_of[missing]], day[first_of[missing]], languages, progress)
-    if cache is not None:
-        cache.add(unique[missing], parsed)
-        from_day = cache.read(cache.lookup(unique), 2).astype(np.float32)
+
+    def parse(positions: np.ndarray) -> np.ndarray:  # of distinct (day, text) keys
+        return _parse([texts[todo[j]] for j in first_of[positions]], day[first_of[positions]], languages, progress)
+
+    if cache_root:
+        cache = VectorCache(cache_root, f"date-mentions-v{CACHE_VERSION}-{'-'.join(languages)}")
+        from_day = cache.fetch(unique, 2, parse)[0].astype(np.float32)
     else:
-        from_day = parsed
+        from_day = parse(np.arange(len(unique)))
     from_day = from_day[inverse]  # (len(todo), 2): days after the start of the message's day
     since_midnight = (np.asarray(ts, dtype=np.int64)[todo] - day * _DAY) / _DAY
     first[todo], last[todo] = from_day[:, 0] - since_midnight, from_day[:, 1] - since_midnight

@@ -193,6 +193,17 @@ class VectorCache:
                     out[mine[here]] = ds[lo : lo + self.BLOCK_ROWS][local[here] - lo]
         return out
 
+    def fetch(self, keys: np.ndarray, dim: int, compute) -> tuple[np.ndarray, int]:
+        """The float16 vectors (len(keys), dim) of distinct `keys`: read where cached, else
+        `compute(positions)` -> (len(positions), dim) of the absent keys' positions, cached first.
+        Also returns how many were computed."""
+        rows = self.lookup(keys)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            self.add(keys[missing], compute(missing))
+            rows = self.lookup(keys)
+        return self.read(rows, dim), len(missing)
+
     def add(self, digests: np.ndarray, vectors: np.ndarray) -> None:
         if not len(digests):
             return
@@ -220,22 +231,17 @@ def embed_messages(
     started = time.perf_counter()
     digests = text_digests(texts, key)
     unique, inverse = np.unique(digests, return_inverse=True)
-    cache = VectorCache(cache_root, encoder.identity)
-    rows = cache.lookup(unique)
-    missing = np.flatnonzero(rows < 0)
-    if len(missing):
-        first = np.zeros(len(unique), dtype=np.int64)
-        first[inverse[::-1]] = np.arange(len(digests))[::-1]  # first message of each digest
-        new = encoder.encode([texts[i] for i in first[missing]], batch_size, max_tokens)
-        cache.add(unique[missing], new)
-        rows = cache.lookup(unique)
-    vectors = cache.read(rows, encoder.dim)[inverse]
+    first = np.zeros(len(unique), dtype=np.int64)
+    first[inverse[::-1]] = np.arange(len(digests))[::-1]  # first message of each digest
+    vectors, encoded = VectorCache(cache_root, encoder.identity).fetch(
+        unique, encoder.dim, lambda missing: encoder.encode([texts[i] for i in first[missing]], batch_size, max_tokens))
+    vectors = vectors[inverse]
     seconds = time.perf_counter() - started
     stats = {
         "messages": len(digests),
         "unique": len(unique),
-        "cached": int(len(unique) - len(missing)),
-        "encoded": int(len(missing)),
+        "cached": int(len(unique) - encoded),
+        "encoded": int(encoded),
         "seconds": round(seconds, 2),
     }
     return vectors, stats
