@@ -8,7 +8,7 @@ Steps, each in its own process so its peak resident set is its own (ru_maxrss):
 2. validate: streamed into `--partitions` user-shard partitions (and, with --in-memory, the
    whole table at once);
 3. features: shard 0 of `--partitions`, reading only its partition, messages as zero vectors
-   (encoding is measured by `make bench`); the other shards cost the same, one per process or
+   (encoding is measured by `make bench`), its HDF5 store written; the other shards cost the same, one per process or
    task. Prints one JSON line per step and a summary.
 4. with `--dask W`: validate + every shard end to end on a Dask LocalCluster of W one-thread
    worker processes (127.0.0.1): the units and partitions of the validation, then one task per
@@ -41,19 +41,28 @@ def _child(code: str) -> dict:
 
 
 PEAK = "import resource, json; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
-# One shard of a streamed validation's partitions, messages as zero vectors: (events, examples).
+# One shard of a streamed validation's partitions, messages as zero vectors, its HDF5 store
+# written beside the partitions: (events, examples).
+# `cfg`: the resolved config, as the pipeline hands it to a shard task (pipeline/data/fanout.py).
 SHARD = """
-def shard(out, i, n):
+def config():
+    from pipeline.config import load_config
+    return load_config('configs/demo.yaml', ['data.foods=null', 'data.until=null'])
+
+def shard(out, i, n, cfg=None):
     import json, pyarrow.parquet as pq
+    from dataclasses import replace
     from features.build import build_features
+    from features.store import write_store
     from features.stream import SUMMARY, partition_name
     from features.vocab import Vocab
-    from pipeline.config import load_config
-    cfg = load_config('configs/demo.yaml', ['data.foods=null', 'data.until=null', f'features.shard={i}',
-                                            f'features.num_shards={n}'])
+    cfg = cfg or config()
+    cfg = replace(cfg, features=replace(cfg.features, shard=i, num_shards=n))
     facts = json.loads(open(f'{out}/{SUMMARY}').read())
     part = pq.read_table(f'{out}/events/' + partition_name(i, n))
-    return part.num_rows, build_features(part, None, cfg, None, 0, 'none', Vocab(), facts=facts).summary['examples']
+    built = build_features(part, None, cfg, None, 0, 'none', Vocab(), facts=facts)
+    write_store(f'{out}/features-{i:03d}-of-{n:03d}.h5', built.arrays, built.meta)
+    return part.num_rows, built.summary['examples']
 """
 
 
@@ -118,12 +127,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{SHARD}\n"
             f"with LocalCluster(n_workers={args.dask}, threads_per_worker=1, processes=True, host='127.0.0.1', "
             "dashboard_address=None) as cluster, Client(cluster) as client:\n"
-            "    seconds = []\n"
+            "    seconds, cfg = [], config()\n"
             "    for _ in range(2):  # cold workers (the first run after the cluster's start), then warm ones\n"
             "        t = time.perf_counter()\n"
             f"        r = validate_to_partitions({str(raw / 'events.parquet')!r}, {data}, {str(root / 'validated-dask')!r}, "
             f"{n}, client=client)\n"
-            f"        built = client.gather([client.submit(shard, {str(root / 'validated-dask')!r}, i, {n}, pure=False) "
+            f"        built = client.gather([client.submit(shard, {str(root / 'validated-dask')!r}, i, {n}, cfg, pure=False) "
             f"for i in range({n})])\n"
             "        seconds.append(time.perf_counter() - t)\n"
             "worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"

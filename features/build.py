@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common.errors import UserError
+from common.memory import keep_freed_memory
 from features import contract as C
 from features import labels as L
 from features import timebuckets as tb
@@ -99,6 +100,7 @@ def build_features(
     sections of `cfg`). `facts`: the global facts of a streaming validation's summary
     (features/stream.py) when `events` are one shard's partition only: the first and last
     event of the whole log and the vocabularies' first-seen order come from there."""
+    keep_freed_memory()  # (common/memory.py)
     timer = Timer()
     fc, lc = cfg.features, cfg.labels
     check_shards(fc)

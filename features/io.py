@@ -132,10 +132,12 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str], path: str | Path, 
         )
 
 
-def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path, schema: pa.Schema | None = None) -> Path:
+def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | Path, schema: pa.Schema | None = None,
+                         **options) -> Path:
+    """`options`: pyarrow.parquet.write_table's."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **options)
     return Path(path)
 
 

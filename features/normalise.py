@@ -35,14 +35,46 @@ def clean_strings(col: pd.Series, lower: bool = False) -> pd.Series:
             as_int = col.where(col.isna() | (col % 1 != 0), col.round().astype("Int64").astype(object))
             col = as_int
         s = col.astype(object).where(col.notna(), None).astype(pd.StringDtype("pyarrow"))
-    # In Arrow: pandas' str.strip / mask on these arrays cost several times more.
-    arr = pc.utf8_trim_whitespace(as_arrow(s))
-    if lower:
-        arr = pc.utf8_lower(arr)
-    empty = pc.equal(arr, "")
-    if pc.any(empty).as_py():  # if_else copies every string: only when there is one to null
-        arr = pc.if_else(empty, pa.scalar(None, arr.type), arr)
+    arr = as_arrow(s)
+    if not _clean_already(arr, lower):  # most columns of most logs are: a look at the bytes, no copy
+        # In Arrow: pandas' str.strip / mask on these arrays cost several times more.
+        arr = pc.utf8_trim_whitespace(arr)
+        if lower:
+            arr = pc.utf8_lower(arr)
+        empty = pc.equal(arr, "")
+        if pc.any(empty).as_py():  # if_else copies every string: only when there is one to null
+            arr = pc.if_else(empty, pa.scalar(None, arr.type), arr)
     return pd.Series(pd.arrays.ArrowStringArray(arr), index=col.index, name=col.name)
+
+
+def _clean_already(arr: pa.Array, lower: bool) -> bool:
+    """Whether `clean_strings` would leave these strings as they are, from their UTF-8 bytes: no
+    value is empty or starts or ends with a byte that may belong to whitespace (ASCII up to the
+    space, or any byte of a multi-byte character), and with `lower` none holds an uppercase ASCII
+    letter or a multi-byte character. False when unsure: the full cleaning then decides."""
+    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+        return False
+    n = len(arr) - arr.null_count
+    if n == 0:
+        return True
+    _, offset_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offset_buf, np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    offsets = offsets[arr.offset: arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    if arr.null_count:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        starts, ends = starts[valid], ends[valid]
+    if (ends <= starts).any():
+        return False
+    # (uint8 arithmetic wraps: b - 0x21 >= 0x5F is b outside 0x21..0x7F, b - 0x41 < 26 is A-Z)
+    if ((data[starts] - np.uint8(0x21)) >= 0x5F).any() or ((data[ends - 1] - np.uint8(0x21)) >= 0x5F).any():
+        return False
+    if lower:
+        body = data[offsets[0]: offsets[-1]]  # (null slots may hold bytes too: unsure is fine)
+        if body.max() >= 0x80 or ((body - np.uint8(0x41)) < 26).any():
+            return False
+    return True
 
 
 def as_arrow(values: pd.Series) -> pa.Array:

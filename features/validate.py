@@ -63,7 +63,8 @@ def validate_events(
 ) -> ValidationResult:
     """Check every row; returns accepted events, the quarantine and the counts. dedup=False
     (the streaming validation, which removes duplicates per partition): accepted rows in input
-    order, duplicates included and not counted."""
+    order, duplicates included and not counted, and the report without the accepted rows' users,
+    event types and time range (the partitions give those)."""
     # The error lists the table's own columns, not the provenance read_table adds.
     own = pd.DataFrame(columns=[c for c in raw.columns if c not in (SOURCE_FILE, SOURCE_ROW)])
     require_columns(own, C.REQUIRED_COLUMNS, data.events, "events")
@@ -132,17 +133,13 @@ def validate_events(
     future = reason == names.index("future_timestamp")
     quarantine = _quarantine_frame(raw[~ok], [names[i] for i in reason[~ok]])
     counts = pd.Series([names[i] for i in reason[~ok]], dtype=object).value_counts()
-    ts_range = pc.min_max(table[C.TS])
     report = {
         "rows_in": int(n),
         "accepted": int(table.num_rows),
         "duplicates": int(dup.sum()),
         "quarantined": int((~ok).sum()),
         "reasons": {k: int(v) for k, v in counts.items()},
-        "users": pc.count_distinct(table[C.USER_ID]).as_py(),
-        "event_types": value_counts(table[C.EVENT_TYPE]),
-        "ts_min": str(pd.Timestamp(ts_range["min"].as_py())) if table.num_rows else None,
-        "ts_max": str(pd.Timestamp(ts_range["max"].as_py())) if table.num_rows else None,
+        **(_accepted_facts(table) if dedup else {}),
         "settings": validation_settings(data),
         "validated_at": str(now),
         # The first row quarantined as in the future: once the clock passes it, validate again.
@@ -150,6 +147,17 @@ def validate_events(
     }
     assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"]
     return ValidationResult(table, quarantine, report)
+
+
+def _accepted_facts(table: pa.Table) -> dict:
+    """The report's users, event types and first and last event of the accepted rows."""
+    ts_range = pc.min_max(table[C.TS])
+    return {
+        "users": pc.count_distinct(table[C.USER_ID]).as_py(),
+        "event_types": value_counts(table[C.EVENT_TYPE]),
+        "ts_min": str(pd.Timestamp(ts_range["min"].as_py())) if table.num_rows else None,
+        "ts_max": str(pd.Timestamp(ts_range["max"].as_py())) if table.num_rows else None,
+    }
 
 
 def dedup_and_sort(events: pa.Table) -> tuple[pa.Table, np.ndarray]:

@@ -12,7 +12,7 @@ from benchmarks.sections import write_bench_store
 from features.build import build_features
 from features.config import DataConfig
 from features.dataset import FeatureDataset, model_config_for
-from features.store import SPLITS, read_meta
+from features.store import SPLITS, load_arrays, read_meta
 from features.validate import normalise_users, validate_events
 from features.vocab import Vocab
 from models.config import ModelConfig
@@ -96,6 +96,9 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
+    # every shard's store was written, as the features stage writes it, and holds its examples
+    stores = sorted((tmp_path / "validated-dask").glob("features-*-of-002.h5"))
+    assert len(stores) == 2 and sum(len(load_arrays(f, ("examples",))[0]["examples"]["as_of"]) for f in stores) == dask["examples"]
     out = capsys.readouterr().out
     assert f"one feature shard ({shard['events']:,} events)" in out and "measured as one run" in out and "warm workers" in out
 

@@ -73,6 +73,36 @@ def test_streaming_validation_equals_validating_everything_at_once(raw, tmp_path
     assert summary["ts_min"] == str(whole.events[C.TS].to_pandas().min().to_pydatetime())
 
 
+def test_the_data_path_keeps_freed_memory_where_malloc_is_glibc(raw, tmp_path):
+    """The streamed validation sets glibc's mmap and trim thresholds in the process that runs it
+    (common/memory.py). Their effect, in a fresh interpreter: a 4 MB array gets its own mmap
+    (mallinfo2's mmapped bytes grow) before the call and comes from the heap after it."""
+    import platform
+    import subprocess
+    import sys
+
+    from common import memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert not memory.keep_freed_memory()
+        return
+    validate_to_partitions(raw, DataConfig(events=str(raw)), tmp_path, num_partitions=2, now=NOW)
+    assert memory._done is True
+    probe = """
+import ctypes, numpy as np
+from common.memory import keep_freed_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Mallinfo2
+def grows():
+    before = libc.mallinfo2().hblkhd; block = np.ones(4 << 20, np.uint8)
+    return libc.mallinfo2().hblkhd - before
+print(grows() > 0, keep_freed_memory(), grows() > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False"]
+
+
 def test_a_shard_without_users_still_gets_its_partition(raw, tmp_path):
     report = validate_to_partitions(raw, DataConfig(events=str(raw)), tmp_path, num_partitions=64, now=NOW)
     files = sorted((tmp_path / PARTITIONS).glob("*.parquet"))

@@ -3,6 +3,8 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -290,3 +292,34 @@ def test_event_type_checks_per_distinct_value_equal_per_row_checks():
     per_value = _per_value(etype, lambda v: v.str.match(C.EVENT_TYPE_PATTERN).fillna(False))
     assert 0 < per_row.sum() < len(values)
     np.testing.assert_array_equal(per_value, per_row)
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_clean_strings_skips_only_columns_that_are_clean_already(lower):
+    """`clean_strings` returns a column untouched when its bytes show nothing to strip, lower or
+    blank out (`_clean_already`); on every mix of edge cases, slices and nulls it must give what
+    stripping, lowering and blanking every value gives, and it must take the shortcut on a clean one."""
+    from features import normalise as N
+
+    def cleaned_in_full(col):
+        arr = pc.utf8_trim_whitespace(N.as_arrow(col.astype(pd.StringDtype("pyarrow"))))
+        arr = pc.utf8_lower(arr) if lower else arr
+        return pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr).to_pylist()
+
+    rng = np.random.default_rng(7)
+    pieces = ["a", "B", " ", "\t", "é", "\u00a0", "\u3000", "z", "1", "🙈", "\n", "_", "Ä", "\x1f", "~"]
+    shortcuts = 0
+    for _ in range(400):
+        values = [None if rng.random() < 0.2 else "".join(rng.choice(pieces, rng.integers(0, 4)))
+                  for _ in range(rng.integers(1, 7))]
+        col = pd.Series(values, dtype="string[pyarrow]")
+        col = col.iloc[1:] if len(col) > 2 and rng.random() < 0.5 else col  # an Arrow slice with an offset
+        shortcuts += N._clean_already(N.as_arrow(col), lower)
+        assert N.as_arrow(N.clean_strings(col, lower)).to_pylist() == cleaned_in_full(col), values
+    assert shortcuts > 20  # the shortcut was taken, and checked, many times
+    clean = pd.Series(["food_log", "message", None, "weigh_in"], dtype="string[pyarrow]")
+    assert N._clean_already(N.as_arrow(clean), lower)
+    for odd in (["Food_Log"], ["xÄx"], ["x\u3000"]):  # an uppercase inside, a non-ASCII letter inside, a trailing space
+        col = pd.Series(odd, dtype="string[pyarrow]")
+        assert not N._clean_already(N.as_arrow(col), lower=True)
+        assert N.as_arrow(N.clean_strings(col, lower=True)).to_pylist() == [odd[0].strip().lower()]
