@@ -279,13 +279,13 @@ def _food_stream(events, etype, user_row, ts, n_users, vocab: Vocab) -> dict:
     }
 
 
-def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tuple[dict, list[str]]:
+def _conversation_stream(events, etype, user_row, ts, n_users, max_msg_no) -> tuple[dict, pa.ChunkedArray]:
     sel = np.flatnonzero(etype == C.MESSAGE)
     u = user_row[sel]
     starts = _group_starts(u)
     first_of_user = np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0)) if len(u) else u
     sender = events[C.SENDER].take(pa.array(sel))
-    texts = events[C.TEXT].take(pa.array(sel)).to_pylist()
+    texts = events[C.TEXT].take(pa.array(sel))  # Arrow: the text steps find the distinct ones there
     return {
         "_user": u, "user_offsets": _offsets(u, n_users), "ts": ts[sel],
         "sender": sender_ids(sender),

@@ -22,16 +22,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from features.text_vectors import VectorCache, text_digests
+from features.text_vectors import Texts, VectorCache, as_text_array, distinct, text_digests
 
 log = logging.getLogger(__name__)
 _DAY = 86400
 CACHE_VERSION = 1  # bump when what is cached changes meaning
 
 
-def mentioned_days(texts: list[str | None], ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
+def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
                    cache_root: str | Path | None = None, key: str = "", progress: bool = True
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per message, the start of the earliest and of the latest day it mentions, in days after
@@ -42,17 +44,22 @@ def mentioned_days(texts: list[str | None], ts: np.ndarray, languages: list[str]
     last = np.full(len(texts), np.nan, np.float32)
     if not languages:
         return first, last
-    candidates = np.flatnonzero(read) if read is not None else np.arange(len(texts))
-    todo = np.array([i for i in candidates if texts[i]], dtype=np.int64)
+    arr = as_text_array(texts)
+    has_text = pc.fill_null(pc.greater(pc.binary_length(arr), 0), False).to_numpy(zero_copy_only=False)
+    todo = np.flatnonzero(has_text & (np.asarray(read, dtype=bool) if read is not None else True))
     if not len(todo):
         return first, last
     day = np.asarray(ts, dtype=np.int64)[todo] // _DAY
-    keyed = [f"{d}\x00{texts[i]}" for d, i in zip(day.tolist(), todo.tolist())]  # a weekday resolves per day
-    digests = text_digests(keyed, key)
+    text_once, code = distinct(arr.take(pa.array(todo)))
+    # one parse per distinct (day, text): a weekday resolves per day
+    _, message_of, pair = np.unique(day * len(text_once) + code, return_index=True, return_inverse=True)
+    digests = text_digests([f"{d}\x00{text_once[c]}" for d, c in zip(day[message_of].tolist(), code[message_of].tolist())], key)
     unique, first_of, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    inverse = inverse[pair]
 
     def parse(positions: np.ndarray) -> np.ndarray:  # of distinct (day, text) keys
-        return _parse([texts[todo[j]] for j in first_of[positions]], day[first_of[positions]], languages, progress)
+        j = message_of[first_of[positions]]
+        return _parse([text_once[c] for c in code[j].tolist()], day[j], languages, progress)
 
     if cache_root:
         cache = VectorCache(cache_root, f"date-mentions-v{CACHE_VERSION}-{'-'.join(languages)}")

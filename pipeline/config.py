@@ -6,6 +6,7 @@ Every stage receives one resolved `Config`; `save_config` writes it next to ever
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,10 @@ def _yaml_layers(path: Path) -> list[Any]:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data, with the pseudonym key replaced by where it comes
     from: every saved or logged copy goes through here (or `to_yaml`)."""
-    d: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
+    # A loaded Config is resolved plain data already: asdict gives what OmegaConf's round trip
+    # gave (a test checks every config in configs/), in a fraction of a millisecond instead of
+    # 20-70 ms, which every feature shard paid three times.
+    d: dict[str, Any] = dataclasses.asdict(cfg)
     d["features"] = public(d["features"])
     return d
 

@@ -44,4 +44,12 @@ def test_every_shipped_config_loads_and_production_names_distilbert():
             continue
         cfg = load_config(path)
         assert cfg.name
+        # to_dict's plain copy (dataclasses.asdict, fast) is OmegaConf's own, the key made public
+        from omegaconf import OmegaConf
+
+        from features.config import public
+        from pipeline.config import to_dict
+
+        via_omegaconf = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        assert to_dict(cfg) == via_omegaconf | {"features": public(via_omegaconf["features"])}, path
     assert load_config("configs/production.yaml").features.text_encoder == "distilbert-base-uncased"

@@ -411,6 +411,9 @@ def test_the_vector_cache_reads_the_rows_asked_for_across_segments_and_blocks(tm
     for c in (cache, VectorCache(tmp_path, "enc")):  # as written, and read back from disk
         np.testing.assert_array_equal(c.read(c.lookup(keys[rows]), 3), vectors[rows])
         assert c.read(np.zeros(0, np.int64), 3).shape == (0, 3)
+        # absent keys, sorting before, between and after the cached ones: -1 (binary search)
+        absent = np.array([b"\x00" * 16, f"{5:015d}x".encode(), b"\xff" * 16], dtype="S16")
+        assert (c.lookup(absent) == -1).all() and (c.lookup(keys[[15, 0]]) == [15, 0]).all()
     assert not hasattr(VectorCache(tmp_path, "enc"), "vectors")  # nothing but keys held in memory
 
 

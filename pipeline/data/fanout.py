@@ -22,11 +22,14 @@ from pipeline.data.validate import ensure_validated
 log = logging.getLogger(__name__)
 
 
-def build_shard(cfg: Config, shard: int) -> str:
-    """One shard of the build: what a Dask worker runs (the ordinary features stage)."""
+def build_shard(cfg: Config, shard: int, validated: str | Path | None = None) -> str:
+    """One shard of the build: what a Dask worker runs (the ordinary features stage).
+    `validated`: the folder the caller has just validated into, so the shard does not fingerprint
+    the raw input again (a full read of it per shard)."""
     from pipeline.data.features import features_stage
 
-    return str(features_stage(replace(cfg, features=replace(cfg.features, shard=shard, scheduler=""))))
+    return str(features_stage(replace(cfg, features=replace(cfg.features, shard=shard, scheduler="")),
+                              validated=Path(validated) if validated else None))
 
 
 def build_shards(cfg: Config) -> list[Path]:
@@ -41,7 +44,8 @@ def build_shards(cfg: Config) -> list[Path]:
         return build_on_cluster(cfg)
     if cfg.features.shard is not None or cfg.features.num_shards <= 1:
         return [features_stage(cfg)]  # (its shard arguments are checked before any work)
-    return [Path(build_shard(cfg, i)) for i in range(cfg.features.num_shards)]
+    vdir = ensure_validated(cfg)  # once, for every shard
+    return [Path(build_shard(cfg, i, vdir)) for i in range(cfg.features.num_shards)]
 
 
 def client_of(cfg: Config):
@@ -62,11 +66,12 @@ def build_on_cluster(cfg: Config) -> list[Path]:
     if n < 2 or cfg.features.shard is not None:
         raise UserError(f"features.scheduler fans out the shards of one build: set features.num_shards >= 2 "
                         f"(now {n}) and leave features.shard unset (now {cfg.features.shard})")
-    ensure_validated(cfg)  # once, before the shards: they only read the result
+    vdir = str(ensure_validated(cfg))  # once, before the shards: they only read the result
     with client_of(cfg) as client:
         log.info("features: %d shard tasks on %s (%d workers)", n, cfg.features.scheduler,
                  len(client.scheduler_info()["workers"]))
-        futures = [client.submit(build_shard, cfg, i, key=f"features-shard-{i}-of-{n}", pure=False) for i in range(n)]
+        futures = [client.submit(build_shard, cfg, i, vdir, key=f"features-shard-{i}-of-{n}", pure=False)
+                   for i in range(n)]
         files = client.gather(futures)
     print(f"features: {n} shards built on {cfg.features.scheduler}: {', '.join(Path(f).name for f in files)}")
     return [Path(f) for f in files]

@@ -70,12 +70,13 @@ def _up_to_date(out: Path, key: str) -> bool:
     return True
 
 
-def features_stage(cfg: Config, encoder: TextEncoder | None = None) -> Path:
+def features_stage(cfg: Config, encoder: TextEncoder | None = None, validated: Path | None = None) -> Path:
     """Build <workdir>/features/features.h5 (or a shard file) from `data.events`; a file
-    already built from the same inputs and settings is reused as is."""
+    already built from the same inputs and settings is reused as is. `validated`: the folder a
+    caller has just validated `data.events` into (pipeline/data/fanout.py), else checked here."""
     check_shards(cfg.features)  # before any work
     paths = Paths.of(cfg)
-    vdir = ensure_validated(cfg)
+    vdir = validated or ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
     out = output_path(cfg)
     key = build_key(cfg, report, encoder)
