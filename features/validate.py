@@ -239,7 +239,9 @@ def validation_settings(data: DataConfig) -> dict:
 def _unknown_users(user_id: pd.Series, users: pd.DataFrame | None) -> np.ndarray:
     if users is None:
         return np.zeros(len(user_id), dtype=bool)
-    return (~user_id.isin(users[C.USER_ID])).to_numpy() & user_id.notna().to_numpy()
+    # Arrow's hash set: pandas' isin on these arrays took 0.25 s per 400,000 rows against 50,000 users
+    known = pc.is_in(as_arrow(user_id), value_set=pa.array(users[C.USER_ID].astype(object), pa.string()))
+    return ~known.to_numpy(zero_copy_only=False) & user_id.notna().to_numpy()
 
 
 def _not_allowed(etype: pd.Series, allowed: list[str] | None) -> np.ndarray:

@@ -486,6 +486,26 @@ def test_an_up_to_date_store_is_reused_and_a_changed_setting_rebuilds(tmp_path, 
     assert path.stat().st_mtime_ns != stamp  # a label setting changed: rebuilt
 
 
+def test_a_build_whose_texts_are_all_cached_never_loads_the_encoder_weights(tmp_path, tiny_encoder_dir):
+    """TextEncoder.load reads a local model's config and digests its files (identity and width);
+    the tokenizer and weights only when a text must be encoded."""
+    from features.store import load_arrays
+    from features.text_vectors import TextEncoder
+
+    events = make_events(n_users=4, seed=3)
+    first = TextEncoder.load(str(tiny_encoder_dir), "cpu")
+    assert first._parts is None and first.dim == 16
+    cache = f"features.cache_dir={tmp_path / 'cache'}"
+    path, _ = build_store(tmp_path, events, first, "a", cache)
+    assert first._parts is not None  # texts were encoded
+    again = TextEncoder.load(str(tiny_encoder_dir), "cpu")
+    assert (again.identity, again.dim) == (first.identity, first.dim)
+    rebuilt, _ = build_store(tmp_path, events, again, "b", cache)  # another workdir, the same cache
+    assert again._parts is None and rebuilt != path
+    np.testing.assert_array_equal(load_arrays(rebuilt, ("conversation",))[0]["conversation"]["embedding"],
+                                  load_arrays(path, ("conversation",))[0]["conversation"]["embedding"])
+
+
 def test_a_model_that_cannot_load_offline_says_how_to_point_at_a_local_copy():
     from features.text_vectors import TextEncoder
 
