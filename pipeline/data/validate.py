@@ -41,7 +41,8 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
         return given
     out = Paths.of(cfg).validated
     source, files = _sources(cfg)
-    fp = _fingerprint(source, fingerprint(files), settings)
+    source_fp = fingerprint(files)  # a read of every input file: once per command
+    fp = _fingerprint(source, source_fp, settings)
     old = stamps.is_current(out / V.REPORT, fp) if V.validated_events(out).exists() else None
     if old is not None and V.future_rows_now_due(old, cfg.data, now):
         log.info("rows quarantined as future_timestamp (from %s) are no longer in the future: validating again",
@@ -51,7 +52,7 @@ def ensure_validated(cfg: Config, now: pd.Timestamp | None = None) -> Path:
         return out
     elif (out / V.REPORT).exists():
         log.info("the input files or the validation settings (now %s) changed: validating again", settings)
-    return validate_stage(cfg, out, now)
+    return validate_stage(cfg, out, now, source_fp)
 
 
 def _sources(cfg: Config) -> tuple[dict, list[str]]:
@@ -67,21 +68,24 @@ def _fingerprint(source: dict, source_fingerprint: str, settings: dict) -> str:
     return stamps.fingerprint(source, source_fingerprint, settings)
 
 
-def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | None = None) -> Path:
+def validate_stage(cfg: Config, out: Path | None = None, now: pd.Timestamp | None = None,
+                   source_fingerprint: str | None = None) -> Path:
     """Read `data.events` (+ `data.users`), validate, write the accepted events,
-    quarantine and report to `out` (default <workdir>/validated). Returns `out`."""
+    quarantine and report to `out` (default <workdir>/validated). Returns `out`.
+    `source_fingerprint`: the input files' `fingerprint`, when the caller has just computed it."""
     out = Path(out) if out else Paths.of(cfg).validated
     started = time.perf_counter()
     source, files = _sources(cfg)
+    source_fingerprint = source_fingerprint or fingerprint(files)
     users = V.normalise_users(read_table(cfg.data.users, "users"), cfg.data.users) if cfg.data.users else None
     if cfg.data.stream_partitions:
-        return _validate_streaming(cfg, out, users, now, source, files, started)
+        return _validate_streaming(cfg, out, users, now, source, source_fingerprint, started)
     raw = read_table(cfg.data.events, "events", provenance=True)
     # Extra columns (here the provenance) pass through to the quarantine untouched.
     result = V.validate_events(raw, cfg.data, users, now)
     report = result.report | {
         "source": source,
-        "source_fingerprint": fingerprint(files),
+        "source_fingerprint": source_fingerprint,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if report["accepted"] == 0:
@@ -106,7 +110,7 @@ def _client(cfg: Config):
     return client_of(cfg)
 
 
-def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, files: list, started: float) -> Path:
+def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, source_fingerprint: str, started: float) -> Path:
     """data.stream_partitions: the input in record batches into user-shard partitions
     (features/stream.py), the same report."""
     for stale in (out / V.EVENTS, out / V.QUARANTINE):
@@ -120,7 +124,7 @@ def _validate_streaming(cfg: Config, out: Path, users, now, source: dict, files:
         raise UserError(f"{cfg.data.events}: no row passed validation ({counts['reasons']}); see docs/contract.md")
     report = counts | {
         "settings": V.validation_settings(cfg.data), "validated_at": str(now),
-        "source": source, "source_fingerprint": fingerprint(files), "seconds": round(time.perf_counter() - started, 2),
+        "source": source, "source_fingerprint": source_fingerprint, "seconds": round(time.perf_counter() - started, 2),
     }
     return _finish(cfg, out, users, report)
 
