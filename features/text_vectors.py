@@ -9,6 +9,7 @@ digest (blake2b with `features.pseudonym_key`) is kept to find cached vectors.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -16,15 +17,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from tqdm.auto import tqdm
 
-from common.devices import resolve_device
+if TYPE_CHECKING:
+    import torch
+
 from common.errors import UserError
 from common.files import atomic_path
 
@@ -65,6 +68,16 @@ def _weights_identity(name: str, path: Path) -> str:
     return _identities[key]
 
 
+def _hidden_size(config_json: Path) -> int:
+    """A model's width from its config.json (BERT-like `hidden_size`, DistilBERT `dim`,
+    encoder-decoder `d_model`), read as JSON: transformers' AutoConfig imports torch. 0: unknown."""
+    try:
+        conf = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(next((conf[k] for k in ("hidden_size", "dim", "d_model") if isinstance(conf.get(k), int)), 0))
+
+
 def _offline(name: str, e: Exception) -> UserError:
     return UserError(
         f"cannot load text encoder {name!r} offline ({str(e).splitlines()[0][:160]}). "
@@ -95,37 +108,39 @@ class TextEncoder:
     identity: str
     dim: int
     path: str
-    device: torch.device
-    _parts: tuple | None = field(default=None, repr=False)  # (tokenizer, model) once loaded
+    device_name: str = "auto"  # resolved (common/devices.py) when the weights load
+    _parts: tuple | None = field(default=None, repr=False)  # (tokenizer, model, device) once loaded
 
     @classmethod
     def load(cls, name: str, device: str = "auto") -> TextEncoder:
         path = resolve_encoder_path(name)
         local = Path(path)
-        enc = cls(name, "", 0, path, resolve_device(device))
-        if local.is_dir() and (local / "config.json").exists():
-            from transformers import AutoConfig
-
-            try:
-                enc.dim = int(AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
-            except (OSError, ValueError) as e:
-                raise _offline(name, e) from None
-            enc.identity = _weights_identity(name, local)
+        enc = cls(name, "", 0, path, device)
+        if local.is_dir() and (local / "config.json").exists() and (dim := _hidden_size(local / "config.json")):
+            enc.dim, enc.identity = dim, _weights_identity(name, local)
         else:  # a hub name: its identity is the revision the loaded weights come from
             model = enc.model
             enc.identity, enc.dim = f"{name}@{model.config._commit_hash}", int(model.config.hidden_size)
         return enc
 
     def _load(self) -> tuple:
+        # torch and transformers are imported here too: a build whose texts are all cached (a
+        # shard task on a fresh worker) never pays their 2 s or so of imports.
         if self._parts is None:
             from transformers import AutoModel, AutoTokenizer
 
+            from common.devices import resolve_device
+
+            device = resolve_device(self.device_name)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
                 model = AutoModel.from_pretrained(self.path, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise _offline(self.name, e) from None
-            self._parts = (tokenizer, model.eval().to(self.device))
+            if self.dim and int(model.config.hidden_size) != self.dim:
+                raise UserError(f"text encoder {self.name!r}: its config.json says width {self.dim}, "
+                                f"the loaded model {model.config.hidden_size}")
+            self._parts = (tokenizer, model.eval().to(device), device)
         return self._parts
 
     @property
@@ -135,6 +150,10 @@ class TextEncoder:
     @property
     def model(self) -> torch.nn.Module:
         return self._load()[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._load()[2]
 
     def encode(
         self,
@@ -153,6 +172,8 @@ class TextEncoder:
             return out
         ids = self.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable") if sort else np.arange(len(ids))
+        import torch
+
         use_bf16 = self.device.type == "cuda"  # bf16 is ~7x slower on CPU: never there
         bar = tqdm(total=len(ids), desc="message vectors", unit="msg", disable=not progress, leave=False)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
