@@ -25,6 +25,8 @@ from features import timebuckets as tb
 from features.config import FeatureConfig, Sections, sections_dict
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, SPLITS, UNLABELLED, StoreMeta
+from features.text_dates import mentioned_days
+from features.text_vectors import TextEncoder, embed_messages
 from features.validate import user_attributes
 from features.vocab import (
     FIRST,
@@ -79,6 +81,20 @@ def check_shards(fc: FeatureConfig) -> None:
 
 def _ts_seconds(col: pa.ChunkedArray) -> np.ndarray:
     return pc.cast(col, pa.int64()).to_numpy() // 1_000_000  # timestamp[us] -> s (floor)
+
+
+def text_steps(fc: FeatureConfig, encoder: TextEncoder, cache_root) -> tuple:
+    """`build_features`' `embed` and `dates` for the messages of a build: vectors from `encoder`
+    and the days they mention, both cached under `cache_root` (features/text_vectors.py,
+    features/text_dates.py). The features stage and scoring both build with these."""
+
+    def embed(texts):
+        return embed_messages(texts, encoder, cache_root, fc.pseudonym_key, fc.text_batch_size, fc.text_max_tokens)
+
+    def dates(texts, ts, read):
+        return mentioned_days(texts, ts, fc.date_languages, read, cache_root, fc.pseudonym_key)
+
+    return embed, dates
 
 
 def build_features(

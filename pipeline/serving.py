@@ -31,12 +31,11 @@ import pyarrow.compute as pc
 
 from common.errors import UserError
 from features import contract as C
-from features.build import build_features
+from features.build import build_features, text_steps
 from features.dataset import FeatureDataset, collate, load_examples
 from features.normalise import to_utc
 from features.store import write_store
-from features.text_dates import mentioned_days
-from features.text_vectors import MINILM, TextEncoder, embed_messages
+from features.text_vectors import MINILM, TextEncoder
 from features.validate import normalise_users, validate_events
 from features.vocab import Vocab, pseudonyms
 from models.checkpoint import load_model
@@ -159,14 +158,8 @@ class Scorer:
         has_messages = reads_text and bool(pc.any(pc.equal(events[C.EVENT_TYPE], C.MESSAGE)).as_py())
         cache = Path(cache_dir) if cache_dir else workdir / "text_cache"
 
-        def embed(texts):
-            return embed_messages(texts, self.encoder(), cache, fc.pseudonym_key, fc.text_batch_size,
-                                  fc.text_max_tokens)
-
-        def dates(texts, ts, read):
-            return mentioned_days(texts, ts, fc.date_languages, read, cache, fc.pseudonym_key)
-
-        encoder = self.encoder() if has_messages else None
+        encoder = self.encoder() if has_messages else None  # (its weights load only if a text needs them)
+        embed, dates = text_steps(fc, encoder, cache)
         built = build_features(
             events, users, scfg, embed if has_messages else None, encoder.dim if encoder else 0,
             encoder.identity if encoder else "none", Vocab(self.vocab_tokens), None, source_fingerprint=source_fingerprint,

@@ -15,12 +15,11 @@ from common import stamps
 from common.errors import UserError
 from features import stream
 from features import validate as V
-from features.build import build_features, check_shards
+from features.build import build_features, check_shards, text_steps
 from features.io import fingerprint, read_table
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
-from features.text_dates import mentioned_days
-from features.text_vectors import TextEncoder, embed_messages
+from features.text_vectors import TextEncoder
 from features.vocab import Vocab
 from pipeline.config import Config, save_config, to_dict
 from pipeline.data.validate import ensure_validated
@@ -95,12 +94,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None, validated: P
     if has_messages:  # data without messages (e.g. KDD Cup) needs no text encoder
         encoder = encoder or TextEncoder.load(fc.text_encoder, fc.text_device)
 
-    def embed(texts):
-        return embed_messages(texts, encoder, paths.text_cache, fc.pseudonym_key, fc.text_batch_size, fc.text_max_tokens)
-
-    def dates(texts, ts, read):
-        return mentioned_days(texts, ts, fc.date_languages, read, paths.text_cache, fc.pseudonym_key)
-
+    embed, dates = text_steps(fc, encoder, paths.text_cache)
     vocab_path = paths.vocab
     vocab = Vocab.load(vocab_path)
     built = build_features(
