@@ -476,7 +476,9 @@ def test_kdd_adapter_on_a_slice_of_the_real_files(tmp_path):
     assert a["conversation"]["embedding"].shape == (0, 0)  # no messages: no encoder needed
 
 
-def test_an_up_to_date_store_is_reused_and_a_changed_setting_rebuilds(tmp_path, tiny_encoder):
+def test_an_up_to_date_store_is_reused_and_a_changed_setting_or_code_rebuilds(tmp_path, tiny_encoder, monkeypatch):
+    from pipeline.data import features as stage
+
     events = make_events(n_users=5, seed=11)
     path, cfg = build_store(tmp_path, events, tiny_encoder)
     stamp = path.stat().st_mtime_ns
@@ -484,6 +486,10 @@ def test_an_up_to_date_store_is_reused_and_a_changed_setting_rebuilds(tmp_path, 
     assert again == path and path.stat().st_mtime_ns == stamp  # same inputs and settings: reused
     build_store(tmp_path, events, tiny_encoder, "w", "labels.min_active_days=2")
     assert path.stat().st_mtime_ns != stamp  # a label setting changed: rebuilt
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(stage, "feature_code", lambda: "other feature code")
+    build_store(tmp_path, events, tiny_encoder, "w", "labels.min_active_days=2")
+    assert path.stat().st_mtime_ns != stamp  # the same settings, other feature code: rebuilt
 
 
 def test_a_build_whose_texts_are_all_cached_never_loads_the_encoder_weights(tmp_path, tiny_encoder_dir):

@@ -3,6 +3,8 @@ its JSON manifest atomically, print a summary."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -42,11 +44,22 @@ def config_name(out: Path, cfg: Config) -> str:
     return "config.yaml" if cfg.features.shard is None else f"{out.stem}.config.yaml"
 
 
+@functools.lru_cache(maxsize=1)
+def feature_code() -> str:
+    """A digest of the feature layer's source (every .py file of the `features` package): a
+    store built by other code is rebuilt, even when its schema version is the same."""
+    root = Path(stream.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
     """Everything a feature file depends on: inputs (raw events and users, how validation
     treated them, the food catalog that numbers the foods, supplied labels), label/feature
-    settings, the encoder's weights. The same key means the existing file is what a rebuild
-    would write."""
+    settings, the encoder's weights, the feature code. The same key means the existing file is
+    what a rebuild would write."""
     from features.text_vectors import encoder_identity
 
     d = to_dict(cfg)
@@ -55,7 +68,7 @@ def build_key(cfg: Config, report: dict, encoder: TextEncoder | None) -> str:
     parts = [SCHEMA_VERSION, report["source_fingerprint"], validation, d["labels"], feats, d["data"]["until"],
              fingerprint([cfg.data.labels]) if cfg.data.labels else None,
              fingerprint([cfg.data.foods]) if cfg.data.foods else None,
-             encoder.identity if encoder else encoder_identity(cfg.features.text_encoder)]
+             encoder.identity if encoder else encoder_identity(cfg.features.text_encoder), feature_code()]
     return stamps.fingerprint(*parts)
 
 
