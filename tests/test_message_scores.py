@@ -173,3 +173,8 @@ def test_a_model_saved_before_the_mention_columns_still_scores():
     del old.reads_mentions
     assert old.model.n_features_in_ == X.shape[1] + len(ms.COLUMNS)
     assert old.predict_proba(X, msgs).shape == (len(y), 2)
+    # and one saved without the flag but fitted with the mention columns reads them
+    new = ms.MessageScoredHGB().fit(X, msgs, y, split, users)
+    want = new.predict_proba(X, msgs)
+    del new.reads_mentions
+    np.testing.assert_array_equal(new.predict_proba(X, msgs), want)

@@ -204,9 +204,12 @@ class MessageScoredHGB:
         return self._columns(X, scores, msgs)
 
     def _columns(self, X: np.ndarray, scores: np.ndarray, msgs: RecentMessages) -> np.ndarray:
-        # A model saved before the mention columns existed (a registered champion) lacks the flag
-        # and reads the columns it was fitted on.
-        mentions = [mention_columns(scores, msgs)] if getattr(self, "reads_mentions", False) else []
+        # A model saved without the flag (a registered champion of older code) reads the columns
+        # its booster was fitted on: the mention columns only if it counts them.
+        reads = getattr(self, "reads_mentions", None)
+        if reads is None:
+            reads = self.model is not None and self.model.n_features_in_ == X.shape[1] + len(COLUMNS) + len(MENTION_COLUMNS)
+        mentions = [mention_columns(scores, msgs)] if reads else []
         return np.hstack([X, pooled(scores, msgs), *mentions])
 
     def features(self, X: np.ndarray, msgs: RecentMessages) -> np.ndarray:
