@@ -134,13 +134,13 @@ def validate_to_partitions(path: str | Path, data: DataConfig, out: str | Path, 
         _pending(out, p).mkdir()
     now = now or pd.Timestamp.now(tz="UTC")
     work = units(path)
+    if client is not None and users is not None:  # sent to every worker once, not pickled into every task
+        users = client.scatter(users, broadcast=True)
     args = (data, users, now, out, n, batch_rows)
     if client is None:
         counts = [validate_unit(w, u, *args) for u, w in enumerate(work)]
         parts = [finish_partition(out, p, n) for p in range(n)]
     else:
-        if users is not None:  # sent to every worker once, not pickled into every task
-            args = (data, client.scatter(users, broadcast=True), now, out, n, batch_rows)
         counts = client.gather([client.submit(validate_unit, w, u, *args, pure=False) for u, w in enumerate(work)])
         parts = client.gather([client.submit(finish_partition, out, p, n, pure=False) for p in range(n)])
     rows_in = sum(c["rows_in"] for c in counts)

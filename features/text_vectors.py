@@ -116,11 +116,12 @@ class TextEncoder:
         path = resolve_encoder_path(name)
         local = Path(path)
         enc = cls(name, "", 0, path, device)
-        if local.is_dir() and (local / "config.json").exists() and (dim := _hidden_size(local / "config.json")):
-            enc.dim, enc.identity = dim, _weights_identity(name, local)
-        else:  # a hub name: its identity is the revision the loaded weights come from
+        if local.is_dir():  # identified by its files; its width from config.json where it says
+            enc.identity, enc.dim = _weights_identity(name, local), _hidden_size(local / "config.json")
+        if not enc.dim:  # a hub name (identified by the revision of its weights), or a width unknown
             model = enc.model
-            enc.identity, enc.dim = f"{name}@{model.config._commit_hash}", int(model.config.hidden_size)
+            enc.identity = enc.identity or f"{name}@{model.config._commit_hash}"
+            enc.dim = int(model.config.hidden_size)
         return enc
 
     def _load(self) -> tuple:
