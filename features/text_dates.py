@@ -1,6 +1,9 @@
-"""The dates a user's message mentions ("flying out on Friday", "back in 6 days", "next week"):
+"""The days a user's message mentions ("flying out on Friday", "back in 6 days", "next week"):
 the start (UTC midnight) of the earliest and the latest mentioned day, in days after the message
 was written, as the store's conversation/mention_first and mention_last (docs/design.md §4).
+A length of time is a length, not a day: in "off to Rome on Friday for 5 days" the five days
+count from Friday, so the span is Friday to Wednesday (`DURATION`), where reading "5 days" as a
+date, as dateparser does, put the latest day before the trip had begun.
 
 Why: a message that announces an absence says *when* it starts, and the mean-pooled sentence
 vectors barely keep that: a linear probe on the MiniLM vectors of the simulator's trip
@@ -18,6 +21,7 @@ rebuild parses only new messages.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +34,16 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 
 log = logging.getLogger(__name__)
 _DAY = 86400
-CACHE_VERSION = 1  # bump when what is cached changes meaning
+CACHE_VERSION = 2  # bump when what is cached changes meaning (2: lengths of time count from the start)
+# What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
+# ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
+# length of time, which dateparser resolves as that long after the message; it is added to the
+# earliest day the message mentions instead (the day it was written if none). English only:
+# matches in other languages of `features.date_languages` stay days.
+DURATION = re.compile(
+    r"(?:(?:for|about|around|roughly|approximately|nearly|almost|over|another)\s+)?"
+    r"(?:\d+|a|an|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
+    r"fifteen|twenty|thirty)\s+(?:days?|nights?|weeks?|months?)", re.IGNORECASE)
 
 
 def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
@@ -89,7 +102,17 @@ def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bo
             log.debug("date mentions: a message not parsed (%s)", e)
             continue
         if found:
-            days = [(when.replace(tzinfo=None) - base).total_seconds() / _DAY for _, when in found]
-            # the day a date falls on: "tomorrow" keeps the base's time (midnight), "at 5pm" adds hours
-            out[j] = np.floor(min(days)), np.floor(max(days))
+            out[j] = span([(match, (when.replace(tzinfo=None) - base).total_seconds() / _DAY) for match, when in found])
     return out
+
+
+def span(found: list[tuple[str, float]]) -> tuple[float, float]:
+    """(first, last) mentioned day of one message from dateparser's (matched text, days after the
+    start of the message's day): lengths of time (`DURATION`) count from the earliest other day
+    mentioned, or from the message's day. The day a date falls on: "tomorrow" keeps the base's
+    time (midnight), "at 5pm" adds hours."""
+    lengths = [d for match, d in found if DURATION.fullmatch(match.strip())]
+    days = [d for match, d in found if not DURATION.fullmatch(match.strip())]
+    first = min(days) if days else 0.0
+    last = max(days + [first + d for d in lengths])
+    return np.floor(first), np.floor(last)

@@ -7,7 +7,7 @@ import numpy as np
 
 from features import contract as C
 from features.store import load_arrays
-from features.text_dates import mentioned_days
+from features.text_dates import DURATION, mentioned_days, span
 from features.vocab import SENDER_IDS
 
 WEDNESDAY_NOON = datetime(2026, 2, 4, 12, tzinfo=timezone.utc).timestamp()
@@ -23,6 +23,27 @@ def test_mentioned_days_start_days_after_the_message():
     assert first[1] == last[1] == 1.5  # Friday 00:00, a day and a half after Wednesday noon
     assert first[2] == 0.5
     assert np.isnan(first[3:]).all() and np.isnan(last[3:]).all()  # no date, no text, not read
+
+
+def test_a_length_of_time_counts_from_the_day_the_message_mentions():
+    texts = ["off to Rome on Friday for 5 days", "hospital stay, about a week", "see you next week",
+             "that was 3 days ago", "leaving tomorrow for two weeks"]
+    first, last = mentioned_days(texts, np.full(len(texts), WEDNESDAY_NOON), ["en"], progress=False)
+    assert (first[0], last[0]) == (1.5, 6.5)  # Friday 00:00 and five days later, from Wednesday noon
+    assert (first[1], last[1]) == (-0.5, 6.5)  # no day mentioned: the week runs from the message's day
+    assert first[2] == last[2] == 6.5  # "next week" is a day (a week on), not a length
+    assert first[3] == last[3] == -3.5
+    assert (first[4], last[4]) == (0.5, 14.5)
+
+
+def test_what_dateparser_matched_is_a_length_only_when_it_is_a_bare_count_of_days_weeks_or_months():
+    lengths = ["5 days", "for two weeks", "about a week", "3 Months", "for 4 nights", "ten days"]
+    days = ["in 5 days", "next week", "5 days ago", "Friday", "a week from Monday", "tomorrow", "in a week"]
+    assert all(DURATION.fullmatch(m) for m in lengths) and not any(DURATION.fullmatch(m) for m in days)
+    assert span([("Friday", 2.0), ("5 days", 5.0)]) == (2.0, 7.0)
+    assert span([("5 days", 5.0)]) == (0.0, 5.0)
+    assert span([("in 5 days", 5.0), ("in 12 days", 12.0)]) == (5.0, 12.0)  # two days, as before
+    assert span([("Friday", 2.0), ("Monday", 5.5), ("a week", 7.0)]) == (2.0, 9.0)  # from the earliest
 
 
 def test_the_cache_gives_the_same_days_and_parses_only_what_is_new(tmp_path, monkeypatch):
