@@ -42,6 +42,7 @@ def test_what_dateparser_matched_is_a_length_only_when_it_is_a_bare_count_of_day
     assert all(DURATION.fullmatch(m) for m in lengths) and not any(DURATION.fullmatch(m) for m in days)
     assert span([("Friday", 2.0), ("5 days", 5.0)]) == (2.0, 7.0)
     assert span([("5 days", 5.0)]) == (0.0, 5.0)
+    assert span([("Friday", 2.0), ("5 days", -5.0)]) == (2.0, 7.0)  # resolved into the past: still a length
     assert span([("in 5 days", 5.0), ("in 12 days", 12.0)]) == (5.0, 12.0)  # two days, as before
     assert span([("Friday", 2.0), ("Monday", 5.5), ("a week", 7.0)]) == (2.0, 9.0)  # from the earliest
 
