@@ -78,3 +78,13 @@ def test_the_table_has_every_fact_and_encoder_and_the_simulators_announcements(s
         assert all(np.isnan(v) or 0 <= v <= 1 for v in aucs.values())
     cfg.data.source = "files"  # another log: no simulator facts
     assert P.announced_facts(cfg, [path], rows) == {}
+
+
+def test_what_is_missing_is_said_in_one_line(tmp_path, capsys, sim_store):
+    assert P.main(["--config", "configs/test.yaml", f"workdir={tmp_path}/w"]) == 2  # no store
+    err = capsys.readouterr().err
+    assert err.startswith("error: no feature file") and err.count("\n") == 1
+    path, cfg, _ = sim_store  # a store, and no run of this name
+    assert P.main(["--config", "configs/test.yaml", f"workdir={cfg.workdir}", "train.run_name=never-trained"]) == 2
+    err = capsys.readouterr().err
+    assert "no trained model" in err and err.count("\n") == 1

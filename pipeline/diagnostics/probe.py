@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from common.errors import UserError
 from features.dataset import FeatureDataset
 from features.store import SPLITS, feature_files
 from models.checkpoint import load_model
@@ -125,11 +127,18 @@ def probe(cfg) -> list[tuple[str, int, dict[str, float]]]:
     """The table for the trained model of `cfg` (see the module docstring)."""
     paths = Paths.of(cfg)
     files = feature_files(paths.features)
-    trained, _ = load_model(paths.runs / run_name(cfg) / BEST)
+    best = paths.runs / run_name(cfg) / BEST
+    if not best.exists():
+        raise UserError(f"{best}: no trained model; run `make train CONFIG=...` first")
+    trained, _ = load_model(best)
+    if STREAM not in trained.streams:
+        raise UserError(f"{run_name(cfg)} has no {STREAM} encoder (model.streams={list(trained.streams)}): nothing to probe")
     data = FeatureDataset(files, trained.config)
     ex = data.examples
     held = np.isin(ex["split"], [SPLITS.index(s) for s in ("val", "test", "oot")])
     rows = np.flatnonzero(held & (ex["conversation_end"] > ex["conversation_start"]) & (ex["label"] >= 0))
+    if not len(rows):
+        raise UserError("no labelled validation, test or out-of-time example has a message: nothing to probe")
     encoders = {"trained": trained}
     pretrained = Path(paths.pretrain) / f"{STREAM}.pt"
     if pretrained.exists():
@@ -141,17 +150,22 @@ def probe(cfg) -> list[tuple[str, int, dict[str, float]]]:
     return probe_table(encoders, data, rows, facts)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    table = probe(load_config(args.config, args.overrides))
+    try:
+        table = probe(load_config(args.config, args.overrides))
+    except UserError as e:  # one line and exit 2, as the pipeline's commands do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     names = list(table[0][2]) if table else []
     print(f"{'linear probe of the conversation [CLS] state':36s} {'yes':>6s} " + " ".join(f"{n:>10s}" for n in names))
     for fact, yes, aucs in table:
         print(f"{fact:36s} {yes:6d} " + " ".join(f"{aucs[n]:10.3f}" for n in names))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
