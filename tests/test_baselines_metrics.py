@@ -275,6 +275,41 @@ def test_baselines_never_see_test_or_oot_labels(synthetic):
     assert not np.array_equal(predict(fit["prevalence"], X), predict(fit3["prevalence"], X))
 
 
+def test_learned_baselines_are_platt_scaled_on_validation_without_reranking(synthetic):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    a, meta, X, names = synthetic
+    ex = a["examples"]
+    y, split = ex["label"], ex["split"]
+    fit = fit_baselines(X, y, split, names, ["logistic", "hgb"], seed=0, threads=1)
+    val, test = split_rows(ex, "val"), split_rows(ex, "test")
+    for name, model in fit.items():
+        assert isinstance(model, CalibratedClassifierCV), name
+        raw = model.estimator.estimator  # the tuned model, frozen
+        assert roc_auc_score(y[test], predict(model, X[test])) == roc_auc_score(y[test], predict(raw, X[test]))
+        assert log_loss(y[val], predict(model, X[val])) <= log_loss(y[val], predict(raw, X[val])) + 1e-3
+
+
+def test_calibrated_moves_shifted_probabilities_to_the_validation_rate():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.evaluation.baselines import calibrated
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 3))
+    y = (X[:, 0] + rng.normal(size=2000) > 0).astype(int)
+    fit_rows = np.arange(2000) < 1000
+    fit_rows &= (y == 0) | (rng.random(2000) < 0.3)  # trained where the engaged are rare
+    val = np.arange(2000) >= 1000
+    raw = LogisticRegression().fit(X[fit_rows], y[fit_rows])
+    scaled = calibrated(raw, X, y, val)
+    assert abs(predict(raw, X[val]).mean() - y[val].mean()) > 0.15  # shifted
+    assert abs(predict(scaled, X[val]).mean() - y[val].mean()) < 0.02
+    one_class = val & (y == 1)
+    assert calibrated(raw, X, y, one_class) is raw  # nothing to fit on
+
+
 # --- plots -----------------------------------------------------------------------------
 
 def test_plots_write_png_files(tmp_path):

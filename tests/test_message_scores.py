@@ -84,6 +84,9 @@ def test_it_learns_what_messages_announce_and_beats_gradient_boosting_on_aggrega
     hgb = fit_baselines(X, y, split, [], ["hgb"])["hgb"]
     with_text, without = _val_auc(text.predict_proba(X, msgs)[:, 1], y, split), _val_auc(predict(hgb, X), y, split)
     assert with_text > without + 0.05, (with_text, without)
+    # Platt-scaled on validation as the other learned models are, its ranking untouched
+    raw = text.model.estimator.estimator.predict_proba(text.features(X, msgs))[:, 1]
+    assert _val_auc(raw, y, split) == with_text and not np.allclose(raw, text.predict_proba(X, msgs)[:, 1])
 
 
 def test_training_scores_come_from_scorers_that_never_saw_the_user():

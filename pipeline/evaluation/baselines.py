@@ -9,6 +9,10 @@ p(engaged) in [0, 1]; risk of disengaging is 1 - p.
   without own activity on >= min_active_days distinct days of the last 7 days.
 - logistic: signed log1p -> StandardScaler -> LogisticRegression, C picked on val.
 - hgb: HistGradientBoostingClassifier, early stopping on a share of train, leaves on val.
+
+The learned ones (logistic, hgb, and hgb_text in message_scores.py) are then Platt-scaled on
+the validation split, as the sequence model is (`calibrated`), so every learned model's
+calibration is compared after the same step.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import logging
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -90,6 +96,16 @@ def tuned(candidates: list, X: np.ndarray, y: np.ndarray, train: np.ndarray, val
     return best
 
 
+def calibrated(model, X: np.ndarray, y: np.ndarray, val: np.ndarray):
+    """The fitted `model` Platt-scaled on the `val` rows (sklearn's sigmoid calibration of the
+    frozen model: a scale and a bias of its decision function), as the sequence model's logit
+    is (pipeline/training/calibration.py); its ranking does not change. Without both classes
+    on validation, the model as it is."""
+    if len(np.unique(y[val])) < 2:
+        return model
+    return CalibratedClassifierCV(FrozenEstimator(model), method="sigmoid").fit(X[val], y[val])
+
+
 def _knob(model) -> str:
     params = model.get_params()
     return ", ".join(f"{k}={params[k]}" for k in ("logisticregression__C", "max_leaf_nodes") if k in params)
@@ -135,9 +151,9 @@ def _fit(X, y, split, names, which, seed, min_active_days) -> dict:
                               LogisticRegression(C=c, max_iter=2000))
                 for c in LOGISTIC_C
             ]
-            fitted[name] = tuned(candidates, X, y, train, val, name)
+            fitted[name] = calibrated(tuned(candidates, X, y, train, val, name), X, y, val)
         elif name == "hgb":
-            fitted[name] = tuned(hgb_candidates(seed), X, y, train, val, name)
+            fitted[name] = calibrated(tuned(hgb_candidates(seed), X, y, train, val, name), X, y, val)
     return fitted
 
 

@@ -36,7 +36,7 @@ from features.aggregates import aggregates_of
 from features.labels import first_at_or_after, row_keys
 from features.store import SPLITS, UNLABELLED, load_arrays
 from features.vocab import SENDER_IDS
-from pipeline.evaluation.baselines import hgb_candidates, predict, tuned
+from pipeline.evaluation.baselines import calibrated, hgb_candidates, predict, tuned
 from pipeline.evaluation.blend import user_folds
 
 NAME = "hgb_text"  # its name in eval.baselines, MLflow and `make compare`
@@ -185,7 +185,7 @@ class MessageScoredHGB:
         labelled = y != UNLABELLED
         train, val = labelled & (split == TRAIN), labelled & (split == VAL)
         Z = self.fit_columns(X, msgs, y, train, groups)
-        self.model = tuned(hgb_candidates(self.seed), Z, y, train, val, NAME)
+        self.model = calibrated(tuned(hgb_candidates(self.seed), Z, y, train, val, NAME), Z, y, val)
         return self
 
     def fit_columns(self, X: np.ndarray, msgs: RecentMessages, y: np.ndarray, train: np.ndarray,
