@@ -111,8 +111,12 @@ def span(found: list[tuple[str, float]]) -> tuple[float, float]:
     start of the message's day): lengths of time (`DURATION`) count from the earliest other day
     mentioned, or from the message's day. The day a date falls on: "tomorrow" keeps the base's
     time (midnight), "at 5pm" adds hours."""
-    lengths = [abs(d) for match, d in found if DURATION.fullmatch(match.strip())]  # a length, whichever way it resolved
-    days = [d for match, d in found if not DURATION.fullmatch(match.strip())]
+    lengths, days = [], []
+    for match, d in found:
+        if DURATION.fullmatch(match.strip()):
+            lengths.append(abs(d))  # a length, whichever way it resolved
+        else:
+            days.append(d)
     first = min(days) if days else 0.0
     last = max(days + [first + d for d in lengths])
     return np.floor(first), np.floor(last)

@@ -312,7 +312,7 @@ def embed_messages(
     unique, first, inverse = np.unique(text_digests(texts_once, key), return_index=True, return_inverse=True)
     vectors, encoded = VectorCache(cache_root, encoder.identity).fetch(
         unique, encoder.dim, lambda missing: encoder.encode([texts_once[i] for i in first[missing]], batch_size, max_tokens))
-    vectors = vectors[inverse][message_text]
+    vectors = vectors[inverse[message_text]]  # one gather: digest row of each message's text
     seconds = time.perf_counter() - started
     stats = {
         "messages": len(texts),

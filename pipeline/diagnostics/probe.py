@@ -48,7 +48,13 @@ from features.store import SPLITS, feature_files
 from models.checkpoint import load_model
 from models.engagement import EngagementModel
 from pipeline.config import load_config
-from pipeline.evaluation.message_scores import mention_columns, recent_user_messages
+from pipeline.evaluation.message_scores import (
+    COLUMNS,
+    MENTION_COLUMNS,
+    mention_columns,
+    pooled,
+    recent_user_messages,
+)
 from pipeline.paths import Paths
 from pipeline.training.train import BEST, run_name
 
@@ -90,8 +96,9 @@ def probe_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = FOL
 def store_facts(files: list, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The facts read from the store, per global example row of `rows` (bool arrays)."""
     msgs = recent_user_messages(files)
-    wrote = np.bincount(msgs.example[msgs.age_days < 7], minlength=msgs.n_examples) > 0
-    mentions = mention_columns(np.zeros(len(msgs.example)), msgs)[:, 0] > 0  # its first column: how many
+    scores = np.zeros(len(msgs.example))  # the counts below do not depend on them
+    wrote = pooled(scores, msgs)[:, COLUMNS.index("msg_count_0_7d")] > 0
+    mentions = mention_columns(scores, msgs)[:, MENTION_COLUMNS.index("mention_count")] > 0
     return {"wrote_last_7d": wrote[rows], "mentions_next_week": mentions[rows]}
 
 

@@ -9,11 +9,10 @@ never sees text. Here a logistic regression scores each message vector a user wr
 the cutoff is what the message is scored for); an example then gets, per window of its last 7
 and the 7 to 21 days before, the lowest score (the most disengaged-sounding message), the mean
 score and the number of messages, as six columns beside the aggregates of one tuned
-HistGradientBoosting (pipeline/evaluation/baselines.py; Platt-scaled on validation as the baselines
-are). Four more columns say when: of the
-messages of the last 21 days whose mentioned dates (features/text_dates.py) reach into the
-label's window after the cutoff, how many, the earliest and latest such day counted from the
-cutoff, and the lowest score among them ("flying to Lisbon on Friday for a week" written on
+HistGradientBoosting (pipeline/evaluation/baselines.py; Platt-scaled on validation as the
+baselines are). Four more columns say when: of the messages of the last 21 days whose mentioned
+dates (features/text_dates.py) reach into the label's window after the cutoff, how many, the
+earliest and latest such day counted from the cutoff, and the lowest score among them ("flying to Lisbon on Friday for a week" written on
 Saturday lands in the week after a Monday cutoff; written a month before, it does not).
 
 No leak: the columns of a training example come from a scorer fitted on the other folds of
