@@ -50,6 +50,16 @@ PARTITION_WRITE = {"use_dictionary": [C.USER_ID, C.EVENT_TYPE, C.SENDER, C.MEAL,
                    "write_statistics": [C.USER_ID, C.TS]}
 
 
+# The partitions' columns of few distinct values, read back as dictionary arrays: a shard compares
+# and maps them through their codes (`vocab.codes`) without hashing a string per row.
+DICTIONARY_COLUMNS = [C.EVENT_TYPE, C.SENDER, C.MEAL, C.CONTENT_ID]
+
+
+def read_partition(path: str | Path) -> pa.Table:
+    """One partition's events as a shard reads them (`DICTIONARY_COLUMNS` as dictionaries)."""
+    return pq.read_table(path, read_dictionary=DICTIONARY_COLUMNS)
+
+
 def partition_name(p: int, n: int) -> str:
     return f"part-{p:03d}-of-{n:03d}.parquet"
 

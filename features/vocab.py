@@ -126,10 +126,13 @@ def sender_ids(senders: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
     """Dictionary codes of an Arrow column: (int32 code per row, -1 for null; the distinct
-    values). The work is Arrow's: no Python object per row, only per distinct value."""
+    values; a dictionary column's own, which may hold values no row has). The work is Arrow's:
+    no Python object per row, only per distinct value."""
     if isinstance(values, pa.ChunkedArray):
+        if pa.types.is_dictionary(values.type):  # read as such (features/stream.py): nothing to hash
+            values = values.unify_dictionaries()
         values = values.combine_chunks()
-    encoded = pc.dictionary_encode(values)
+    encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
     return pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
 
 
@@ -138,7 +141,7 @@ def value_counts(values: pa.Array | pa.ChunkedArray) -> dict:
     in order of first appearance."""
     c, distinct = codes(values)
     n = np.bincount(c[c >= 0], minlength=len(distinct))
-    return {distinct[i]: int(n[i]) for i in np.argsort(-n, kind="stable")}
+    return {distinct[i]: int(n[i]) for i in np.argsort(-n, kind="stable") if n[i]}
 
 
 class Tokens:

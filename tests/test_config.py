@@ -48,8 +48,10 @@ def test_every_shipped_config_loads_and_production_names_distilbert():
         from omegaconf import OmegaConf
 
         from features.config import public
-        from pipeline.config import to_dict
+        from pipeline.config import to_dict, to_yaml
 
         via_omegaconf = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         assert to_dict(cfg) == via_omegaconf | {"features": public(via_omegaconf["features"])}, path
+        # and to_yaml's text (PyYAML's emitter, fast) is OmegaConf's
+        assert to_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))), path
     assert load_config("configs/production.yaml").features.text_encoder == "distilbert-base-uncased"

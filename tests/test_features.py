@@ -700,3 +700,23 @@ def test_tokens_compare_row_by_row_through_dictionary_codes():
     assert (t == "never").tolist() == [False] * 5
     assert t.isin(["food_log", "weigh_in"]).tolist() == np.isin(ref, ["food_log", "weigh_in"]).tolist()
     assert not (t == "").any()  # a null is not the empty string
+
+
+def test_dictionary_columns_as_a_shard_reads_them_give_what_their_strings_give():
+    """A partition's columns read as dictionaries (features/stream.py read_partition): chunks with
+    their own dictionaries, values no row has; codes, Tokens, ids and value_counts as on strings."""
+    import pyarrow as pa
+
+    from features.vocab import Tokens, Vocab, codes, value_counts
+
+    plain = pa.chunked_array([["message", None, "food_log"], ["weigh_in", "message"]])
+    as_dict = pa.chunked_array([
+        pa.DictionaryArray.from_arrays(pa.array([0, None, 1]), pa.array(["message", "food_log", "unused"])),
+        pa.DictionaryArray.from_arrays(pa.array([0, 1]), pa.array(["weigh_in", "message"])),
+    ])
+    c, distinct = codes(as_dict)
+    assert [distinct[i] if i >= 0 else None for i in c] == plain.to_pylist()
+    assert value_counts(as_dict) == value_counts(plain) == {"message": 2, "food_log": 1, "weigh_in": 1}
+    assert (Tokens(as_dict) == "message").tolist() == (Tokens(plain) == "message").tolist()
+    vocab = Vocab()
+    np.testing.assert_array_equal(vocab.ids("event_types", as_dict), vocab.ids("event_types", plain))

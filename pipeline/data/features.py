@@ -152,7 +152,7 @@ def _events_of(vdir: Path, cfg: Config) -> tuple[pa.Table, dict | None]:
         P = facts["num_partitions"] if facts else 0
         parts = range(i, P, N) if P and P % N == 0 else [i % P] if P and N % P == 0 else None
         if parts is not None:
-            return pa.concat_tables([pq.read_table(path / stream.partition_name(p, P)) for p in parts]), facts
+            return pa.concat_tables([stream.read_partition(path / stream.partition_name(p, P)) for p in parts]), facts
     return pq.read_table(path), None
 
 
