@@ -13,10 +13,11 @@ Steps, each in its own process so its peak resident set is its own (ru_maxrss):
 4. with `--dask W`: the pipeline's own `features` command with `features.scheduler` on a Dask
    LocalCluster of W one-thread worker processes (127.0.0.1): the validation's units and
    partitions as tasks, then one `features` stage per shard as a task (its store written), a
-   tiny random text encoder (16-d) for the message vectors. Timed three times: messages encoded
-   (empty cache); on restarted workers with the vectors cached (what a rebuild pays: the issue's
-   "encoding cached"); again on the same, warm workers (imports done, memory pools grown, as on a
-   long-lived cluster); peak memory of the parent and of the largest worker.
+   tiny random text encoder (16-d) for the message vectors. Timed once with every message encoded
+   (empty cache), then `--repeat` times (default 3) each: on restarted workers with the vectors
+   cached (what a rebuild pays: the issue's "encoding cached") and again on the same, warm
+   workers (imports done, memory pools grown, as on a long-lived cluster); the medians, each run
+   beside them, and peak memory of the parent and of the largest worker.
 5. with `--job`: the weekly retrain's `features` step (streamed validation, then the week's store
    cut at `--job-as-of`, message vectors included from a tiny random text encoder, store writes
    included), once with one unsharded store and once with a shard per partition, each in its own
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _child(code: str) -> dict:
@@ -92,10 +95,10 @@ def job_step(raw, workdir, partitions, shards, as_of):
 
 # The pipeline's own `features` command with a Dask scheduler (pipeline/data/fanout.py): streamed
 # validation (units, then partitions, as tasks), then one `features` stage per shard as a task,
-# each writing its store. Three runs: the first encodes every message (empty cache); then the
-# workers are restarted and it runs on cold workers with the vectors cached; then on warm ones.
+# each writing its store. The first run encodes every message (empty cache); then, `repeat` times,
+# the workers are restarted and it runs on cold workers with the vectors cached, then on warm ones.
 FANOUT = RAW_CONFIG + """
-def fan_out(raw, workdir, partitions, workers):
+def fan_out(raw, workdir, partitions, workers, repeat):
     import json, shutil, time
     from pathlib import Path
     from dask.distributed import Client, LocalCluster
@@ -106,11 +109,11 @@ def fan_out(raw, workdir, partitions, workers):
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host='127.0.0.1',
                       dashboard_address=None) as cluster, Client(cluster) as client:
         cfg = raw_config(raw, workdir, partitions, partitions, f'features.scheduler={cluster.scheduler_address}')
-        for run in range(3):
+        for run in range(1 + 2 * repeat):
             shutil.rmtree(work / 'validated', ignore_errors=True)
             for f in (work / 'features').glob('features-*'):
                 f.unlink()
-            if run == 1:
+            if run % 2 == 1:
                 client.restart()
             t = time.perf_counter()
             files = build_shards(cfg)
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
     ap.add_argument("--dask", type=int, default=0, metavar="W",
                     help="also run validate + all shards end to end on a LocalCluster of W workers")
+    ap.add_argument("--repeat", type=int, default=3, metavar="K",
+                    help="with --dask: time the cached runs K times each, on restarted and on warm workers, "
+                         "and report the medians (this machine's speed moves by 10-20%% between runs)")
     ap.add_argument("--job", action="store_true",
                     help="also the weekly retrain's features step, one store against a shard per partition")
     ap.add_argument("--job-as-of", default="2026-04-13", help="the weekly retrain's as-of (a Monday in the log)")
@@ -159,12 +165,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dask:
         rows.append({"step": f"features command, {n} shards on a Dask LocalCluster of {args.dask} workers"} | _child(
             f"{FANOUT}\nimport resource\n"
-            f"events, examples, s = fan_out({str(raw)!r}, {str(root / 'fan-out')!r}, {n}, {args.dask})\n"
+            f"events, examples, s = fan_out({str(raw)!r}, {str(root / 'fan-out')!r}, {n}, {args.dask}, {args.repeat})\n"
             "worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
             f"{PEAK}\nprint(json.dumps({{'events': events, 'examples': examples, 'first_run_s': round(s[0], 1), "
-            "'run_s': round(s[1], 1), 'warm_run_s': round(s[2], 1), 'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
-        rows[-1]["events_per_s_run"] = round(rows[-1]["events"] / rows[-1]["run_s"])
-        rows[-1]["events_per_s_warm_run"] = round(rows[-1]["events"] / rows[-1]["warm_run_s"])
+            "'runs_s': [round(x, 1) for x in s[1::2]], 'warm_runs_s': [round(x, 1) for x in s[2::2]], "
+            "'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
+        run = rows[-1]
+        for k in ("run_s", "warm_run_s"):  # the median of the repeats
+            run[k] = float(np.median(run[k.replace("run_s", "runs_s")]))
+            run[f"events_per_s_{k[:-2]}"] = round(run["events"] / run[k])
     if args.job:
         for shards in (1, n):
             rows.append({"step": f"weekly retrain's features step, {shards} shard(s)"} | _child(
@@ -184,9 +193,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.dask:
         run = next(r for r in rows if r["step"].startswith("features command"))
         print(f"the features command (validate + {n} shards, stores written) on {args.dask} Dask workers: "
-              f"{run['first_run_s']} s with every message encoded by a 16-d encoder; with the vectors cached, on "
-              f"restarted workers {run['run_s']} s, {run['events_per_s_run']:,} events/s; on warm workers "
-              f"{run['warm_run_s']} s, {run['events_per_s_warm_run']:,} events/s; parent peak {run['peak_mb']} MB, "
+              f"{run['first_run_s']} s with every message encoded by a 16-d encoder; with the vectors cached "
+              f"(median of {len(run['runs_s'])}), on restarted workers {run['run_s']} s "
+              f"({', '.join(map(str, run['runs_s']))}), {run['events_per_s_run']:,} events/s; on warm workers "
+              f"{run['warm_run_s']} s ({', '.join(map(str, run['warm_runs_s']))}), "
+              f"{run['events_per_s_warm_run']:,} events/s; parent peak {run['peak_mb']} MB, "
               f"largest worker {run['worker_peak_mb']} MB")
     if args.job:
         one, many = rows[-2], rows[-1]

@@ -83,7 +83,7 @@ def test_recipes_section_trains_the_recipe_before_and_now_on_one_store(sim_store
 def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     from benchmarks.scale import main
 
-    rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dask", "2",
+    rows = main(["--users", "500", "--weeks", "3", "--partitions", "2", "--in-memory", "--dask", "2", "--repeat", "2",
                  "--job", "--job-as-of", "2026-01-19", "--dir", str(tmp_path)])
     steps = {r["step"].split(",")[0]: r for r in rows}
     assert set(steps) == {"simulate", "validate", "features", "features command",
@@ -93,6 +93,8 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     # the cluster validated the same events and its shards built every example (shard 0 is a part)
     assert dask["events"] == streamed["events"] and dask["examples"] > shard["examples"] > 0
     assert all(0 < dask[k] <= dask["wall_s"] for k in ("first_run_s", "run_s", "warm_run_s")) and dask["worker_peak_mb"] > 50
+    assert len(dask["runs_s"]) == len(dask["warm_runs_s"]) == 2  # --repeat: the figures are their medians
+    assert dask["run_s"] == np.median(dask["runs_s"]) and dask["warm_run_s"] == np.median(dask["warm_runs_s"])
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
