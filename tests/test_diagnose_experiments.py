@@ -18,6 +18,7 @@ MODEL_CHECKS = [
     "grad_norm", "overfit_one_batch", "leaked_label",
 ]
 DATA_CHECKS = [f"data: {s} {c}" for s in STREAMS for c in ("stream", "truncation")] + ["data: labels"]
+TOKEN_CHECKS = [f"data: unseen {k}" for k in ("meals", "foods", "event types", "content")]
 
 
 def test_diagnose_on_the_tiny_store_names_every_check_and_finds_it_healthy(sim_store, capsys, one_thread):
@@ -26,7 +27,7 @@ def test_diagnose_on_the_tiny_store_names_every_check_and_finds_it_healthy(sim_s
     # with the real labels, and on 1 of 8 with coin-flip labels at the leak's level (learning.py).
     results = diagnose(cfg, n_batches=8, batch_size=16)
     out = capsys.readouterr().out
-    assert [r.name for r in results] == DATA_CHECKS + MODEL_CHECKS
+    assert [r.name for r in results] == DATA_CHECKS + TOKEN_CHECKS + MODEL_CHECKS
     by_name = {r.name: r for r in results}
     # A correct batch-first model passes every model check, on labels far from balanced
     # (~79% engaged): the init loss is compared with the output bias's start, not ln 2.
@@ -61,6 +62,32 @@ def test_diagnose_flags_the_seed_bug_and_exits_1(sim_store, capsys, monkeypatch,
     assert by_name["batch_independence"].figures["own_grad"] == 0.0  # [CLS] never sees an item
     assert "look at: " in capsys.readouterr().out
     assert exit_code(results) == 1
+
+
+def test_tokens_no_training_window_holds_are_counted_per_split_and_warned(sim_store, monkeypatch):
+    from features.dataset import load_examples
+    from features.store import SPLITS, load_arrays
+
+    path, _, _ = sim_store
+    examples, _, file_of = load_examples([path])
+    arrays = load_arrays(path, ("events", "food"))[0]
+    checks = diagnose_module.token_checks([path], examples, file_of, ["food", "events"])
+    assert [r.name for r in checks] == TOKEN_CHECKS
+    meals, types = checks[0], checks[2]  # (a tiny log's held-out users do log foods training never saw)
+    assert meals.verdict == types.verdict == "PASS" and meals.figures["distinct"] == types.figures["distinct"] == 0
+    # A new event type in the events only out-of-time windows hold: the held-out shares say where.
+    split = examples["split"]
+    windows = {g: np.unique(diagnose_module._ranges(examples["events_start"][rows].astype(np.int64),
+                                                      examples["events_end"][rows].astype(np.int64)))
+               for g, rows in (("oot", split == SPLITS.index("oot")), ("other", split != SPLITS.index("oot")))}
+    only_oot = np.setdiff1d(windows["oot"], windows["other"])
+    assert 0 < len(only_oot) < len(windows["oot"])
+    arrays["events"]["type_id"][only_oot] = 99
+    monkeypatch.setattr(diagnose_module, "load_arrays", lambda f, streams: (arrays, None))
+    r = {c.name: c for c in diagnose_module.token_checks([path], examples, file_of, ["events"])}["data: unseen event types"]
+    assert r.verdict == "WARN" and r.figures["distinct"] == 1 and r.figures["val"] == r.figures["test"] == 0
+    assert r.figures["oot"] == pytest.approx(len(only_oot) / len(windows["oot"]))
+    assert "0.00% of validation" in r.detail and "new since the training weeks" in r.detail
 
 
 def test_stream_checks_give_truncation_and_empty_streams_their_own_verdicts():

@@ -13,7 +13,7 @@ import torch
 
 from common.errors import UserError
 from features.dataset import FeatureDataset, collate, model_config_for
-from features.store import STREAMS, feature_files, read_meta
+from features.store import SPLITS, STREAMS, UNLABELLED, feature_files, load_arrays, read_meta
 from models.engagement import EngagementModel
 from pipeline.config import Config
 from pipeline.diagnostics import CheckResult, run_diagnostics
@@ -64,6 +64,72 @@ def data_checks(data: FeatureDataset, rows: np.ndarray, streams: list[str]) -> l
     labels = ex["label"][rows]
     out.append(CheckResult("data: labels", 0.02 < labels.mean() < 0.98,
                            f"{len(rows):,} train examples, engaged rate {labels.mean():.3f}"))
+    return out
+
+
+# Above this share of the validation, test or out-of-time items whose token (event type, content
+# bucket, meal, food) no labelled training example's window holds, the token check warns: the
+# model reads those tokens through embedding rows fine-tuning never updated.
+UNSEEN_WARN = 0.01
+TOKENS = {"events": (("event types", "type_id"), ("content", "content")),
+          "food": (("meals", "meal"), ("foods", "food_ids"))}
+HELD_OUT = {"val": "validation", "test": "test", "oot": "out-of-time"}
+
+
+def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Every index of the ranges [start, end), concatenated."""
+    n = np.maximum(end - start, 0)
+    return np.repeat(start, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+
+
+def _tokens(arrays: dict, stream: str, column: str, items: np.ndarray) -> np.ndarray:
+    """The token ids of `items` of a stream (a meal's foods for `food_ids`), real tokens only (>= 2)."""
+    a = arrays[stream]
+    if column == "food_ids":
+        offsets = a["meal_offsets"].astype(np.int64)
+        ids = a["food_ids"][_ranges(offsets[items], offsets[items + 1])]
+    else:
+        ids = a[column][items]
+    return ids[ids >= 2]
+
+
+def token_checks(files: list, examples: dict, file_of: np.ndarray, streams: list[str]) -> list[CheckResult]:
+    """One line per kind of token of the events and food streams: the share of the held-out
+    splits' items (each item once per split) whose token no labelled training example's window
+    holds. Such a token reads an embedding row that fine-tuning never updated (pretraining may
+    have); WARN above UNSEEN_WARN, as where a new event type or food appeared after the
+    training weeks."""
+    kinds = [(s, name, col) for s in streams if s in TOKENS for name, col in TOKENS[s]]
+    if not kinds:
+        return []
+    split = examples["split"]
+    groups = {"train": (split == SPLITS.index("train")) & (examples["label"] != UNLABELLED)}
+    groups |= {k: split == SPLITS.index(k) for k in HELD_OUT}
+    tokens: dict = {(name, g): [] for _, name, _ in kinds for g in groups}
+    for k, f in enumerate(files):
+        arrays = load_arrays(f, tuple({s for s, _, _ in kinds}))[0]
+        for g, rows in groups.items():
+            here = np.flatnonzero(rows & (file_of == k))
+            for stream, name, col in kinds:
+                items = np.unique(_ranges(examples[f"{stream}_start"][here].astype(np.int64),
+                                          examples[f"{stream}_end"][here].astype(np.int64)))
+                tokens[(name, g)].append(_tokens(arrays, stream, col, items))
+    out = []
+    for _, name, _ in kinds:
+        seen = np.unique(np.concatenate(tokens[(name, "train")]))
+        shares, unseen = {}, set()
+        for g in HELD_OUT:
+            ids = np.concatenate(tokens[(name, g)])
+            new = ~np.isin(ids, seen)
+            shares[g] = float(new.mean()) if len(ids) else 0.0
+            unseen |= set(np.unique(ids[new]).tolist())
+        warn = max(shares.values()) > UNSEEN_WARN
+        detail = (", ".join(f"{shares[g]:.2%} of {label}" for g, label in HELD_OUT.items())
+                  + f" items carry {name} no labelled training window has ({len(unseen)} distinct)")
+        if warn:
+            detail += ("; the model reads them through embedding rows fine-tuning never updated (new since the "
+                       "training weeks?): train on more recent weeks (docs/models.md)")
+        out.append(CheckResult(f"data: unseen {name}", True, detail, shares | {"distinct": len(unseen)}, warn=warn))
     return out
 
 
@@ -137,7 +203,8 @@ def diagnose(
 
     streams = [s for s in STREAMS if s in mcfg.streams]
     leak = "conversation" if "conversation" in streams else streams[0]
-    results = data_checks(data, rows, streams) + attribute_checks(data, rows, data.select(["val"])) + run_diagnostics(
+    results = data_checks(data, rows, streams) + token_checks(data.files, data.examples, data.file_of, streams)
+    results += attribute_checks(data, rows, data.select(["val"])) + run_diagnostics(
         factory, batches, leak_stream=leak, leak_steps=leak_steps, overfit_steps=overfit_steps,
         start_prevalence=prevalence,
     )
