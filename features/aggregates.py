@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from features import contract as C
-from features.labels import DAY, first_at_or_after, row_keys
+from features.labels import DAY, first_at_or_after, row_keys, window_items
 from features.store import LAYOUT, StoreMeta, open_store, read_meta
 from features.vocab import SENDER_IDS
 
@@ -136,7 +136,7 @@ def _distinct_days(parts: list[tuple[_Stream, _Kind, np.ndarray]], days: int) ->
         for s, k, a, b in spans:
             cnt = (b - a)[e0:e1]
             ex = np.repeat(np.arange(e0, e1), cnt)  # example of every (example, item) pair
-            pos = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(a[e0:e1], cnt)
+            pos = window_items(a[e0:e1], cnt)
             day = (s.as_of[ex] - 1 - s.ts[k.items[pos]]) // DAY
             pairs.append(ex * days + day)
         uniq = np.unique(np.concatenate(pairs))  # distinct (example, day)

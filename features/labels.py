@@ -34,6 +34,12 @@ def first_at_or_after(keys: np.ndarray, user_row: np.ndarray, t: np.ndarray) -> 
     return np.searchsorted(keys, row_keys(user_row, t), side="left")
 
 
+def window_items(lo: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every item of the windows [lo, lo + counts), window after window (int64): the flat index of
+    each (window, item) pair, as `np.repeat(np.arange(len(lo)), counts)` numbers their windows."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
+
+
 def unit_hash(values, salt: str) -> np.ndarray:
     """Deterministic hash of each string into [0, 1): same id, same salt, same number on
     every machine and every build."""
@@ -78,7 +84,7 @@ def derived_labels(
     hi = first_at_or_after(act_keys, ex_user, ex_as_of + cfg.horizon_days * DAY)
     counts = hi - lo
     ex = np.repeat(np.arange(len(ex_user)), counts)  # example id of every item in a window
-    item = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
+    item = window_items(lo, counts)
     day = (act_ts[item] - ex_as_of[ex]) // DAY
     # A window's items are in time order (act_keys are sorted), so its days never decrease: a
     # distinct (example, day) pair starts wherever the example or the day changes.

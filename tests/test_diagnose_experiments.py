@@ -66,6 +66,7 @@ def test_diagnose_flags_the_seed_bug_and_exits_1(sim_store, capsys, monkeypatch,
 
 def test_tokens_no_training_window_holds_are_counted_per_split_and_warned(sim_store, monkeypatch):
     from features.dataset import load_examples
+    from features.labels import window_items
     from features.store import SPLITS, load_arrays
 
     path, _, _ = sim_store
@@ -77,8 +78,8 @@ def test_tokens_no_training_window_holds_are_counted_per_split_and_warned(sim_st
     assert meals.verdict == types.verdict == "PASS" and meals.figures["distinct"] == types.figures["distinct"] == 0
     # A new event type in the events only out-of-time windows hold: the held-out shares say where.
     split = examples["split"]
-    windows = {g: np.unique(diagnose_module._ranges(examples["events_start"][rows].astype(np.int64),
-                                                      examples["events_end"][rows].astype(np.int64)))
+    start, end = examples["events_start"].astype(np.int64), examples["events_end"].astype(np.int64)
+    windows = {g: np.unique(window_items(start[rows], end[rows] - start[rows]))
                for g, rows in (("oot", split == SPLITS.index("oot")), ("other", split != SPLITS.index("oot")))}
     only_oot = np.setdiff1d(windows["oot"], windows["other"])
     assert 0 < len(only_oot) < len(windows["oot"])

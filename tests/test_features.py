@@ -702,6 +702,14 @@ def test_tokens_compare_row_by_row_through_dictionary_codes():
     assert not (t == "").any()  # a null is not the empty string
 
 
+def test_window_items_lists_every_item_of_each_window_in_order():
+    from features.labels import window_items
+
+    got = window_items(np.array([5, 0, 9, 2]), np.array([2, 0, 3, 1]))
+    assert got.tolist() == [5, 6, 9, 10, 11, 2]
+    assert window_items(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
+
+
 def test_dictionary_columns_as_a_shard_reads_them_give_what_their_strings_give():
     """A partition's columns read as dictionaries (features/stream.py read_partition): chunks with
     their own dictionaries, values no row has; codes, Tokens, ids and value_counts as on strings."""

@@ -13,6 +13,7 @@ import torch
 
 from common.errors import UserError
 from features.dataset import FeatureDataset, collate, model_config_for
+from features.labels import window_items
 from features.store import SPLITS, STREAMS, UNLABELLED, feature_files, load_arrays, read_meta
 from models.engagement import EngagementModel
 from pipeline.config import Config
@@ -76,18 +77,12 @@ TOKENS = {"events": (("event types", "type_id"), ("content", "content")),
 HELD_OUT = {"val": "validation", "test": "test", "oot": "out-of-time"}
 
 
-def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Every index of the ranges [start, end), concatenated."""
-    n = np.maximum(end - start, 0)
-    return np.repeat(start, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-
-
 def _tokens(arrays: dict, stream: str, column: str, items: np.ndarray) -> np.ndarray:
     """The token ids of `items` of a stream (a meal's foods for `food_ids`), real tokens only (>= 2)."""
     a = arrays[stream]
     if column == "food_ids":
         offsets = a["meal_offsets"].astype(np.int64)
-        ids = a["food_ids"][_ranges(offsets[items], offsets[items + 1])]
+        ids = a["food_ids"][window_items(offsets[items], offsets[items + 1] - offsets[items])]
     else:
         ids = a[column][items]
     return ids[ids >= 2]
@@ -111,8 +106,8 @@ def token_checks(files: list, examples: dict, file_of: np.ndarray, streams: list
         for g, rows in groups.items():
             here = np.flatnonzero(rows & (file_of == k))
             for stream, name, col in kinds:
-                items = np.unique(_ranges(examples[f"{stream}_start"][here].astype(np.int64),
-                                          examples[f"{stream}_end"][here].astype(np.int64)))
+                start = examples[f"{stream}_start"][here].astype(np.int64)
+                items = np.unique(window_items(start, examples[f"{stream}_end"][here].astype(np.int64) - start))
                 tokens[(name, g)].append(_tokens(arrays, stream, col, items))
     out = []
     for _, name, _ in kinds:

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from common.errors import UserError
 from features import contract as C
 from features.aggregates import aggregates_of
-from features.labels import first_at_or_after, row_keys
+from features.labels import first_at_or_after, row_keys, window_items
 from features.store import SPLITS, UNLABELLED, load_arrays
 from features.vocab import SENDER_IDS
 from pipeline.evaluation.baselines import calibrated, hgb_candidates, predict, tuned
@@ -94,7 +94,7 @@ def recent_user_messages(files) -> RecentMessages:
         lo = np.clip(first_at_or_after(row_keys(item_user, ts), user, as_of - horizon * _DAY), start, end)
         count = np.maximum(end - lo, 0)
         row = np.repeat(np.arange(n), count)
-        item = np.repeat(lo, count) + np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)
+        item = window_items(lo, count)
         mine = cv["sender"][item] == SENDER_IDS[C.SENDER_USER]
         row, item = row[mine], item[mine]
         age = (as_of[row] - ts[item]) / _DAY
