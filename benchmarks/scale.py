@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "'runs_s': [round(x, 1) for x in s[1::2]], 'warm_runs_s': [round(x, 1) for x in s[2::2]], "
             "'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
         run = rows[-1]
-        for k in ("run_s", "warm_run_s"):  # the median of the repeats
-            run[k] = float(np.median(run[k.replace("run_s", "runs_s")]))
-            run[f"events_per_s_{k[:-2]}"] = round(run["events"] / run[k])
+        for median, runs, rate in (("run_s", "runs_s", "events_per_s_run"),
+                                   ("warm_run_s", "warm_runs_s", "events_per_s_warm_run")):
+            run[median] = float(np.median(run[runs]))  # the median of the repeats
+            run[rate] = round(run["events"] / run[median])
     if args.job:
         for shards in (1, n):
             rows.append({"step": f"weekly retrain's features step, {shards} shard(s)"} | _child(

@@ -138,7 +138,7 @@ def codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list]:
 
 def value_counts(values: pa.Array | pa.ChunkedArray) -> dict:
     """Rows per distinct non-null value of an Arrow column (`codes`), most frequent first, ties
-    in order of first appearance."""
+    in order of first appearance (of a dictionary column: in its dictionary's order)."""
     c, distinct = codes(values)
     n = np.bincount(c[c >= 0], minlength=len(distinct))
     return {distinct[i]: int(n[i]) for i in np.argsort(-n, kind="stable") if n[i]}
