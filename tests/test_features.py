@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -415,6 +416,35 @@ def test_the_vector_cache_reads_the_rows_asked_for_across_segments_and_blocks(tm
         absent = np.array([b"\x00" * 16, f"{5:015d}x".encode(), b"\xff" * 16], dtype="S16")
         assert (c.lookup(absent) == -1).all() and (c.lookup(keys[[15, 0]]) == [15, 0]).all()
     assert not hasattr(VectorCache(tmp_path, "enc"), "vectors")  # nothing but keys held in memory
+
+
+def test_the_vector_cache_reuses_what_this_process_read_and_sees_segments_written_since(tmp_path, monkeypatch):
+    from features import text_vectors as T
+
+    monkeypatch.setattr(T.VectorCache, "_seen", {})  # as a fresh process
+    rng = np.random.default_rng(1)
+    keys = np.array([f"{i:016d}".encode() for i in range(16)], dtype="S16")
+    vectors = rng.normal(size=(16, 3)).astype(np.float16)
+    first = T.VectorCache(tmp_path, "enc")
+    first.add(keys[:8], vectors[:8])
+    opened, real = [], T.h5py.File
+    monkeypatch.setattr(T.h5py, "File", lambda p, *a, **k: (opened.append(Path(p).name), real(p, *a, **k))[1])
+    again = T.VectorCache(tmp_path, "enc")  # the next shard in this process
+    assert opened == [] and again._sorted is first._sorted  # nothing read or sorted again
+    # A segment another process wrote since, named to sort before ours: rows are numbered anew.
+    with real(tmp_path / "enc" / "seg-0-other.h5", "w") as f:
+        f["keys"], f["vectors"] = keys[8:], vectors[8:]
+    later = T.VectorCache(tmp_path, "enc")
+    assert opened == ["seg-0-other.h5"]  # only the new segment is read
+    rows = rng.integers(0, 16, size=40)
+    monkeypatch.setattr(T.h5py, "File", real)
+    np.testing.assert_array_equal(later.read(later.lookup(keys[rows]), 3), vectors[rows])
+    monkeypatch.setattr(T.VectorCache, "_seen", {})  # a process that never read the cache: the same rows
+    fresh = T.VectorCache(tmp_path, "enc")
+    np.testing.assert_array_equal(fresh.lookup(keys[rows]), later.lookup(keys[rows]))
+    for seg in (tmp_path / "enc").glob("seg-*"):  # the cache cleared: nothing is remembered
+        seg.unlink()
+    assert len(T.VectorCache(tmp_path, "enc").keys) == 0 and (T.VectorCache(tmp_path, "enc").lookup(keys) == -1).all()
 
 
 def test_schema_mismatch_and_truncated_file_are_clear_errors(tmp_path, tiny_encoder):
