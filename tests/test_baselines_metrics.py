@@ -16,6 +16,7 @@ from features.aggregates import RECENCY_CAP_DAYS, aggregate_features
 from features.labels import DAY
 from features.store import SPLITS, load_arrays
 from features.vocab import pseudonyms
+from pipeline.evaluation import metrics as M
 from pipeline.evaluation import plots
 from pipeline.evaluation.baselines import fit_baselines, predict, run_baselines, split_rows
 from pipeline.evaluation.metrics import binary_metrics, calibration_table, lift_curve
@@ -157,6 +158,37 @@ def test_degenerate_inputs_give_nan_not_a_crash():
     assert empty["n"] == 0 and np.isnan(empty["roc_auc"])
     with pytest.raises(ValueError, match="same examples"):
         binary_metrics(np.array([0, 1]), np.array([0.5]))
+
+
+def test_weighted_roc_auc_is_sklearns_with_sample_weights_ties_included():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 500)
+    p = np.round(rng.random(500) * 0.5 + 0.3 * y, 1)  # few distinct values: many ties
+    w = rng.integers(0, 4, size=(4, 500))
+    expected = [roc_auc_score(y, p, sample_weight=row) for row in w]
+    np.testing.assert_allclose(M.weighted_roc_auc(y, p, w), expected)
+    assert M.weighted_roc_auc(y, p, np.ones(500))[0] == pytest.approx(roc_auc_score(y, p))
+    assert np.isnan(M.weighted_roc_auc(y, p, np.where(y == 1, 1, 0)[None])[0])  # no negative weight left
+
+
+def test_the_auc_difference_interval_resamples_users_not_examples(monkeypatch):
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    a, b = rng.random(300) * 0.5 + 0.2 * y, rng.random(300) * 0.5 + 0.15 * y
+    users = np.arange(300)
+    one = M.paired_auc_difference(y, a, b, users)
+    assert one["diff"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    assert one["lo"] < one["diff"] < one["hi"] and 0 <= one["share_not_above"] <= 1
+    # Each user's example written 5 times: resampling users gives the same interval as one copy
+    # each; resampling the examples would pretend to 5 times the data (a narrower interval).
+    copies = [np.repeat(v, 5) for v in (y, a, b)]
+    assert M.paired_auc_difference(*copies, np.repeat(users, 5)) == pytest.approx(one)
+    naive = M.paired_auc_difference(*copies, np.arange(1500))
+    assert naive["hi"] - naive["lo"] < 0.6 * (one["hi"] - one["lo"])
+    same = M.paired_auc_difference(y, a, a, users)
+    assert same["diff"] == same["lo"] == same["hi"] == 0 and same["share_not_above"] == 1
+    monkeypatch.setattr(M, "BOOT_CELLS", 700)  # resamples two at a time: the same draws, the same figures
+    assert M.paired_auc_difference(y, a, b, users) == pytest.approx(one)
 
 
 def test_expected_calibration_error():

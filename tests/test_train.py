@@ -208,6 +208,14 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
         assert set(first.metrics[name]) == {"val", "test", "oot"}
     assert first.metrics["prevalence"]["test"]["roc_auc"] == 0.5
     assert first.metrics["oracle"]["test"]["roc_auc"] > 0.6  # the simulator's own probability
+    # Each learned model against gradient boosting on the aggregates: the difference of their
+    # ROC-AUCs, with an interval over users, in the metrics and in MLflow; none for hgb itself.
+    for name in ("model", "logistic", "hgb_text", BLEND):
+        m = first.metrics[name]["test"]
+        assert m["roc_auc_vs_hgb"] == pytest.approx(m["roc_auc"] - first.metrics["hgb"]["test"]["roc_auc"])
+        assert m["roc_auc_vs_hgb_lo"] < m["roc_auc_vs_hgb_hi"]
+    assert not {"roc_auc_vs_hgb"} & (set(first.metrics["hgb"]["test"]) | set(first.metrics["oracle"]["test"]))
+    assert "oot_roc_auc_vs_hgb_hi" in mlflow.MlflowClient(cfg.tracking.uri).get_run(good.run_id).data.metrics
     # The blend's weight is picked on val, so its val figure is out of fold (by user): the
     # cross-fitted blend of the model's and its gradient boosting's val predictions.
     from features.dataset import load_examples
@@ -274,11 +282,39 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
     assert table.loc[table.name == "good+hgb_text", "test_roc_auc"].iloc[0] == pytest.approx(first.metrics[BLEND]["test"]["roc_auc"])
     assert table.loc[table.name == "good", "champion"].eq("*").all()
     assert list(table["kind"]).index("oracle") == 0
+    blend_row = table.set_index("name").loc["good+hgb_text"]
+    assert blend_row["test_roc_auc_vs_hgb"] == pytest.approx(first.metrics[BLEND]["test"]["roc_auc_vs_hgb"])
+    assert table.set_index("name")["oot_roc_auc_vs_hgb_lo"].isna()[["hgb", "oracle", "prevalence"]].all()
+    shown = _format(cfg, "table")  # one "difference [interval]" column per split
+    assert f"{first.metrics[BLEND]['test']['roc_auc_vs_hgb']:+.4f} [" in shown and "test_roc_auc_vs_hgb_lo" not in shown
     for fmt in ("json", "markdown", "table"):
         out = io.StringIO()
         compare(cfg, fmt=fmt, out=out)
         assert "hgb" in out.getvalue()
     assert len(json.loads(_format(cfg, "json"))) == len(df)
+
+
+def test_evaluate_adds_the_differences_to_hgb_to_runs_an_earlier_evaluate_logged(cfg, monkeypatch):
+    import pipeline.evaluation.evaluate as E
+
+    cfg.train.run_name, cfg.train.epochs = "early", 1
+    result = train(cfg)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+
+    def metrics_of(name):
+        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        return next(r.data.metrics for r in client.search_runs([exp]) if r.info.run_name == name)
+
+    monkeypatch.setattr(E, "against_reference", lambda *args: None)  # as the code before them
+    evaluate(cfg, result.run_dir)
+    assert "test_roc_auc_vs_hgb" not in metrics_of("hgb_text")
+    monkeypatch.undo()
+    again = evaluate(cfg, result.run_dir)
+    for name, key in (("hgb_text", "hgb_text"), ("logistic", "logistic"), ("early+hgb_text", BLEND)):
+        logged = metrics_of(name)
+        for s in ("val", "test", "oot"):
+            for end in ("", "_lo", "_hi"):
+                assert logged[f"{s}_roc_auc_vs_hgb{end}"] == pytest.approx(again.metrics[key][s][f"roc_auc_vs_hgb{end}"])
 
 
 def reversed_model(result):

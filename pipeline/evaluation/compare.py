@@ -16,6 +16,11 @@ from pipeline.config import Config
 
 METRICS = ["val_roc_auc", "test_roc_auc", "oot_roc_auc", "test_pr_auc", "test_log_loss", "test_brier",
            "test_ece", "test_recall_at_top", "test_precision_at_top", "test_recall_at_top_of_max", "test_lift_at_top"]
+# Each learned model's ROC-AUC minus gradient boosting's on the aggregates, with its 95% interval over
+# users (pipeline/evaluation/evaluate.py `against_reference`): raw columns in csv and json, one
+# "+0.0081 [+0.0032, +0.0130]" column per split in the table and markdown.
+AGAINST = [f"{s}_roc_auc_vs_hgb" for s in ("test", "oot")]
+METRICS += [c + end for c in AGAINST for end in ("", "_lo", "_hi")]
 KIND_ORDER = {"oracle": 0, "model": 1, "blend": 2, "boosting": 3, "baseline": 4}
 
 
@@ -69,9 +74,9 @@ def compare(cfg: Config, fmt: str = "table", out=None, all_builds: bool = False)
     elif fmt == "json":
         out.write(json.dumps(df.to_dict(orient="records"), indent=1, default=str) + "\n")
     elif fmt == "markdown":
-        out.write(to_markdown(df) + "\n")
+        out.write(to_markdown(with_intervals(df)) + "\n")
     else:
-        shown = df.drop(columns=["build", "init", "label_fraction", "streams", "pooling"])
+        shown = with_intervals(df).drop(columns=["build", "init", "label_fraction", "streams", "pooling"])
         out.write(f"experiment {cfg.tracking.experiment!r} at {tracking.tracking_uri(cfg)}, "
                   f"feature build {df['build'].iloc[0]} (* = champion)\n")
         out.write(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
@@ -84,3 +89,12 @@ def to_markdown(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for _, row in df.iterrows()]
     return "\n".join(lines)
+
+
+def with_intervals(df: pd.DataFrame) -> pd.DataFrame:
+    """The difference columns as one text column per split ("" where a run has none)."""
+    out = df.drop(columns=[c + end for c in AGAINST for end in ("", "_lo", "_hi")])
+    for c in AGAINST:
+        out[c] = [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if pd.notna(d) and pd.notna(lo) else ""
+                  for d, lo, hi in zip(df[c], df[c + "_lo"], df[c + "_hi"])]
+    return out

@@ -29,13 +29,18 @@ from pipeline.config import Config
 from pipeline.evaluation import baselines, message_scores, plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
 from pipeline.evaluation.blend import blend, crossfit_blend, fit_blend
-from pipeline.evaluation.metrics import binary_metrics
+from pipeline.evaluation.metrics import binary_metrics, paired_auc_difference
 from pipeline.paths import Paths
 from pipeline.training.train import BEST, DONE, PREDICTIONS, run_name
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test", "oot")
 BLEND = "blend"  # the blend's key in `metrics` and `scores`
+# Every learned model's ROC-AUC is also given as a difference to gradient boosting on the aggregates
+# (issue 14's yardstick) with a 95% interval over users (`paired_auc_difference`); not for the
+# trivial baselines and the oracle.
+REFERENCE = "hgb"
+NO_INTERVAL = {REFERENCE, "prevalence", "active_last_week", "oracle"}
 GBMS = {"hgb", message_scores.NAME}  # the gradient boostings: MLflow models of their own, blend partners
 
 
@@ -147,6 +152,7 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
             if name == "model" and len(ok) != len(r):
                 raise UserError(f"{run_dir}: predictions do not cover the {s} split; re-run `make train`")
             metrics[name][s] = binary_metrics(labels[ok], p[ok], cfg.eval.top_frac, cfg.eval.calibration_bins)
+    against_reference(metrics, scores, labels, rows, user_key)
     blend_run = _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir, blend_params)
     decisions: dict[str, registry.GateDecision] = {}
     if run_id:
@@ -167,6 +173,20 @@ def evaluate(cfg: Config, run_dir: Path | None = None) -> EvalResult:
                                                          "decisions": {k: d.__dict__ for k, d in decisions.items()}},
                                                         default=float, indent=1))
     return EvalResult(run_id, metrics, decision, decisions)
+
+
+def against_reference(metrics: dict, scores: dict, labels: np.ndarray, rows: dict, user_key: np.ndarray) -> None:
+    """Adds roc_auc_vs_hgb (and _lo, _hi: the 95% interval over users) to each learned model's
+    metrics of each split where both it and REFERENCE score every example."""
+    if REFERENCE not in scores:
+        return
+    for name in [n for n in scores if n not in NO_INTERVAL]:
+        for s, r in rows.items():
+            p, ref = scores[name][r], scores[REFERENCE][r]
+            if len(r) and np.isfinite(p).all() and np.isfinite(ref).all():
+                d = paired_auc_difference(labels[r], p, ref, user_key[r])
+                metrics[name][s] |= {f"roc_auc_vs_{REFERENCE}": d["diff"], f"roc_auc_vs_{REFERENCE}_lo": d["lo"],
+                                     f"roc_auc_vs_{REFERENCE}_hi": d["hi"]}
 
 
 def _plots(cfg, files, scores, labels, rows, run_dir: Path) -> None:
@@ -223,6 +243,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 for s in EVAL_SPLITS:
                     tracking.log_metrics(metrics[BLEND][s], prefix=f"{s}_")
         found = client.search_runs([exp_id], where, max_results=1)[0]
+        _add_missing(client, found, metrics[BLEND])
         blend_run = found.info.run_id if serving.LOGGED_MODEL_TAG in found.data.tags else None
         if (cfg.eval.champion_blend and blend_run is None
                 and (fitted := _estimator_file(cfg, files, partner)).exists() and (run_dir / BEST).exists()):
@@ -238,7 +259,9 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "boosting" if name == message_scores.NAME else "baseline"
         text = note(tracking.what(name, name, {}), name)
-        if not _new_run(client, exp_id, f"tags.build_id = '{bid}' and tags.baseline = '{name}'", text):
+        where = f"tags.build_id = '{bid}' and tags.baseline = '{name}'"
+        if not _new_run(client, exp_id, where, text):
+            _add_missing(client, client.search_runs([exp_id], where, max_results=1)[0], metrics[name])
             continue
         with mlflow.start_run(run_name=name, description=text):
             mlflow.set_tags(common | {"kind": kind, "baseline": name})
@@ -252,6 +275,16 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                 info = serving.log_baseline_model(estimator, names, read_meta(files[0]), cfg)
                 mlflow.set_tag(serving.LOGGED_MODEL_TAG, info.model_id)
     return blend_run
+
+
+def _add_missing(client, run, metrics: dict) -> None:
+    """Log to a run an earlier evaluate created the figures it lacks (the differences to `hgb`
+    came later than some runs): the same examples and models, so the same figures."""
+    have = run.data.metrics
+    for s in EVAL_SPLITS:
+        for k, v in metrics[s].items():
+            if k.startswith(f"roc_auc_vs_{REFERENCE}") and f"{s}_{k}" not in have and np.isfinite(v):
+                client.log_metric(run.info.run_id, f"{s}_{k}", float(v))
 
 
 def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
@@ -281,6 +314,14 @@ def print_table(metrics: dict, model_name: str, decisions: dict, blend_with: str
         cells = "".join(f"{m['roc_auc']:>10.3f}{m['pr_auc']:>8.3f}{m['recall_at_top_of_max']:>8.3f}"
                         for m in (metrics[name][s] for s in EVAL_SPLITS))
         print(f"  {labels[name]:<{w}}{cells}")
+    key = f"roc_auc_vs_{REFERENCE}"
+    against = [n for n in order if key in metrics[n]["test"]]
+    if against:
+        print(f"  ROC-AUC minus {REFERENCE}'s [95% interval, users resampled]:")
+        for name in against:
+            cells = "".join(f"  {s} {m[key]:+.4f} [{m[key + '_lo']:+.4f}, {m[key + '_hi']:+.4f}]"
+                            for s, m in ((s, metrics[name][s]) for s in EVAL_SPLITS) if key in m)
+            print(f"    {labels[name]:<{w}}{cells}")
     for name, d in decisions.items():
         champ = "-" if d.champion is None else f"{d.champion:.4f}"
         who = "" if name == "model" else f" for {'the blend' if name == 'blend' else name}"
