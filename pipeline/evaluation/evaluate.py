@@ -315,7 +315,7 @@ def print_table(metrics: dict, model_name: str, decisions: dict, blend_with: str
                         for m in (metrics[name][s] for s in EVAL_SPLITS))
         print(f"  {labels[name]:<{w}}{cells}")
     key = f"roc_auc_vs_{REFERENCE}"
-    against = [n for n in order if key in metrics[n]["test"]]
+    against = [n for n in order if any(key in metrics[n][s] for s in EVAL_SPLITS)]
     if against:
         print(f"  ROC-AUC minus {REFERENCE}'s [95% interval, users resampled]:")
         for name in against:
