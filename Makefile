@@ -90,7 +90,7 @@ diagnose: $(STAMP) ## checks that explain a model that learns nothing
 bench: $(STAMP) ## speed and memory figures, each beside a naive version measured in the same run
 	$(PY) -m benchmarks.run $(ARGS)
 
-bench-scale: $(STAMP) ## events/s and peak memory of streamed validation + one feature shard; --dask 2 adds the whole path on a local Dask cluster (medians of --repeat 3 runs), --job the weekly retrain's features step (ARGS='--users 25000')
+bench-scale: $(STAMP) ## events/s and peak memory of streamed validation + one feature shard; --dask 2 adds the whole path on a local Dask cluster (medians of --repeat 3 runs, what the cores were worth meanwhile), --job the weekly retrain's features step (ARGS='--users 25000')
 	$(PY) -m benchmarks.scale $(ARGS)
 
 bench-reverse: $(STAMP) ## the sequence-reversal task at lengths 100/200/500

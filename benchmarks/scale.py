@@ -17,7 +17,9 @@ Steps, each in its own process so its peak resident set is its own (ru_maxrss):
    (empty cache), then `--repeat` times (default 3) each: on restarted workers with the vectors
    cached (what a rebuild pays: the issue's "encoding cached") and again on the same, warm
    workers (imports done, memory pools grown, as on a long-lived cluster); the medians, each run
-   beside them, and peak memory of the parent and of the largest worker.
+   beside them, and peak memory of the parent and of the largest worker; and what the machine's W
+   cores are worth against one, on a task that computes in cache and on one that reads memory at
+   random (`cores_at_work`).
 5. with `--job`: the weekly retrain's `features` step (streamed validation, then the week's store
    cut at `--job-as-of`, message vectors included from a tiny random text encoder, store writes
    included), once with one unsharded store and once with a shard per partition, each in its own
@@ -123,6 +125,34 @@ def fan_out(raw, workdir, partitions, workers, repeat):
 """
 
 
+# Two fixed tasks, each printing its seconds: "compute" sorts an array that fits in cache; "memory"
+# gathers a 160 MB array at random rows, as a shard's takes and fancy indexing do at scale.
+MACHINE_TASKS = {
+    "compute": "x = np.random.default_rng(0).random(200_000)\nwork = lambda: [np.sort(x) for _ in range(150)]",
+    "memory": "rng = np.random.default_rng(0)\nx = rng.random(20_000_000)\n"
+              "i = rng.integers(0, len(x), 5_000_000)\nwork = lambda: [x[i].sum() for _ in range(12)]",
+}
+TIMED = "import json, time, numpy as np\n{setup}\nt = time.perf_counter()\nwork()\n" \
+        "print(json.dumps({{'seconds': time.perf_counter() - t}}))"
+
+
+def cores_at_work(workers: int) -> dict:
+    """What `workers` cores of this machine are worth against one: each of MACHINE_TASKS alone in one
+    process, then in `workers` processes at once; its `speedup` = workers x alone / the mean
+    side-by-side time (workers on cores that share nothing). The throughput target is per "2
+    cores": on the 2-core machines here compute scales by 2.0, random memory access by about 1.3."""
+    out = {}
+    for name, setup in MACHINE_TASKS.items():
+        code = TIMED.format(setup=setup)
+        alone = _child(code)["seconds"]
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(workers)]
+        side = [json.loads(p.communicate()[0].strip().splitlines()[-1])["seconds"] for p in procs]
+        out[name] = {"alone_s": round(alone, 3), "side_by_side_s": [round(t, 3) for t in side],
+                     "speedup": round(workers * alone / float(np.mean(side)), 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale")
     ap.add_argument("--users", type=int, default=25_000)
@@ -171,6 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "'runs_s': [round(x, 1) for x in s[1::2]], 'warm_runs_s': [round(x, 1) for x in s[2::2]], "
             "'peak_mb': round(peak), 'worker_peak_mb': round(worker)}))"))
         run = rows[-1]
+        run["cores"] = cores_at_work(args.dask)
         for median, runs, rate in (("run_s", "runs_s", "events_per_s_run"),
                                    ("warm_run_s", "warm_runs_s", "events_per_s_warm_run")):
             run[median] = float(np.median(run[runs]))  # the median of the repeats
@@ -200,6 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{run['warm_run_s']} s ({', '.join(map(str, run['warm_runs_s']))}), "
               f"{run['events_per_s_warm_run']:,} events/s; parent peak {run['peak_mb']} MB, "
               f"largest worker {run['worker_peak_mb']} MB")
+        print(f"this machine's {args.dask} cores against one: " + "; ".join(
+            f"{name} {c['speedup']}x ({c['alone_s']} s alone, {', '.join(map(str, c['side_by_side_s']))} s side by side)"
+            for name, c in run["cores"].items()))
     if args.job:
         one, many = rows[-2], rows[-1]
         print(f"weekly retrain's features step: one store {one['wall_s']} s, peak {one['peak_mb']} MB; "

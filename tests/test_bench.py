@@ -95,6 +95,10 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     assert all(0 < dask[k] <= dask["wall_s"] for k in ("first_run_s", "run_s", "warm_run_s")) and dask["worker_peak_mb"] > 50
     assert len(dask["runs_s"]) == len(dask["warm_runs_s"]) == 2  # --repeat: the figures are their medians
     assert dask["run_s"] == np.median(dask["runs_s"]) and dask["warm_run_s"] == np.median(dask["warm_runs_s"])
+    # what the machine's two cores are worth, per task: each side-by-side time, and the ratio
+    for cores in (dask["cores"]["compute"], dask["cores"]["memory"]):
+        assert len(cores["side_by_side_s"]) == 2 and cores["speedup"] == pytest.approx(
+            2 * cores["alone_s"] / np.mean(cores["side_by_side_s"]), abs=0.01)
     assert streamed["events"] == whole["events"] > 1000 and streamed["accepted"] <= streamed["events"]
     assert 0 < shard["events"] < streamed["accepted"] and shard["examples"] > 0  # one shard's users only
     assert all(r["peak_mb"] > 50 for r in rows)
@@ -105,6 +109,7 @@ def test_bench_scale_measures_each_step_in_its_own_process(tmp_path, capsys):
     assert all(a["conversation"]["embedding"].shape[1] == 16 for a in arrays)
     out = capsys.readouterr().out
     assert f"one feature shard ({shard['events']:,} events)" in out and "with the vectors cached" in out and "warm workers" in out
+    assert "cores against one: compute" in out
 
 
 def test_the_before_recipe_loads_item_by_item_and_gets_the_same_batches(sim_store, monkeypatch):
