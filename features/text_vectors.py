@@ -211,7 +211,7 @@ def distinct(texts: Texts) -> tuple[list[str], np.ndarray]:
 
 def text_digests(texts: Sequence[str], key: str) -> np.ndarray:
     """Keyed 16-byte digests: identify a text without storing it (or an unkeyed hash of it).
-    The keyed state is set up once and copied per text (a third faster than keying each)."""
+    The keyed state is set up once and copied per text (about a quarter less time than keying each)."""
     keyed = hashlib.blake2b(digest_size=16, key=key.encode()[:64])
 
     def digest(t: str) -> bytes:

@@ -147,15 +147,18 @@ def paired_auc_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, group
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     n_users = int(inverse.max()) + 1 if len(inverse) else 0
     diff = float(weighted_roc_auc(y, p_a, np.ones(len(y)))[0] - weighted_roc_auc(y, p_b, np.ones(len(y)))[0])
+    unknown = {"diff": diff, "lo": float("nan"), "hi": float("nan"), "share_not_above": float("nan")}
     if n_users < 2 or not np.isfinite(diff):
-        return {"diff": diff, "lo": float("nan"), "hi": float("nan"), "share_not_above": float("nan")}
+        return unknown
     rng, parts = np.random.default_rng(seed), []
     chunk = max(1, BOOT_CELLS // len(y))  # resamples at a time: memory stays near BOOT_CELLS weights
-    for lo in range(0, n_boot, chunk):
-        counts = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=min(chunk, n_boot - lo))
+    for start in range(0, n_boot, chunk):
+        counts = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=min(chunk, n_boot - start))
         weights = counts[:, inverse.ravel()]  # (b, n): each example as often as its user was drawn
         parts.append(weighted_roc_auc(y, p_a, weights) - weighted_roc_auc(y, p_b, weights))
     d = np.concatenate(parts)
-    d = d[np.isfinite(d)]
+    d = d[np.isfinite(d)]  # a resample left with one class has no AUC
+    if not len(d):
+        return unknown
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "share_not_above": float(np.mean(d <= 0))}
