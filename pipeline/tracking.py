@@ -129,13 +129,17 @@ def what(kind: str, name: str, tags: dict[str, str]) -> str:
             f"labels, streams {tags.get('streams', '?')}, {tags.get('pooling', '?')} pooling{hybrid}")
 
 
-def describe(what: str, build: str | None, test_auc: float | None = None, hgb_auc: float | None = None) -> str:
+def describe(what: str, build: str | None, test_auc: float | None = None, hgb_auc: float | None = None,
+             lead: tuple[float, float, float] | None = None) -> str:
     """A run's description (markdown): what it is, on which feature build and, once
-    evaluated, its test ROC-AUC beside gradient boosting's on the same examples."""
+    evaluated, its test ROC-AUC beside gradient boosting's on the same examples, and `lead`
+    (the difference, then its 95% interval over users) where the evaluation gave one."""
     parts = [what + ".", f"Feature build `{build}`." if build else "Feature build not recorded."]
     if _is_number(test_auc):
-        beside = f" (gradient boosting {hgb_auc:.3f} on the same examples)" if _is_number(hgb_auc) else ""
-        parts.append(f"Test ROC-AUC **{test_auc:.3f}**{beside}.")
+        beside = f"gradient boosting {hgb_auc:.3f} on the same examples" if _is_number(hgb_auc) else ""
+        if beside and lead is not None and all(map(_is_number, lead)):
+            beside += f"; the difference {lead[0]:+.4f}, 95% interval over users [{lead[1]:+.4f}, {lead[2]:+.4f}]"
+        parts.append(f"Test ROC-AUC **{test_auc:.3f}**{f' ({beside})' if beside else ''}.")
     return "\n\n".join(parts)
 
 

@@ -270,7 +270,11 @@ def test_evaluate_logs_baselines_oracle_plots_and_gates_the_champion(cfg, tmp_pa
         note = runs[name].data.tags[NOTE]
         assert note.startswith(what) and f"Feature build `{bid}`" in note, name
         assert f"Test ROC-AUC **{auc[key]}**" in note, name
-        assert (f"(gradient boosting {auc['hgb']} on the same examples)" in note) == (name != "hgb"), name
+        assert (f"(gradient boosting {auc['hgb']} on the same examples" in note) == (name != "hgb"), name
+        if key in ("model", BLEND, "logistic", "hgb_text"):  # and its lead over it, with the interval
+            m = first.metrics[key]["test"]
+            assert (f"the difference {m['roc_auc_vs_hgb']:+.4f}, 95% interval over users "
+                    f"[{m['roc_auc_vs_hgb_lo']:+.4f}, {m['roc_auc_vs_hgb_hi']:+.4f}])." in note), name
 
     # compare reads it all back from MLflow, in every format.
     out = io.StringIO()

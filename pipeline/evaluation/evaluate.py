@@ -217,7 +217,9 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
     test_auc = {name: m["test"]["roc_auc"] for name, m in metrics.items()}
 
     def note(what: str, name: str) -> str:  # the run's description: beside gradient boosting's test ROC-AUC
-        return tracking.describe(what, bid, test_auc[name], None if name == "hgb" else test_auc.get("hgb"))
+        m, key = metrics[name]["test"], f"roc_auc_vs_{REFERENCE}"
+        lead = (m[key], m[key + "_lo"], m[key + "_hi"]) if key in m else None
+        return tracking.describe(what, bid, test_auc[name], None if name == "hgb" else test_auc.get("hgb"), lead)
 
     model_what = tracking.what("model", run_dir.name, client.get_run(run_id).data.tags)
     with mlflow.start_run(run_id=run_id):
