@@ -759,3 +759,54 @@ def test_a_changed_baseline_is_fitted_again_not_read_from_the_cache_of_the_code_
     finally:  # the shared store's folder keeps one cache, as other tests read it
         for f in after.parent.glob(after.stem + "*"):
             f.unlink()
+
+
+def test_distillation_trains_on_the_teachers_out_of_fold_probabilities(cfg, monkeypatch, tmp_path):
+    """train.distill: a training example's target mixes its label with a gradient boosting fitted
+    on the other folds of the training users (never its own), and that is what the loss reads."""
+    from features.dataset import load_examples
+    from features.store import feature_files
+    from models.engagement import EngagementModel
+    from pipeline.evaluation import message_scores
+    from pipeline.evaluation.blend import user_folds
+    from pipeline.training import distill
+
+    files = feature_files(Paths.of(cfg).features)
+    examples, user_key, _ = load_examples(files)
+    train_rows = np.flatnonzero((examples["split"] == 0) & (examples["label"] >= 0))
+    rows = train_rows[user_folds(user_key[train_rows], 3) != 0]  # as with label_fraction: some users only
+    fitted_on = []
+    fit = message_scores.MessageScoredHGB.fit
+
+    def spy(self, X, msgs, y, split, groups):
+        fitted_on.append(set(user_key[(split == 0) & (y >= 0)].tolist()))
+        return fit(self, X, msgs, y, split, groups)
+
+    monkeypatch.setattr(message_scores.MessageScoredHGB, "fit", spy)
+    p = distill.teacher_probabilities(files, rows, "hgb_text", cache_dir=tmp_path)
+    assert np.isfinite(p[rows]).all() and np.isnan(np.delete(p, rows)).all()
+    assert len(fitted_on) == distill.FOLDS and set().union(*fitted_on) == set(user_key[rows].tolist())
+    for k, users in enumerate(fitted_on):  # fold k's users were scored by the fit that never saw them
+        held = set(user_key[rows][user_folds(user_key, distill.FOLDS)[rows] == k].tolist())
+        assert held and not held & users
+    fitted_on.clear()
+    np.testing.assert_array_equal(distill.teacher_probabilities(files, rows, "hgb_text", cache_dir=tmp_path), p)
+    assert not fitted_on  # read back from the cache
+    soft = distill.soft_targets(examples["label"], rows, p, 0.25)
+    np.testing.assert_allclose(soft[rows], 0.75 * examples["label"][rows] + 0.25 * p[rows], rtol=1e-6)
+    assert (np.delete(soft, rows) == np.delete(examples["label"], rows)).all()
+    with pytest.raises(UserError, match=r"train.distill=1.5"):
+        distill.soft_targets(examples["label"], rows, p, 1.5)
+
+    # Training reads them: a teacher that says the opposite of the labels, at weight 1.
+    monkeypatch.setattr(distill, "teacher_probabilities",
+                        lambda files, rows, *a: np.where(np.isin(np.arange(len(examples["label"])), rows),
+                                                         1.0 - examples["label"], np.nan))
+    seen, forward = [], EngagementModel.forward
+    monkeypatch.setattr(EngagementModel, "forward", lambda self, batch, labels=None: (
+        labels is not None and seen.append((batch["example"].clone(), labels.clone())), forward(self, batch, labels))[1])
+    cfg.train.run_name, cfg.train.epochs, cfg.train.distill = "distilled", 1, 1.0
+    train(cfg)
+    assert seen
+    for ex, y in seen:
+        np.testing.assert_array_equal(y.numpy(), 1.0 - examples["label"][ex.numpy()])

@@ -28,7 +28,7 @@ from models.engagement import EngagementModel
 from pipeline import serving, tracking
 from pipeline.config import Config, save_config, to_dict
 from pipeline.paths import Paths
-from pipeline.training import calibration, loop
+from pipeline.training import calibration, distill, loop
 
 log = logging.getLogger(__name__)
 LAST, BEST, DONE, PREDICTIONS = "last.pt", "best.pt", "done.json", "predictions.parquet"
@@ -112,9 +112,14 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     data.model = mcfg = replace(mcfg, **data.subset(train_idx).trained_limits())
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
 
+    targets = None  # with train.distill: soft targets per global example row (distill.py)
+    if tc.distill > 0:
+        p = distill.teacher_probabilities(files, train_idx, tc.distill_from, tc.seed, Paths.of(cfg).features)
+        targets = torch.from_numpy(distill.soft_targets(data.examples["label"], train_idx, p, tc.distill))
+
     loop.seed_everything(tc.seed)
     model = build_model(cfg, mcfg, device)
-    model.set_output_bias(float(train_set.labels().mean()))
+    model.set_output_bias(float(train_set.labels().mean() if targets is None else targets[train_idx].mean()))
     net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)  # encoders included while frozen for a while
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
@@ -124,8 +129,9 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     pool = ThreadPoolExecutor(parts, thread_name_prefix="train-step") if parts > 1 else None
 
     def forward(part: dict, _generator) -> tuple[torch.Tensor, None]:  # a batch, or one part of a split one
+        y = part["label"] if targets is None else targets[part["example"].cpu()].to(part["label"].device)
         with autocast(device):
-            return net(part, part["label"])[1], None
+            return net(part, y)[1], None
 
     scored = ema.module if ema is not None else model  # what is validated, kept and shipped
     averaged = {"ema": ema} if ema is not None else {}
