@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.errors import UserError
+from common.files import atomic_path
 from features.aggregates import aggregates_of
 from features.dataset import load_examples
 from features.store import SPLITS, build_id
@@ -66,8 +67,9 @@ def teacher_probabilities(files: list[Path], rows: np.ndarray, teacher: str = "h
             else:
                 model = message_scores.MessageScoredHGB(seed).fit(X, msgs, y, fit_split, user_key)
                 p[held] = model.predict_proba(X, msgs)[held, 1]
-    if cache is not None:
-        np.save(cache, p)
+    if cache is not None:  # atomically: DDP ranks may write it side by side
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.save(f, p)
     return p
 
 
