@@ -805,7 +805,10 @@ def test_distillation_trains_on_the_teachers_out_of_fold_probabilities(cfg, monk
     seen, forward = [], EngagementModel.forward
     monkeypatch.setattr(EngagementModel, "forward", lambda self, batch, labels=None: (
         labels is not None and seen.append((batch["example"].clone(), labels.clone())), forward(self, batch, labels))[1])
-    cfg.train.run_name, cfg.train.epochs, cfg.train.distill = "distilled", 1, 1.0
+    cfg.train.run_name, cfg.train.epochs, cfg.train.distill = "distilled", 1, -0.5
+    with pytest.raises(UserError, match=r"train.distill=-0.5: a weight in \[0, 1\]"):
+        train(cfg)  # before any teacher is fitted
+    cfg.train.distill = 1.0
     train(cfg)
     assert seen
     for ex, y in seen:

@@ -113,6 +113,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
 
     targets = None  # with train.distill: soft targets per global example row (distill.py)
+    if not 0.0 <= tc.distill <= 1.0:
+        raise UserError(f"train.distill={tc.distill}: a weight in [0, 1] (0: the labels alone)")
     if tc.distill > 0:
         p = distill.teacher_probabilities(files, train_idx, tc.distill_from, tc.seed, Paths.of(cfg).features)
         targets = torch.from_numpy(distill.soft_targets(data.examples["label"], train_idx, p, tc.distill))
