@@ -4,7 +4,6 @@ and plots to MLflow; then the champion gate (pipeline/registry.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -26,7 +25,7 @@ from features.store import SPLITS, UNLABELLED, build_id, feature_files, read_met
 from features.vocab import pseudonyms
 from pipeline import serving, tracking
 from pipeline.config import Config
-from pipeline.evaluation import baselines, message_scores, plots, registry
+from pipeline.evaluation import message_scores, plots, registry
 from pipeline.evaluation.baselines import fit_baselines, predict
 from pipeline.evaluation.blend import blend, crossfit_blend, fit_blend
 from pipeline.evaluation.metrics import binary_metrics, paired_auc_difference
@@ -57,7 +56,7 @@ def baselines_cache(cfg: Config, files: list[Path], name: str = "") -> Path:
     """Where the baselines' predictions (name "") or one fitted estimator (`name`) of this feature
     build are cached: keyed by the build and by the code that fits them, so a changed baseline is
     fitted again rather than read back from the code before."""
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (baselines, message_scores))).hexdigest()[:8]
+    code = message_scores.code_digest()
     return Paths.of(cfg).features / f"baselines-{build_id(files)}-{code}{'-' + name + '.pkl' if name else '.parquet'}"
 
 
@@ -238,7 +237,7 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
                     f"{tracking.what(partner, partner, {})}: their logits averaged with a weight, then Platt-scaled, "
                     "both picked on validation", BLEND)
         where = f"tags.blend_of = '{run_id}' and tags.blend_with = '{partner}'"
-        if _new_run(client, exp_id, where, text):
+        if _existing_run(client, exp_id, where, text) is None:
             with mlflow.start_run(run_name=f"{run_dir.name}+{partner}", description=text):
                 mlflow.set_tags(common | {"kind": "blend", "blend_of": run_id, "blend_with": partner})
                 mlflow.log_params({"model_weight": w, "calibration_scale": round(a, 4), "calibration_bias": round(b, 4)})
@@ -261,9 +260,8 @@ def _log(cfg, run_id, files, metrics, scores, labels, rows, run_dir: Path, blend
     for name in [n for n in metrics if n not in ("model", BLEND)]:
         kind = "oracle" if name == "oracle" else "boosting" if name == message_scores.NAME else "baseline"
         text = note(tracking.what(name, name, {}), name)
-        where = f"tags.build_id = '{bid}' and tags.baseline = '{name}'"
-        if not _new_run(client, exp_id, where, text):
-            _add_missing(client, client.search_runs([exp_id], where, max_results=1)[0], metrics[name])
+        if (old := _existing_run(client, exp_id, f"tags.build_id = '{bid}' and tags.baseline = '{name}'", text)):
+            _add_missing(client, old, metrics[name])
             continue
         with mlflow.start_run(run_name=name, description=text):
             mlflow.set_tags(common | {"kind": kind, "baseline": name})
@@ -297,13 +295,13 @@ def _baseline_run(cfg: Config, files: list[Path], name: str) -> str | None:
     return found[0].info.run_id if found and serving.LOGGED_MODEL_TAG in found[0].data.tags else None
 
 
-def _new_run(client, exp_id: str, where: str, description: str) -> bool:
-    """False when an earlier evaluate logged the run `where` finds: it only gets
-    `description` (runs logged before descriptions have none)."""
+def _existing_run(client, exp_id: str, where: str, description: str):
+    """The run an earlier evaluate logged that `where` finds (it gets `description`: runs logged
+    before descriptions have none), or None."""
     found = client.search_runs([exp_id], where, max_results=1)
     if found:
         client.set_tag(found[0].info.run_id, tracking.NOTE, description)
-    return not found
+    return found[0] if found else None
 
 
 def print_table(metrics: dict, model_name: str, decisions: dict, blend_with: str = "hgb") -> None:

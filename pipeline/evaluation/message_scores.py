@@ -25,7 +25,10 @@ messages gives ten zero columns: the same model as the baseline.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -36,6 +39,7 @@ from features.aggregates import aggregates_of
 from features.labels import first_at_or_after, row_keys, window_items
 from features.store import SPLITS, UNLABELLED, load_arrays
 from features.vocab import SENDER_IDS
+from pipeline.evaluation import baselines
 from pipeline.evaluation.baselines import calibrated, hgb_candidates, predict, tuned
 from pipeline.evaluation.blend import user_folds
 
@@ -218,6 +222,13 @@ class MessageScoredHGB:
     def predict_proba(self, X: np.ndarray, msgs: RecentMessages) -> np.ndarray:
         """(n, 2) like an sklearn classifier's, every example scored by the full scorer."""
         return self.model.predict_proba(self.features(X, msgs))
+
+
+def code_digest(*extra) -> str:
+    """8 hex digits of the source that fits the gradient boostings (baselines.py and this file)
+    and of the `extra` modules: a cache keyed by it is fitted again when that code changes."""
+    modules = (baselines, sys.modules[__name__], *extra)
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()[:8]
 
 
 def text_misfit(estimator, text_dim: int) -> str | None:

@@ -18,6 +18,7 @@ labels. Fitted once per feature build, code, teacher and training users, then re
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +43,24 @@ def teacher_probabilities(files: list[Path], rows: np.ndarray, teacher: str = "h
     each from a fit on the other folds of those rows' users; NaN elsewhere."""
     if teacher not in TEACHERS:
         raise UserError(f"train.distill_from={teacher!r}: one of {list(TEACHERS)}")
-    examples, user_key, _ = load_examples(files)
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (baselines, message_scores)))
-    code.update(Path(__file__).read_bytes())
     key = hashlib.sha256(np.sort(rows).astype(np.int64).tobytes() + f"{teacher}-{seed}".encode()).hexdigest()[:10]
-    cache = cache_dir / f"teacher-{build_id(files)}-{code.hexdigest()[:8]}-{key}.npy" if cache_dir else None
+    code = message_scores.code_digest(sys.modules[__name__])
+    cache = cache_dir / f"teacher-{build_id(files)}-{code}-{key}.npy" if cache_dir else None
     if cache is not None and cache.exists():
         return np.load(cache)
+    examples, user_key, _ = load_examples(files)
     y, split = examples["label"], examples["split"]
     X, names = aggregates_of(files)
     msgs = message_scores.recent_user_messages(files) if teacher == message_scores.NAME else None
     fold = user_folds(user_key, FOLDS)
     p = np.full(len(y), np.nan)
+    outside = np.where(split == TRAIN, HELD_OUT, split)  # every training row out; each fit puts back the other folds of `rows`
     with threadpool_limits(1):  # small fits: BLAS threads beside torch's only wait (docs/benchmarks.md)
         for k in range(FOLDS):
             held = rows[fold[rows] == k]
             if not len(held):
                 continue
-            fit_split = np.where(split == TRAIN, HELD_OUT, split)  # training rows outside `rows` are not seen
+            fit_split = outside.copy()
             fit_split[rows[fold[rows] != k]] = TRAIN
             if msgs is None:
                 model = baselines.fit_baselines(X, y, fit_split, names, ["hgb"], seed=seed)["hgb"]
