@@ -140,7 +140,8 @@ def cores_at_work(workers: int) -> dict:
     """What `workers` cores of this machine are worth against one: each of MACHINE_TASKS alone in one
     process, then in `workers` processes at once; its `speedup` = workers x alone / the mean
     side-by-side time (workers on cores that share nothing). The throughput target is per "2
-    cores": on the 2-core machines here compute scales by 2.0, random memory access by about 1.3."""
+    cores": on the 2-core machines here both scaled by 1.7-2.3 in the runs of docs/benchmarks.md,
+    by less while the host was busy."""
     out = {}
     for name, setup in MACHINE_TASKS.items():
         code = TIMED.format(setup=setup)
