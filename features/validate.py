@@ -252,11 +252,15 @@ def _not_allowed(etype: pd.Series, allowed: list[str] | None) -> np.ndarray:
 
 def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFrame:
     """Rejected rows as they came in; columns of mixed Python types become text so any
-    input can be written to Parquet."""
+    input can be written to Parquet, and Arrow list columns (a Parquet input's food_ids) plain
+    columns of lists: pandas 3.1 writes an `ArrowDtype` list into the file's metadata in a form
+    its own `read_parquet` cannot read back."""
     out = rejected.copy()
     for c in out.columns:
         if out[c].dtype == object:  # str() of each value in pandas' C loop; None stays missing
             out[c] = out[c].astype("string")
+        elif isinstance(out[c].dtype, pd.ArrowDtype):  # rejected rows only: a loop over few values
+            out[c] = out[c].astype(object)
     out[C.QUARANTINE_REASON] = pd.Series(reasons, index=out.index, dtype="string")
     return out.reset_index(drop=True)
 
