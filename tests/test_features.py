@@ -547,6 +547,8 @@ def test_a_model_that_cannot_load_offline_says_how_to_point_at_a_local_copy():
 
     with pytest.raises(UserError, match="local-dir .* features.text_encoder="):
         TextEncoder.load("distilbert-base-uncased-not-on-this-machine")
+    with pytest.raises(UserError, match="no such folder on this machine; .* default 'minilm'"):  # a path, not a name
+        TextEncoder.load("/models/distilbert-base-uncased-not-on-this-machine")
 
 
 def test_changed_validation_settings_validate_again_and_rebuild(tmp_path, tiny_encoder):
@@ -758,3 +760,21 @@ def test_dictionary_columns_as_a_shard_reads_them_give_what_their_strings_give()
     assert (Tokens(as_dict) == "message").tolist() == (Tokens(plain) == "message").tolist()
     vocab = Vocab()
     np.testing.assert_array_equal(vocab.ids("event_types", as_dict), vocab.ids("event_types", plain))
+
+
+def test_the_summary_says_when_validation_or_test_hold_too_few_users_to_judge_models(capsys):
+    from pipeline.data.features import FEW_USERS_WARN, print_summary
+
+    def summary(val_users):
+        split = {"examples": 10 * val_users, "label_rate": 0.5}
+        return {"feature_file": "f.h5", "users": 1000, "examples": 9000, "unlabelled_examples": 0, "items": {},
+                "validation": {"rows_in": 1, "accepted": 1, "duplicates": 0, "quarantined": 0, "reasons": {}},
+                "splits": {"train": split | {"users": 700}, "val": split | {"users": val_users},
+                           "test": split | {"users": 300}, "oot": split | {"users": 10}},
+                "message_vectors": None, "seconds": {}}
+
+    print_summary(summary(FEW_USERS_WARN - 1))
+    out = capsys.readouterr().out
+    assert f"few users to judge models on (val {FEW_USERS_WARN - 1}; under {FEW_USERS_WARN})" in out
+    print_summary(summary(FEW_USERS_WARN))  # oot's 10 users are the same users later on: no warning for it
+    assert "few users" not in capsys.readouterr().out

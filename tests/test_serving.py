@@ -3,6 +3,7 @@ as the run's logged model, loaded by alias in a fresh process, scoring raw event
 the nightly job does, and served over HTTP by `mlflow models serve`."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -63,12 +64,20 @@ def test_the_run_logs_a_model_with_signature_and_the_version_is_that_logged_mode
     assert {p.name for p in info.signature.params.params} == {"as_of", "user_ids"}
 
 
-def test_the_champion_loaded_by_alias_scores_raw_events_as_the_nightly_job(champion, tmp_path):
+def test_the_champion_loaded_by_alias_scores_raw_events_as_the_nightly_job(champion, tmp_path, caplog):
     cfg, _, _ = champion
     events = pd.read_parquet(cfg.data.events)
     # The users table's columns ride along on the event rows (program_start here).
     events = events.merge(pd.read_parquet(cfg.data.users), on="user_id", how="left")
-    pyfunc = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
+    # Plus an exact copy of a row and a row without a user: neither changes a score, both are counted.
+    clean = events.dropna(subset=["user_id"]).drop_duplicates(subset=["user_id", "ts", "event_type", "text"])
+    events = pd.concat([events, clean.iloc[:1], clean.iloc[1:2].assign(user_id=None)], ignore_index=True)
+    with caplog.at_level("WARNING", logger="pipeline.serving"):
+        pyfunc = registry.load_champion(cfg).predict(events, params={"as_of": AS_OF})
+    counts = re.search(r"scoring: (\d+) rows in = (\d+) accepted \+ (\d+) exact duplicates \+ (\d+) rejected",
+                       caplog.text)
+    rows_in, accepted, dups, rejected = map(int, counts.groups())
+    assert rows_in == len(events) == accepted + dups + rejected and dups >= 1 and rejected >= 1
     assert list(pyfunc.columns) == OUTPUT and pyfunc.user_id.is_unique
     assert np.allclose(pyfunc.risk, 1 - pyfunc.p_engaged) and (pyfunc.as_of == pd.Timestamp(AS_OF, tz="UTC")).all()
     nightly = pd.read_parquet(score(cfg, AS_OF, tmp_path / "nightly.parquet"))

@@ -157,6 +157,9 @@ def _events_of(vdir: Path, cfg: Config) -> tuple[pa.Table, dict | None]:
 
 
 INACTIVE_WARN = 0.3  # the share of long-inactive examples above which the summary points at eligibility
+# Below this many users in validation or test, their ROC-AUC and its interval over users say
+# little (the demo has about 300 in each): the summary says so rather than letting the figures pass.
+FEW_USERS_WARN = 50
 
 
 def print_summary(m: dict) -> None:
@@ -171,6 +174,12 @@ def print_summary(m: dict) -> None:
     for name, s in m["splits"].items():
         rate = "-" if s["label_rate"] is None else f"{s['label_rate']:.3f}"
         lines.append(f"  {name:<5} examples {s['examples']:>7,}  users {s['users']:>6,}  engaged rate {rate}")
+    few = [f"{name} {s['users']}" for name, s in m["splits"].items() if name in ("val", "test") and s["users"] < FEW_USERS_WARN]
+    if few:
+        lines.append(f"  few users to judge models on ({', '.join(few)}; under {FEW_USERS_WARN}): their ROC-AUCs and "
+                     "intervals will move a lot with who is in them; more users (or a larger labels.val_frac, the "
+                     "test split being what train_frac and val_frac leave) make them worth reading "
+                     "(docs/contract.md#using-your-own-data)")
     mv = m["message_vectors"]
     if mv:
         lines.append(
