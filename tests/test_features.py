@@ -778,3 +778,5 @@ def test_the_summary_says_when_validation_or_test_hold_too_few_users_to_judge_mo
     assert f"few users to judge models on (val {FEW_USERS_WARN - 1}; under {FEW_USERS_WARN})" in out
     print_summary(summary(FEW_USERS_WARN))  # oot's 10 users are the same users later on: no warning for it
     assert "few users" not in capsys.readouterr().out
+    print_summary(summary(FEW_USERS_WARN - 1), whole=False)  # one shard's share of the users: not the run's
+    assert "few users" not in capsys.readouterr().out

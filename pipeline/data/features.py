@@ -129,7 +129,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None, validated: P
     }
     manifest = stamps.mark_done(out.with_suffix(".json"), key, **manifest)  # the build's stamp
     save_config(cfg, out.parent, config_name(out, cfg))
-    print_summary(manifest)
+    print_summary(manifest, whole=cfg.features.shard is None)
     return out
 
 
@@ -162,7 +162,8 @@ INACTIVE_WARN = 0.3  # the share of long-inactive examples above which the summa
 FEW_USERS_WARN = 50
 
 
-def print_summary(m: dict) -> None:
+def print_summary(m: dict, whole: bool = True) -> None:
+    """`whole`: the store holds every user (not one shard of them), so its split sizes are the run's."""
     v = m["validation"]
     lines = [
         f"feature store {m['feature_file']}",
@@ -174,7 +175,7 @@ def print_summary(m: dict) -> None:
     for name, s in m["splits"].items():
         rate = "-" if s["label_rate"] is None else f"{s['label_rate']:.3f}"
         lines.append(f"  {name:<5} examples {s['examples']:>7,}  users {s['users']:>6,}  engaged rate {rate}")
-    few = [f"{name} {s['users']}" for name, s in m["splits"].items() if name in ("val", "test") and s["users"] < FEW_USERS_WARN]
+    few = [f"{name} {s['users']}" for name, s in m["splits"].items() if whole and name in ("val", "test") and s["users"] < FEW_USERS_WARN]
     if few:
         lines.append(f"  few users to judge models on ({', '.join(few)}; under {FEW_USERS_WARN}): their ROC-AUCs and "
                      "intervals will move a lot with who is in them; more users (or a larger labels.val_frac, the "
