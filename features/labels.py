@@ -50,6 +50,25 @@ def unit_hash(values, salt: str) -> np.ndarray:
     return out
 
 
+def check_labels(lc: LabelConfig) -> None:
+    """A one-line error for label settings that would build an empty or meaningless store
+    (no test users, no examples, every example engaged) rather than let the build finish."""
+    if not (0 < lc.train_frac < 1 and 0 <= lc.val_frac and lc.train_frac + lc.val_frac < 1):
+        raise UserError(f"labels.train_frac={lc.train_frac}, labels.val_frac={lc.val_frac}: the test split gets what "
+                        "the two leave, so 0 < train_frac, 0 <= val_frac and train_frac + val_frac < 1 "
+                        "(default 0.7 and 0.15)")
+    for key in ("horizon_days", "cutoff_every_days", "min_active_days"):
+        if getattr(lc, key) < 1:
+            raise UserError(f"labels.{key}={getattr(lc, key)}: at least 1")
+    if lc.min_active_days > lc.horizon_days:
+        raise UserError(f"labels.min_active_days={lc.min_active_days} > labels.horizon_days={lc.horizon_days}: "
+                        "no user could ever be engaged")
+    if lc.max_inactive_days is not None and lc.max_inactive_days < 1:
+        raise UserError(f"labels.max_inactive_days={lc.max_inactive_days}: at least 1 day, or null to keep every user")
+    if lc.oot_cutoffs < 0:
+        raise UserError(f"labels.oot_cutoffs={lc.oot_cutoffs}: 0 or more")
+
+
 def user_splits(user_ids, cfg: LabelConfig) -> np.ndarray:
     """0 train / 1 val / 2 test, by hashed user id: a user's examples never straddle splits."""
     u = unit_hash(user_ids, cfg.split_salt)

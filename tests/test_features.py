@@ -622,6 +622,12 @@ def test_a_changed_food_catalog_rebuilds(tmp_path, tiny_encoder):
         (["--num-shards", "0"], "must be at least 1"),
         (["--shard", "3", "--num-shards", "3"], "use --shard 0..2"),
         (["--shard", "-1", "--num-shards", "3"], "use --shard 0..2"),
+        # Label settings that would build a store without test users, examples or positives.
+        (["labels.val_frac=1.5"], "train_frac + val_frac < 1"),
+        (["labels.val_frac=0.3"], "train_frac + val_frac < 1"),
+        (["labels.max_inactive_days=-3"], "labels.max_inactive_days=-3: at least 1 day"),
+        (["labels.min_active_days=8"], "no user could ever be engaged"),
+        (["labels.horizon_days=0"], "labels.horizon_days=0: at least 1"),
     ],
 )
 def test_shard_arguments_are_checked_before_any_work(tmp_path, capsys, args, expected):

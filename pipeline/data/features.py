@@ -19,6 +19,7 @@ from features import stream
 from features import validate as V
 from features.build import build_features, check_shards, text_steps
 from features.io import fingerprint, read_table
+from features.labels import check_labels
 from features.normalise import to_utc
 from features.store import SCHEMA_VERSION, read_meta, write_store
 from features.text_vectors import TextEncoder
@@ -87,6 +88,7 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None, validated: P
     already built from the same inputs and settings is reused as is. `validated`: the folder a
     caller has just validated `data.events` into (pipeline/data/fanout.py), else checked here."""
     check_shards(cfg.features)  # before any work
+    check_labels(cfg.labels)
     paths = Paths.of(cfg)
     vdir = validated or ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
@@ -178,8 +180,8 @@ def print_summary(m: dict, whole: bool = True) -> None:
     few = [f"{name} {s['users']}" for name, s in m["splits"].items() if whole and name in ("val", "test") and s["users"] < FEW_USERS_WARN]
     if few:
         lines.append(f"  few users to judge models on ({', '.join(few)}; under {FEW_USERS_WARN}): their ROC-AUCs and "
-                     "intervals will move a lot with who is in them; more users (or a larger labels.val_frac, the "
-                     "test split being what train_frac and val_frac leave) make them worth reading "
+                     "intervals will move a lot with who is in them; more users (or a smaller labels.train_frac, "
+                     "which leaves more to validation and test) make them worth reading "
                      "(docs/contract.md#using-your-own-data)")
     mv = m["message_vectors"]
     if mv:
