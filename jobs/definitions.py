@@ -117,6 +117,26 @@ def shared_inputs(cfg: Config):
         lock.release()
 
 
+def check_feed(cfg: Config, as_of: datetime) -> None:
+    """A one-line error when the newest validated event is more than `jobs.max_event_lag_days`
+    before `as_of`: the feed has stopped, and every user would look gone."""
+    import json
+
+    import pandas as pd
+
+    from features.validate import REPORT
+
+    lag_max = cfg.jobs.max_event_lag_days
+    newest = json.loads((validated_dir(cfg) / REPORT).read_text()).get("ts_max")
+    if lag_max is None or newest is None:
+        return
+    lag = (pd.Timestamp(as_of) - pd.Timestamp(newest)).total_seconds() / 86_400
+    if lag > lag_max:
+        raise UserError(f"as-of {as_of:%Y-%m-%d} is {lag:.1f} days after the newest event ({newest[:19]}), more than "
+                        f"jobs.max_event_lag_days={lag_max:g}: has the event feed stopped? Fix the feed, run an "
+                        "as-of inside the log, or raise jobs.max_event_lag_days")
+
+
 # --- weekly retrain ----------------------------------------------------------------------
 
 
@@ -129,6 +149,7 @@ def features_step(ctx: Context) -> dict:
 
     with shared_inputs(ctx.cfg):
         ensure_validated(ctx.cfg)
+        check_feed(ctx.cfg, ctx.as_of)
         files = build_shards(retrain_config(ctx.cfg, ctx.as_of))
     return {"feature_files": [str(f) for f in files]}
 
@@ -224,6 +245,7 @@ def score_step(ctx: Context) -> dict:
         from pipeline.data.validate import ensure_validated
 
         ensure_validated(ctx.cfg)
+        check_feed(ctx.cfg, ctx.as_of)
         out = score(on_validated(ctx.cfg), ctx.day)  # that day at 00:00 UTC
     table = pq.read_table(out, columns=["model_version"])
     versions = sorted(set(table["model_version"].to_pylist()))

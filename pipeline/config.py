@@ -47,6 +47,10 @@ class JobsConfig:
     # Refuse to run a job when ENGAGEMENT_PSEUDONYM_KEY is unset (the public demo key would
     # be used); configs/production.yaml sets it. Otherwise the jobs only warn.
     require_pseudonym_key: bool = False
+    # Refuse a job whose as-of is more than this many days after the newest validated event:
+    # a feed that stopped would otherwise be scored (every user "gone") or trained on (cutoffs
+    # running on into empty weeks) as if nothing were wrong. null: no check.
+    max_event_lag_days: float | None = 7.0
 
 
 @dataclass

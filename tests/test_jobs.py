@@ -119,6 +119,27 @@ def test_finished_job_is_skipped_and_changes_nothing(trained, env, capsys):
     assert trained.feature_file.stat().st_mtime_ns == trained.mtime
 
 
+def test_an_as_of_in_the_future_is_refused_before_anything_runs(env, capsys):
+    # A typo of a year would otherwise score on part of the events and mark that day finished,
+    # so the real run of that day would find nothing to do.
+    assert jobs(env, "run", "nightly-score", "--as-of", "2099-03-04") == 2
+    assert "as-of 2099-03-04 is in the future" in capsys.readouterr().err
+    assert state_of(env, "nightly-score", "2099-03-04") is None
+
+
+def test_a_job_after_the_feed_stopped_fails_saying_so_and_moves_nothing(trained, env, capsys):
+    newest = pd.Timestamp(json.loads((Path(env.cfg.workdir) / "validated" / "validation.json").read_text())["ts_max"])
+    late = (newest + pd.Timedelta(days=30)).strftime("%Y-%m-%d")  # the log has no event in its last 30 days
+    champion = registry.champion_version(env.cfg)
+    for job in ("nightly-score", "weekly-retrain"):
+        assert jobs(env, "run", job, "--as-of", late) == 2
+        assert "has the event feed stopped?" in capsys.readouterr().err
+        state = state_of(env, job, late)
+        assert state["status"] == "failed" and "jobs.max_event_lag_days=7" in state["error"]
+    assert registry.champion_version(env.cfg) == champion
+    assert not (Path(env.cfg.workdir) / "scores" / f"scores-{late}.parquet").exists()
+
+
 def eligible_users(cfg, as_of: pd.Timestamp) -> set[str]:
     """Independently of the pipeline: program started and >= 1 event before as_of."""
     users = pd.read_parquet(cfg.data.users)
