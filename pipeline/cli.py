@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UserError
-from pipeline.config import Config, load_config, save_config, to_yaml
+from pipeline.config import Config, load_config, to_yaml
 from pipeline.paths import Paths
 
 STAGES = {
@@ -95,11 +95,9 @@ def run_stage(stage: str, cfg: Config, args: argparse.Namespace) -> int | None:
     """Run one stage; an int is the exit status (diagnose: 1 when a check fails)."""
     # Imports are local so `--help` and `--show-config` stay fast.
     if stage == "simulate":
-        from pipeline.simulator.run import simulate_to_dir
+        from pipeline.data.sources import simulate_raw
 
-        out = simulate_to_dir(cfg.sim, Path(args.out) if args.out else Paths.of(cfg).raw,
-                              chunk_users=getattr(args, "chunk_users", None))
-        save_config(cfg, out)
+        simulate_raw(cfg, Path(args.out) if args.out else Paths.of(cfg).raw, getattr(args, "chunk_users", None))
     elif stage == "validate":
         from pipeline.data.sources import ensure_raw
         from pipeline.data.validate import validate_stage

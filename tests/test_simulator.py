@@ -6,6 +6,7 @@ of the simulator's own bookkeeping, so a drift between the two is caught."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +326,18 @@ def test_headroom_matches_the_store_to_its_simulation_and_reads_announcements(si
     other.sim.seed += 1
     with pytest.raises(ValueError, match="not this simulation's"):
         headroom.match(other, path)
+
+
+def test_validate_after_simulate_reads_what_simulate_wrote_and_does_not_simulate_again(tmp_path, capsys):
+    # The chunked path gives other files than an all-at-once run of the same settings, so a
+    # second simulation would silently replace them (it did, before simulate stamped raw/).
+    from pipeline.cli import main
+
+    args = ["--config", "configs/test.yaml", f"workdir={tmp_path}"]
+    assert main(["simulate", *args, "--chunk-users", "500"]) == 0
+    events = tmp_path / "raw" / "events.parquet"
+    written, stamp = events.read_bytes(), events.stat().st_mtime_ns
+    assert main(["validate", *args]) == 0
+    assert events.stat().st_mtime_ns == stamp and events.read_bytes() == written
+    report = json.loads((tmp_path / "validated" / "validation.json").read_text())
+    assert report["rows_in"] == pq.read_metadata(events).num_rows

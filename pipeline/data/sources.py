@@ -36,13 +36,23 @@ def ensure_raw(cfg: Config) -> None:
     if Path(cfg.data.events).exists() and stamps.is_current(raw / STAMP, fp) is not None:
         return
     if source == "simulator":
-        from pipeline.simulator.run import simulate_to_dir
-
-        simulate_to_dir(cfg.sim, raw)
-        save_config(cfg, raw)
-    else:
-        _check_data_paths(cfg, convert(mapping, raw))
+        simulate_raw(cfg, raw)
+        return
+    _check_data_paths(cfg, convert(mapping, raw))
     stamps.mark_done(raw / STAMP, fp, source=source, settings=settings)
+
+
+def simulate_raw(cfg: Config, out: Path, chunk_users: int | None = None) -> Path:
+    """Simulate `cfg.sim` into `out` (all users at once, or `chunk_users` at a time) and stamp it
+    with its settings, so the next stage (`ensure_raw`) takes these files as they are instead of
+    simulating again: `make simulate` then `make validate` simulate once."""
+    from pipeline.simulator.run import simulate_to_dir
+
+    settings = to_dict(cfg)["sim"]
+    simulate_to_dir(cfg.sim, out, chunk_users=chunk_users)
+    save_config(cfg, out)
+    stamps.mark_done(out / STAMP, stamps.fingerprint("simulator", settings), source="simulator", settings=settings)
+    return out
 
 
 def config_mapping(cfg: Config) -> Mapping:
