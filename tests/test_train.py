@@ -813,3 +813,18 @@ def test_distillation_trains_on_the_teachers_out_of_fold_probabilities(cfg, monk
     assert seen
     for ex, y in seen:
         np.testing.assert_array_equal(y.numpy(), 1.0 - examples["label"][ex.numpy()])
+
+
+def test_data_without_messages_trains_the_streams_it_has(tmp_path, capsys):
+    # As pretraining skips objectives without data, training gives a stream without any item no
+    # encoder: a log without messages has no text width, and its conversation encoder failed.
+    from tests.event_factories import build_store, make_events
+
+    events = make_events(n_users=40, seed=3)
+    events = events[events["event_type"] != "message"]
+    _, cfg = build_store(tmp_path, events, None, "w", "train.init=scratch", "train.epochs=1",
+                         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=t")
+    r = train(cfg)
+    model, _ = load_model(r.checkpoint)
+    assert set(model.config.streams) == {"events", "food"} and "conversation" not in model.encoders
+    assert "train: no conversation items in this data; the model reads" in capsys.readouterr().out

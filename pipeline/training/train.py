@@ -104,6 +104,16 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     mcfg = model_config_for(cfg.model, meta)
     data = FeatureDataset(files, mcfg, targets=True)
     mcfg = data.model  # with the hybrid's aggregate columns, saved with the model
+    # A stream this data has no item of (no messages, as in KDD Cup: no text width either) gets
+    # no encoder, as pretraining skips its objective; the model saved says which streams it reads.
+    if empty := [s for s in mcfg.streams if not data.examples[f"{s}_end"].any()]:
+        kept = [s for s in mcfg.streams if s not in empty]
+        if not kept:
+            raise UserError(f"{files[0]}: no items in any of model.streams {list(mcfg.streams)}: nothing to read")
+        if d.main:
+            print(f"train: no {', '.join(empty)} items in this data; the model reads {', '.join(kept)} "
+                  f"(model.streams={kept})")
+        data.model = mcfg = replace(mcfg, streams=kept)
     train_idx = data.select(["train"], user_fraction=tc.label_fraction)
     val_idx = data.select(["val"])
     if not len(train_idx) or not len(val_idx):
