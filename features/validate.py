@@ -285,17 +285,31 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
             log.warning("%s: users column %r holds timestamps and is not used as an attribute "
                         "(give a number, e.g. days since signup, or a category)", path, col)
             continue
+        if not (pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values)):
+            values = clean_strings(values)
+            values = _numbers_in_text(values)  # a CSV's numbers and booleans come as text
         if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
             values = pd.to_numeric(values, errors="coerce").astype("float64")
             values = values.where(np.isfinite(values))
-        else:
-            values = clean_strings(values)
         if values.isna().all():
             log.warning("%s: users column %r has no values and is not used as an attribute", path, col)
             continue
         users[str(col)] = values
     users = users.dropna(subset=[C.USER_ID]).drop_duplicates(C.USER_ID, keep="first")
     return users.reset_index(drop=True)
+
+
+def _numbers_in_text(values: pd.Series) -> pd.Series:
+    """Cleaned text whose every value is a number (or true/false) as numbers, as a Parquet
+    column of numbers or booleans reads; any other text as it is."""
+    given = values.dropna()
+    if given.empty:
+        return values
+    lower = given.str.lower()
+    if lower.isin(["true", "false"]).all():
+        return values.str.lower().map({"true": 1.0, "false": 0.0}).astype("float64")
+    numbers = pd.to_numeric(given.astype(object), errors="coerce")
+    return pd.to_numeric(values.astype(object), errors="coerce") if numbers.notna().all() else values
 
 
 def user_attributes(users: pd.DataFrame | None) -> dict[str, list[str]]:

@@ -36,6 +36,19 @@ def test_users_columns_are_typed_missing_is_missing_and_timestamps_are_left_out(
     assert "'joined' holds timestamps" in caplog.text and "'empty' has no values" in caplog.text
 
 
+def test_a_csv_users_table_types_its_columns_as_parquet_would(tmp_path):
+    # A CSV is read as text: a column of numbers stays a number, true/false a 1/0, other text a
+    # category (an age column read from CSV was a 30-value category before).
+    from features.io import read_table
+
+    (tmp_path / "users.csv").write_text("user_id,age,vip,plan,zip\nu1,31,true,basic,02139\nu2,45,False,premium,x7\n"
+                                        "u3,,,,\n")
+    users = normalise_users(read_table(tmp_path / "users.csv", "users"), "users.csv")
+    assert user_attributes(users) == {"categorical": ["plan", "zip"], "numeric": ["age", "vip"]}
+    assert users["age"].tolist()[:2] == [31.0, 45.0] and np.isnan(users["age"][2])
+    assert users["vip"].tolist()[:2] == [1.0, 0.0] and users["zip"].tolist()[:2] == ["02139", "x7"]
+
+
 def test_attribute_vocabularies_are_append_only_capped_and_hashed_when_wide():
     v = Vocab()
     v.extend_attributes(pd.DataFrame({"plan": ["b", "a", None], "zip": ["1", "2", "3"]}), ["plan", "zip"], 2)
