@@ -67,6 +67,9 @@ def check_labels(lc: LabelConfig) -> None:
         raise UserError(f"labels.max_inactive_days={lc.max_inactive_days}: at least 1 day, or null to keep every user")
     if lc.oot_cutoffs < 0:
         raise UserError(f"labels.oot_cutoffs={lc.oot_cutoffs}: 0 or more")
+    for key in ("first_cutoff", "last_cutoff"):
+        if getattr(lc, key):
+            to_utc(getattr(lc, key), f"labels.{key}")
 
 
 def user_splits(user_ids, cfg: LabelConfig) -> np.ndarray:

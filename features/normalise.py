@@ -10,6 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.errors import UserError
+
 EARLIEST_TS = pd.Timestamp("1990-01-01", tz="UTC")
 # Epoch numbers at or above this are not seconds (they would fall after the year 5000):
 # milliseconds, microseconds or nanoseconds. They are rejected with their own reason
@@ -19,9 +21,14 @@ _DIGITS_RE = r"^[0-9]+$"
 _INT64_MAX = str(np.iinfo(np.int64).max)  # 19 digits
 
 
-def to_utc(value) -> pd.Timestamp:
-    """One instant from a config string/datetime: naive means UTC, aware is converted."""
-    t = pd.Timestamp(value)
+def to_utc(value, what: str = "") -> pd.Timestamp:
+    """One instant from a config string/datetime: naive means UTC, aware is converted.
+    `what`: the setting it comes from, named in the one-line error when it is no instant."""
+    try:
+        t = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        raise UserError(f"{what or 'time'}={value!r} is not a date or time; e.g. 2026-03-02 or "
+                        "2026-03-02T06:00:00Z (naive means UTC)") from None
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 

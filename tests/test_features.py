@@ -628,6 +628,8 @@ def test_a_changed_food_catalog_rebuilds(tmp_path, tiny_encoder):
         (["labels.max_inactive_days=-3"], "labels.max_inactive_days=-3: at least 1 day"),
         (["labels.min_active_days=8"], "no user could ever be engaged"),
         (["labels.horizon_days=0"], "labels.horizon_days=0: at least 1"),
+        (["data.until=yesterday"], "data.until='yesterday' is not a date or time"),
+        (["labels.last_cutoff=soon"], "labels.last_cutoff='soon' is not a date or time"),
     ],
 )
 def test_shard_arguments_are_checked_before_any_work(tmp_path, capsys, args, expected):

@@ -89,6 +89,8 @@ def features_stage(cfg: Config, encoder: TextEncoder | None = None, validated: P
     caller has just validated `data.events` into (pipeline/data/fanout.py), else checked here."""
     check_shards(cfg.features)  # before any work
     check_labels(cfg.labels)
+    if cfg.data.until:
+        to_utc(cfg.data.until, "data.until")
     paths = Paths.of(cfg)
     vdir = validated or ensure_validated(cfg)
     report = json.loads((vdir / V.REPORT).read_text())
