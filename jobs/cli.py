@@ -111,7 +111,10 @@ def _summary(results: dict) -> str:
         r = results["evaluate"]
         # `is True`: state files written before the fix hold the string "False"
         promoted = r.get("promoted") is True or r.get("promoted") == "True"
-        return f"{'promoted' if promoted else 'kept champion'}, version {r.get('version')} ({r.get('reason')})"
+        if promoted:
+            return f"promoted version {r.get('version')} ({r.get('reason')})"
+        return (f"kept champion, version {r.get('champion_before')}; candidate version {r.get('version')} "
+                f"not promoted ({r.get('reason')})")
     if "score" in results:
         r = results["score"]
         return f"{r.get('users')} users, model version {r.get('model_version')} -> {r.get('scores')}"

@@ -310,7 +310,7 @@ def test_kept_champion_is_recorded_as_a_real_bool_and_listed_as_kept(trained, en
     capsys.readouterr()
     assert jobs(env, "list") == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"  {LATER}  finished"))
-    assert "kept champion" in line and "promoted" not in line
+    assert f"kept champion, version {champion}; candidate version " in line and "promoted version" not in line
 
 
 def test_a_failure_in_the_gate_fails_the_step_and_keeps_the_champion(trained, env, monkeypatch):

@@ -325,5 +325,6 @@ def print_table(metrics: dict, model_name: str, decisions: dict, blend_with: str
     for name, d in decisions.items():
         champ = "-" if d.champion is None else f"{d.champion:.4f}"
         who = "" if name == "model" else f" for {'the blend' if name == 'blend' else name}"
-        print(f"  champion gate{who}: candidate {d.candidate:.4f} vs champion {champ} -> "
-              f"{'PROMOTED' if d.promoted else 'kept'} version {d.version} ({d.reason})")
+        outcome = (f"PROMOTED version {d.version}" if d.promoted
+                   else f"champion stays version {d.champion_version}, candidate version {d.version} not promoted")
+        print(f"  champion gate{who}: candidate {d.candidate:.4f} vs champion {champ} -> {outcome} ({d.reason})")
