@@ -519,7 +519,7 @@ def test_list_shows_schedules_and_last_runs(trained, env, tmp_path, monkeypatch,
     assert jobs(env, "list") == 0
     out = capsys.readouterr().out
     assert "weekly-retrain  cron '0 3 * * 1' (UTC)  next due" in out and "nightly-score  cron '0 2 * * *'" in out
-    assert f"  {WEEK}  finished  steps 4/4  attempts 2" in out and "promoted, version" in out
+    assert f"  {WEEK}  finished  steps 4/4  attempts 2" in out and "promoted version" in out
 
     monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", [], "2026-02-09"))
     other = SimpleNamespace(overrides=[f"workdir={tmp_path}/w"])
