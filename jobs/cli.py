@@ -104,6 +104,8 @@ def list_command(cfg: Config, limit: int) -> None:
             elif s.get("error"):
                 line += f"  {s['error']}"
             print(line)
+            for e in s.get("earlier", []):  # runs of the same as-of before a --force
+                print(f"      earlier run, finished {e['finished_at']}:  {_summary(e['results'])}")
 
 
 def _summary(results: dict) -> str:

@@ -143,8 +143,14 @@ def run_job(cfg: Config, job: Job, as_of: datetime, force: bool = False) -> dict
     steps = [s.name for s in job.steps]
     if state is None or force or list(state.get("steps", {})) != steps:
         attempts = state["attempts"] if state else 0
+        # A run done again (--force) keeps what each earlier finished run gave (which version it
+        # promoted, which file it scored into): `jobs list` still says which week did what.
+        earlier = list(state.get("earlier", [])) if state else []
+        if state and state["status"] == "finished":
+            earlier.append({"finished_at": state["finished_at"],
+                            "results": {s: r["result"] for s, r in state["steps"].items() if "result" in r}})
         state = {"job": job.name, "as_of": as_of.isoformat(), "status": "pending", "attempts": attempts,
-                 "started_at": None, "finished_at": None, "error": None,
+                 "started_at": None, "finished_at": None, "error": None, "earlier": earlier,
                  "steps": {s: {"status": "pending", "starts": 0} for s in steps}}
         print(f"{job.name} {day}: {'running again (--force)' if force and attempts else 'starting'}: "
               f"{' -> '.join(steps)}", flush=True)

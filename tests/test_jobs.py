@@ -178,6 +178,11 @@ def test_nightly_scores_eligible_users_ranked_with_the_champion_and_force_reruns
     s = state_of(env, "nightly-score", day)
     assert s["status"] == "finished" and s["attempts"] == 2
     pd.testing.assert_frame_equal(pd.read_parquet(out), df)  # same inputs, same scores
+    # What the run before --force gave stays in the state, and `jobs list` says it.
+    assert [e["results"]["score"]["users"] for e in s["earlier"]] == [len(df)]
+    capsys.readouterr()
+    assert jobs(env, "list") == 0
+    assert f"earlier run, finished {s['earlier'][0]['finished_at']}:  {len(df)} users, model version" in capsys.readouterr().out
 
 
 def test_a_streamed_validation_is_scored_partition_by_partition_to_the_same_scores(trained, env, tmp_path):
