@@ -72,6 +72,9 @@ def run_command(cfg: Config, args: argparse.Namespace) -> None:
         raise UserError("give either --as-of DATE or --from DATE --to DATE, not both")
     if args.as_of:
         dates = [runner.parse_day(args.as_of)]
+        if dates != schedule.as_of_dates(job, cfg, dates[0], dates[0]):  # it runs: a user may mean it
+            print(f"warning: {args.as_of} is not a scheduled as-of of {job.name} (cron {job.cron(cfg)!r}); it runs, "
+                  "as its own date, beside the scheduled ones", file=sys.stderr)
     elif args.first and args.last:
         first, last = runner.parse_day(args.first, "--from"), runner.parse_day(args.last, "--to")
         if last < first:

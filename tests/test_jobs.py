@@ -119,6 +119,15 @@ def test_finished_job_is_skipped_and_changes_nothing(trained, env, capsys):
     assert trained.feature_file.stat().st_mtime_ns == trained.mtime
 
 
+def test_an_as_of_off_the_schedule_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(definitions.JOBS, "weekly-retrain", recording_job("weekly-retrain", []))
+    other = SimpleNamespace(overrides=[f"workdir={tmp_path}/w"])
+    assert jobs(other, "run", "weekly-retrain", "--as-of", "2026-02-10") == 0  # a Tuesday
+    assert "2026-02-10 is not a scheduled as-of of weekly-retrain (cron '0 3 * * 1')" in capsys.readouterr().err
+    assert jobs(other, "run", "weekly-retrain", "--as-of", "2026-02-09", "--force") == 0  # a Monday
+    assert "not a scheduled as-of" not in capsys.readouterr().err
+
+
 def test_an_as_of_in_the_future_is_refused_before_anything_runs(env, capsys):
     # A typo of a year would otherwise score on part of the events and mark that day finished,
     # so the real run of that day would find nothing to do.
