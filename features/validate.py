@@ -268,8 +268,10 @@ def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFram
 def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
     """users side table -> (user_id, program_start, program_end; UTC or NaT) plus every further
     column as a user attribute (docs/contract.md#user-attributes): numbers and booleans as
-    float64, anything else as stripped strings, "" and missing as missing. Timestamp columns
+    float64, anything else as stripped strings, "" and missing as missing; in a CSV/TSV `path`
+    (all text) a column whose every value is a number or true/false as numbers. Timestamp columns
     and columns without any value are left out with a warning. Duplicate ids keep the first."""
+    text_file = str(path).lower().endswith((".csv", ".tsv"))
     require_columns(raw, [C.USER_ID], path, "users")
     users = pd.DataFrame({C.USER_ID: clean_strings(raw[C.USER_ID])})
     for col in (C.PROGRAM_START, C.PROGRAM_END):
@@ -287,7 +289,8 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
             continue
         if not (pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values)):
             values = clean_strings(values)
-            values = _numbers_in_text(values)  # a CSV's numbers and booleans come as text
+            if text_file:  # a CSV's numbers and booleans come as text; a Parquet text column is text
+                values = _numbers_in_text(values)
         if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
             values = pd.to_numeric(values, errors="coerce").astype("float64")
             values = values.where(np.isfinite(values))

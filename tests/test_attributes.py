@@ -47,6 +47,10 @@ def test_a_csv_users_table_types_its_columns_as_parquet_would(tmp_path):
     assert user_attributes(users) == {"categorical": ["plan", "zip"], "numeric": ["age", "vip"]}
     assert users["age"].tolist()[:2] == [31.0, 45.0] and np.isnan(users["age"][2])
     assert users["vip"].tolist()[:2] == [1.0, 0.0] and users["zip"].tolist()[:2] == ["02139", "x7"]
+    # Text in a typed file stays text: a course "1038" from a Parquet users table is a category.
+    typed = normalise_users(pd.DataFrame({"user_id": ["u1", "u2"], "course": pd.array(["1038", "1039"], dtype="string")}),
+                            "users.parquet")
+    assert user_attributes(typed) == {"categorical": ["course"], "numeric": []}
 
 
 def test_attribute_vocabularies_are_append_only_capped_and_hashed_when_wide():
