@@ -122,15 +122,14 @@ def check_feed(cfg: Config, as_of: datetime) -> None:
     before `as_of`: the feed has stopped, and every user would look gone."""
     import json
 
-    import pandas as pd
-
+    from features.normalise import to_utc
     from features.validate import REPORT
 
     lag_max = cfg.jobs.max_event_lag_days
     newest = json.loads((validated_dir(cfg) / REPORT).read_text()).get("ts_max")
     if lag_max is None or newest is None:
         return
-    lag = (pd.Timestamp(as_of) - pd.Timestamp(newest)).total_seconds() / 86_400
+    lag = (to_utc(as_of) - to_utc(newest)).total_seconds() / 86_400  # a report's naive time is UTC
     if lag > lag_max:
         raise UserError(f"as-of {as_of:%Y-%m-%d} is {lag:.1f} days after the newest event ({newest[:19]}), more than "
                         f"jobs.max_event_lag_days={lag_max:g}: has the event feed stopped? Fix the feed, run an "
@@ -159,14 +158,16 @@ def stale_reason(rcfg: Config, as_of: datetime) -> str | None:
     can be reused: missing, unknown provenance, pretrained on data after `as_of` (a backfill
     must not see the future), older than `jobs.pretrain_max_age_days`, or no longer fitting
     the new store's vocabularies."""
-    from features.dataset import model_config_for
+    from features.dataset import load_examples, model_config_for
     from features.store import feature_files, read_meta
     from models.checkpoint import load_encoder_state
     from models.engagement import STREAMS
 
     pdir = Paths.of(rcfg).pretrain
-    mcfg = model_config_for(rcfg.model, read_meta(feature_files(Paths.of(rcfg).features)[0]))
-    streams = [s for s in STREAMS if s in mcfg.streams]
+    files = feature_files(Paths.of(rcfg).features)
+    mcfg = model_config_for(rcfg.model, read_meta(files[0]))
+    examples = load_examples(files)[0]  # a stream without items has no encoder: pretraining and training skip it
+    streams = [s for s in STREAMS if s in mcfg.streams and examples[f"{s}_end"].any()]
     missing = [s for s in streams if not (pdir / f"{s}.pt").exists()]
     if missing:
         return f"no pretrained {', '.join(missing)} encoder in {pdir}"

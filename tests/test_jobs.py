@@ -25,7 +25,8 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs import definitions
+from common.errors import UserError
+from jobs import definitions, runner
 from jobs.cli import main
 from jobs.definitions import Job, Step, retrain_config, stale_reason
 from jobs.runner import load_state, parse_day, state_path
@@ -342,7 +343,7 @@ def test_a_failure_in_the_gate_fails_the_step_and_keeps_the_champion(trained, en
     assert "CUDA out of memory" in s["error"]
 
 
-def test_pretrain_runs_again_only_when_the_encoders_are_stale(trained, env, tmp_path):
+def test_pretrain_runs_again_only_when_the_encoders_are_stale(trained, env, tmp_path, monkeypatch):
     import json
 
     from features.dataset import model_config_for
@@ -363,6 +364,21 @@ def test_pretrain_runs_again_only_when_the_encoders_are_stale(trained, env, tmp_
     assert stale_reason(rcfg, as_of + timedelta(days=28)) is None
     assert "29 days old" in stale_reason(rcfg, as_of + timedelta(days=29))
     assert "after this as-of" in stale_reason(rcfg, as_of - timedelta(days=7))  # a backfill must not see the future
+    # A log without messages: pretraining writes no conversation encoder, and none is missing.
+    import features.dataset
+
+    real = features.dataset.load_examples
+
+    def without_messages(files):
+        examples, *rest = real(files)
+        return (examples | {"conversation_end": examples["conversation_end"] * 0}, *rest)
+
+    (pdir / "conversation.pt").rename(tmp_path / "conversation.pt")
+    assert stale_reason(rcfg, as_of).startswith("no pretrained conversation encoder")
+    with monkeypatch.context() as m:
+        m.setattr(features.dataset, "load_examples", without_messages)
+        assert stale_reason(rcfg, as_of) is None
+    (tmp_path / "conversation.pt").rename(pdir / "conversation.pt")
 
     food = torch.load(pdir / "food.pt", weights_only=True)
     food["config"]["n_foods"] -= 1  # as if the vocabulary had grown since pretraining
@@ -413,6 +429,22 @@ def test_backfill_runs_one_as_of_per_scheduled_date_in_order(tmp_path, monkeypat
     cfg = load_config(CONFIG, env.overrides)
     assert load_state(state_path(cfg, "weekly-retrain", parse_day("2026-02-09")))["status"] == "failed"
     assert load_state(state_path(cfg, "weekly-retrain", parse_day("2026-02-16"))) is None
+
+    calls.clear()  # a range that ends in the future: its past dates run, the future ones are left out
+    monkeypatch.setattr(runner, "now_utc", lambda: parse_day("2026-03-04"))
+    assert jobs(env, "run", "nightly-score", "--from", "2026-03-03", "--to", "2026-03-09") == 0
+    assert [d for s, d in calls if s == "first"] == ["2026-03-03", "2026-03-04"]
+    assert "leaving out 5 as-of date(s) from 2026-03-05 on: still in the future" in capsys.readouterr().out
+
+
+def test_the_feed_check_reads_a_report_of_naive_times_as_utc(tmp_path):
+    vdir = tmp_path / "validated"
+    vdir.mkdir()
+    (vdir / "validation.json").write_text(json.dumps({"ts_max": "2026-01-01 12:00:00"}))  # no zone: UTC
+    cfg = load_config(CONFIG, [f"workdir={tmp_path}/w", f"data.events={vdir}", "data.source=files"])
+    definitions.check_feed(cfg, parse_day("2026-01-08"))  # 6.5 days: fine
+    with pytest.raises(UserError, match="7.5 days after the newest event"):
+        definitions.check_feed(cfg, parse_day("2026-01-09"))
 
 
 HOLDER = """
