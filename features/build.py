@@ -120,7 +120,6 @@ def build_features(
     timer = Timer()
     fc, lc = cfg.features, cfg.labels
     check_shards(fc)
-    L.check_labels(lc)
     with timer.step("prepare"):
         ts_all = _ts_seconds(events[C.TS])
         first, last = (facts["ts_min_us"] // 1_000_000, facts["ts_max_us"] // 1_000_000) if facts else (

@@ -53,10 +53,10 @@ def unit_hash(values, salt: str) -> np.ndarray:
 def check_labels(lc: LabelConfig) -> None:
     """A one-line error for label settings that would build an empty or meaningless store
     (no test users, no examples, every example engaged) rather than let the build finish."""
-    if not (0 < lc.train_frac < 1 and 0 <= lc.val_frac and lc.train_frac + lc.val_frac < 1):
+    if not (0 < lc.train_frac < 1 and 0 < lc.val_frac and lc.train_frac + lc.val_frac < 1):
         raise UserError(f"labels.train_frac={lc.train_frac}, labels.val_frac={lc.val_frac}: the test split gets what "
-                        "the two leave, so 0 < train_frac, 0 <= val_frac and train_frac + val_frac < 1 "
-                        "(default 0.7 and 0.15)")
+                        "the two leave, and training needs validation, so 0 < train_frac, 0 < val_frac and "
+                        "train_frac + val_frac < 1 (default 0.7 and 0.15)")
     for key in ("horizon_days", "cutoff_every_days", "min_active_days"):
         if getattr(lc, key) < 1:
             raise UserError(f"labels.{key}={getattr(lc, key)}: at least 1")

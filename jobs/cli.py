@@ -118,6 +118,8 @@ def _summary(results: dict) -> str:
         promoted = r.get("promoted") is True or r.get("promoted") == "True"
         if promoted:
             return f"promoted version {r.get('version')} ({r.get('reason')})"
+        if r.get("version") is None:
+            return f"champion not moved ({r.get('reason')})"
         return (f"kept champion, version {r.get('champion_before')}; candidate version {r.get('version')} "
                 f"not promoted ({r.get('reason')})")
     if "score" in results:

@@ -198,8 +198,13 @@ def run(cfg: Config, job: Job, dates: list[datetime], force: bool = False) -> li
     if not dates:
         raise UserError(f"{job.name}: no scheduled date in that range (cron {job.cron(cfg)!r})")
     if (late := [d for d in dates if d > now_utc()]):  # its events are not all there yet
-        raise UserError(f"{job.name}: as-of {late[0]:%Y-%m-%d} is in the future (now {now_utc():%Y-%m-%d %H:%M} UTC); "
-                        "run it once that day has begun, or the day would be marked finished on part of its events")
+        if len(late) == len(dates):
+            raise UserError(f"{job.name}: as-of {late[0]:%Y-%m-%d} is in the future (now {now_utc():%Y-%m-%d %H:%M} "
+                            "UTC); run it once that day has begun, or the day would be marked finished on part of "
+                            "its events")
+        print(f"{job.name}: leaving out {len(late)} as-of date(s) from {late[0]:%Y-%m-%d} on: still in the future",
+              flush=True)
+        dates = [d for d in dates if d not in late]
     with job_lock(cfg, job.name):  # first: a second run says "already running" and nothing else
         check_pseudonym_key(cfg)
         if len(dates) > 1:
