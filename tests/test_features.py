@@ -650,6 +650,8 @@ def test_features_without_a_shard_builds_every_shard_in_one_command(tmp_path, ti
                  "--num-shards", "2"]) == 0
     assert [p.name for p in feature_files(w / "features")] == ["features-000-of-002.h5", "features-001-of-002.h5"]
     assert not (w / "features" / "features.h5").exists()
+    # The test world's 60 users leave under 50 in validation: said once, for the whole build.
+    assert capsys.readouterr().out.count("few users to judge models on") == 1
 
 
 def test_each_shard_saves_its_own_config_and_never_the_shared_one(tmp_path, tiny_encoder):

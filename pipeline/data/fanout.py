@@ -41,11 +41,29 @@ def build_shards(cfg: Config) -> list[Path]:
     from pipeline.data.features import features_stage
 
     if cfg.features.scheduler:
-        return build_on_cluster(cfg)
-    if cfg.features.shard is not None or cfg.features.num_shards <= 1:
+        files = build_on_cluster(cfg)
+    elif cfg.features.shard is not None or cfg.features.num_shards <= 1:
         return [features_stage(cfg)]  # (its shard arguments are checked before any work)
-    vdir = ensure_validated(cfg)  # once, for every shard
-    return [Path(build_shard(cfg, i, vdir)) for i in range(cfg.features.num_shards)]
+    else:
+        vdir = ensure_validated(cfg)  # once, for every shard
+        files = [Path(build_shard(cfg, i, vdir)) for i in range(cfg.features.num_shards)]
+    _warn_on_few_users(files)
+    return files
+
+
+def _warn_on_few_users(files: list[Path]) -> None:
+    """Each shard's summary holds its own users only: the whole build's split sizes, added up
+    from the shards' manifests, are what the few-users warning is about."""
+    import json
+
+    from pipeline.data.features import few_users_warning
+
+    users: dict[str, int] = {}
+    for f in files:
+        for name, s in json.loads(f.with_suffix(".json").read_text())["splits"].items():
+            users[name] = users.get(name, 0) + s["users"]  # a user lives in one shard only
+    if warning := few_users_warning(users):
+        print(f"features ({len(files)} shards): {warning}")
 
 
 def client_of(cfg: Config):
@@ -73,5 +91,6 @@ def build_on_cluster(cfg: Config) -> list[Path]:
         futures = [client.submit(build_shard, cfg, i, vdir, key=f"features-shard-{i}-of-{n}", pure=False)
                    for i in range(n)]
         files = client.gather(futures)
-    print(f"features: {n} shards built on {cfg.features.scheduler}: {', '.join(Path(f).name for f in files)}")
+    print(f"features: {n} shards ready on {cfg.features.scheduler} (built, or reused where up to date: the workers' "
+          f"logs say which): {', '.join(Path(f).name for f in files)}")
     return [Path(f) for f in files]

@@ -166,6 +166,17 @@ INACTIVE_WARN = 0.3  # the share of long-inactive examples above which the summa
 FEW_USERS_WARN = 50
 
 
+def few_users_warning(users: dict[str, int]) -> str | None:
+    """The warning for a build whose validation or test split (`users`: users per split, of the
+    whole build) holds under FEW_USERS_WARN users; None when both hold enough."""
+    few = [f"{name} {users[name]}" for name in ("val", "test") if name in users and users[name] < FEW_USERS_WARN]
+    if not few:
+        return None
+    return (f"few users to judge models on ({', '.join(few)}; under {FEW_USERS_WARN}): their ROC-AUCs and intervals "
+            "will move a lot with who is in them; more users (or a smaller labels.train_frac, which leaves more to "
+            "validation and test) make them worth reading (docs/contract.md#using-your-own-data)")
+
+
 def print_summary(m: dict, whole: bool = True) -> None:
     """`whole`: the store holds every user (not one shard of them), so its split sizes are the run's."""
     v = m["validation"]
@@ -179,12 +190,8 @@ def print_summary(m: dict, whole: bool = True) -> None:
     for name, s in m["splits"].items():
         rate = "-" if s["label_rate"] is None else f"{s['label_rate']:.3f}"
         lines.append(f"  {name:<5} examples {s['examples']:>7,}  users {s['users']:>6,}  engaged rate {rate}")
-    few = [f"{name} {s['users']}" for name, s in m["splits"].items() if whole and name in ("val", "test") and s["users"] < FEW_USERS_WARN]
-    if few:
-        lines.append(f"  few users to judge models on ({', '.join(few)}; under {FEW_USERS_WARN}): their ROC-AUCs and "
-                     "intervals will move a lot with who is in them; more users (or a smaller labels.train_frac, "
-                     "which leaves more to validation and test) make them worth reading "
-                     "(docs/contract.md#using-your-own-data)")
+    if whole and (warning := few_users_warning({k: s["users"] for k, s in m["splits"].items()})):
+        lines.append(f"  {warning}")
     mv = m["message_vectors"]
     if mv:
         lines.append(
