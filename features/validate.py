@@ -290,7 +290,7 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
         if not (pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values)):
             values = clean_strings(values)
             if text_file:  # a CSV's numbers and booleans come as text; a Parquet text column is text
-                values = _numbers_in_text(values)
+                values = numbers_in_text(values)
         if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
             values = pd.to_numeric(values, errors="coerce").astype("float64")
             values = values.where(np.isfinite(values))
@@ -302,7 +302,7 @@ def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
     return users.reset_index(drop=True)
 
 
-def _numbers_in_text(values: pd.Series) -> pd.Series:
+def numbers_in_text(values: pd.Series) -> pd.Series:
     """Cleaned text whose every value is a number (or true/false) as numbers, as a Parquet
     column of numbers or booleans reads; any other text as it is."""
     given = values.dropna()

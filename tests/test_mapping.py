@@ -93,7 +93,8 @@ LONG_LOG = {
     "events": {"files": ["actions*.csv"], "rename_types": {"weight": "weigh_in"},
                "columns": {"user_id": "member", "ts": "timestamp", "event_type": "action", "value": "amount"}},
     "users": {"file": "members.csv",
-              "columns": {"user_id": "member", "program_start": "joined", "program_end": "left", "plan": "plan"}},
+              "columns": {"user_id": "member", "program_start": "joined", "program_end": "left", "plan": "plan",
+                          "age": "age"}},
 }
 
 
@@ -111,7 +112,7 @@ def write_long_log(root, **edits):
     rows.append(("c", (start + pd.Timedelta(days=2)).isoformat(), "login", None))
     pd.DataFrame(rows, columns=["member", "timestamp", "action", "amount"]).to_csv(root / "actions.csv", index=False)
     pd.DataFrame({"member": ["a", "b", "c"], "joined": ["2024-01-01"] * 3,
-                  "left": [None, None, "2024-01-15"], "plan": ["gold", "basic", "basic"]}).to_csv(
+                  "left": [None, None, "2024-01-15"], "plan": ["gold", "basic", "basic"], "age": [34, 51, None]}).to_csv(
         root / "members.csv", index=False)
     mapping = root / "mapping.yaml"
     mapping.write_text(yaml.safe_dump({"input": str(root), **LONG_LOG, **edits}))
@@ -138,9 +139,11 @@ def test_a_long_event_log_mapping_goes_all_the_way_to_a_feature_store(tmp_path):
     assert pd.to_numeric(weights[C.VALUE]).tolist() == [80.0, 79.0, 78.0, 77.0, 76.0] * 3  # amount -> value
     users = pd.read_parquet(raw / "users.parquet")
     assert users[C.USER_ID].tolist() == ["m-a", "m-b", "m-c"] and users["plan"].tolist() == ["gold", "basic", "basic"]
+    assert users["age"].tolist()[:2] == [34, 51]  # a CSV's numbers stay numbers through the mapping
 
     a, meta = load_arrays(path)
     assert {"workout", "weigh_in", "login"} <= set(meta.vocab["event_types"])  # lower-cased by validation
+    assert meta.attributes["numeric"] == ["age"] and meta.attributes["categorical"] == ["plan"]
     assert a["events"]["ts"].shape == (n_rows,)
     ex = a["examples"]
     # Weekly Monday cutoffs (8th, 15th, 22nd) with a complete 7-day horizon: a and b get each

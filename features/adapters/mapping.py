@@ -28,6 +28,7 @@ from common.errors import UserError, config_error
 from features import contract as C
 from features.io import read_table, write_parquet_atomic
 from features.normalise import clean_strings, parse_timestamps
+from features.validate import numbers_in_text
 
 log = logging.getLogger(__name__)
 SHAPES = ("long", "wide")
@@ -219,6 +220,11 @@ def _users(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
     raw = _read(m, [u.file], "users.file", _keys("users.columns", u.columns))
     users = pd.DataFrame({col: raw[src] for col, src in u.columns.items()})
     users[C.USER_ID] = _user_ids(m, users[C.USER_ID])
+    if all(f.name.lower().endswith((".csv", ".tsv")) for f in _files(m, [u.file], "users.file")):
+        # All text, as a CSV users file given to validation directly: numbers become numbers there
+        # (features/validate.py), so they do here, or the Parquet written here would keep them text.
+        for col in set(users.columns) - {C.USER_ID, C.PROGRAM_START, C.PROGRAM_END}:
+            users[col] = numbers_in_text(clean_strings(users[col]))
     return users
 
 
