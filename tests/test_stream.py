@@ -201,3 +201,19 @@ def test_a_local_dask_cluster_builds_the_shards_of_one_streamed_build(sim_store_
     shard_files = feature_files(Paths.of(cfg).features)
     assert [f.name for f in shard_files] == ["features-000-of-002.h5", "features-001-of-002.h5"]
     assert_same_examples(whole_file, shard_files, whole_cfg)
+
+
+def test_a_scheduler_that_does_not_answer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from pipeline.cli import main
+    from pipeline.data import fanout
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(fanout, "CONNECT_TIMEOUT_S", 1)
+    rc = main(["features", "--config", "configs/test.yaml", f"workdir={tmp_path / 'w'}", "--num-shards", "2",
+               "data.stream_partitions=2", "--scheduler", f"tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no Dask scheduler answered within 1 s" in err, err

@@ -66,6 +66,9 @@ def _warn_on_few_users(files: list[Path]) -> None:
         print(f"features ({len(files)} shards): {warning}")
 
 
+CONNECT_TIMEOUT_S = 60
+
+
 def client_of(cfg: Config):
     """A dask.distributed Client of `features.scheduler` (a context manager)."""
     try:
@@ -73,7 +76,12 @@ def client_of(cfg: Config):
     except ImportError:
         raise UserError("features.scheduler needs dask.distributed: `pip install 'dask[distributed]'` "
                         "(make install includes it)") from None
-    return Client(cfg.features.scheduler, timeout=60)
+    try:
+        return Client(cfg.features.scheduler, timeout=CONNECT_TIMEOUT_S)
+    except OSError as e:  # distributed's timeout is an OSError, after CONNECT_TIMEOUT_S
+        raise UserError(f"features.scheduler={cfg.features.scheduler}: no Dask scheduler answered within "
+                        f"{CONNECT_TIMEOUT_S} s ({str(e).splitlines()[0][:120]}); start one (`dask scheduler`) "
+                        "or fix the address (docs/scaling.md)") from None
 
 
 def build_on_cluster(cfg: Config) -> list[Path]:
