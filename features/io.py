@@ -18,7 +18,8 @@ from common.files import atomic_path
 
 SOURCE_FILE = "source_file"
 SOURCE_ROW = "source_row"
-TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
+TEXT_SUFFIXES = (".csv", ".csv.gz", ".tsv")  # read with every column as text
+TABLE_SUFFIXES = (".parquet", ".pq", *TEXT_SUFFIXES)
 
 
 def _table_files(path: Path) -> list[Path]:
@@ -36,12 +37,18 @@ def _table_files(path: Path) -> list[Path]:
     return [path]
 
 
+def read_as_text(path: str | Path) -> bool:
+    """Whether `read_table` reads `path` (a file, or every table file of a folder) with every
+    column as text, so its numbers and booleans come as text too."""
+    return all(f.name.lower().endswith(TEXT_SUFFIXES) for f in _table_files(Path(path)))
+
+
 def _read_one(path: Path) -> pa.Table:
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
             return pq.read_table(path)
-        if name.endswith((".csv", ".csv.gz", ".tsv")):
+        if name.endswith(TEXT_SUFFIXES):
             # Every column as text: types are normalised by validation, which reports bad values
             # instead of failing the whole read.
             if path.stat().st_size == 0:

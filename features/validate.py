@@ -21,6 +21,7 @@ from features.config import DataConfig
 from features.io import (
     SOURCE_FILE,
     SOURCE_ROW,
+    read_as_text,
     require_columns,
 )
 from features.normalise import (
@@ -268,10 +269,10 @@ def _quarantine_frame(rejected: pd.DataFrame, reasons: list[str]) -> pd.DataFram
 def normalise_users(raw: pd.DataFrame, path: str) -> pd.DataFrame:
     """users side table -> (user_id, program_start, program_end; UTC or NaT) plus every further
     column as a user attribute (docs/contract.md#user-attributes): numbers and booleans as
-    float64, anything else as stripped strings, "" and missing as missing; in a CSV/TSV `path`
-    (all text) a column whose every value is a number or true/false as numbers. Timestamp columns
+    float64, anything else as stripped strings, "" and missing as missing; where `path` is read
+    as text (CSV, TSV) a column whose every value is a number or true/false as numbers. Timestamp columns
     and columns without any value are left out with a warning. Duplicate ids keep the first."""
-    text_file = str(path).lower().endswith((".csv", ".tsv"))
+    text_file = read_as_text(path)
     require_columns(raw, [C.USER_ID], path, "users")
     users = pd.DataFrame({C.USER_ID: clean_strings(raw[C.USER_ID])})
     for col in (C.PROGRAM_START, C.PROGRAM_END):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from common.errors import UserError, config_error
 from features import contract as C
-from features.io import read_table, write_parquet_atomic
+from features.io import read_as_text, read_table, write_parquet_atomic
 from features.normalise import clean_strings, parse_timestamps
 from features.validate import numbers_in_text
 
@@ -220,7 +220,7 @@ def _users(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
     raw = _read(m, [u.file], "users.file", _keys("users.columns", u.columns))
     users = pd.DataFrame({col: raw[src] for col, src in u.columns.items()})
     users[C.USER_ID] = _user_ids(m, users[C.USER_ID])
-    if all(f.name.lower().endswith((".csv", ".tsv")) for f in _files(m, [u.file], "users.file")):
+    if all(read_as_text(f) for f in _files(m, [u.file], "users.file")):
         # All text, as a CSV users file given to validation directly: numbers become numbers there
         # (features/validate.py), so they do here, or the Parquet written here would keep them text.
         for col in set(users.columns) - {C.USER_ID, C.PROGRAM_START, C.PROGRAM_END}:
