@@ -61,6 +61,13 @@ def mentions(a: dict, at, as_of) -> dict[str, np.ndarray]:
     return {k: tb.mention_buckets(a[k][at] - age) for k in ("mention_first", "mention_last")}
 
 
+def streams_with_items(examples: dict, streams) -> list[str]:
+    """The streams, in the order given, that some example's window holds an item of: pretraining,
+    training and the jobs' staleness check give the others no encoder (a log without messages
+    has no conversation, nor a text width)."""
+    return [s for s in streams if examples[f"{s}_end"].any()]
+
+
 def model_config_for(model: ModelConfig, meta: StoreMeta) -> ModelConfig:
     """The model config with vocabulary sizes and text width taken from the store."""
     extra = {"max_msg_no": meta.config["features"]["max_msg_no"], "max_day": meta.config["features"]["max_day"],

@@ -158,7 +158,7 @@ def stale_reason(rcfg: Config, as_of: datetime) -> str | None:
     can be reused: missing, unknown provenance, pretrained on data after `as_of` (a backfill
     must not see the future), older than `jobs.pretrain_max_age_days`, or no longer fitting
     the new store's vocabularies."""
-    from features.dataset import load_examples, model_config_for
+    from features.dataset import load_examples, model_config_for, streams_with_items
     from features.store import feature_files, read_meta
     from models.checkpoint import load_encoder_state
     from models.engagement import STREAMS
@@ -166,8 +166,7 @@ def stale_reason(rcfg: Config, as_of: datetime) -> str | None:
     pdir = Paths.of(rcfg).pretrain
     files = feature_files(Paths.of(rcfg).features)
     mcfg = model_config_for(rcfg.model, read_meta(files[0]))
-    examples = load_examples(files)[0]  # a stream without items has no encoder: pretraining and training skip it
-    streams = [s for s in STREAMS if s in mcfg.streams and examples[f"{s}_end"].any()]
+    streams = streams_with_items(load_examples(files)[0], [s for s in STREAMS if s in mcfg.streams])
     missing = [s for s in streams if not (pdir / f"{s}.pt").exists()]
     if missing:
         return f"no pretrained {', '.join(missing)} encoder in {pdir}"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from common import stamps
 from common.devices import autocast
 from common.errors import UserError
-from features.dataset import FeatureDataset, collate, model_config_for
+from features.dataset import FeatureDataset, collate, model_config_for, streams_with_items
 from features.store import build_id, feature_files, read_meta
 from models.checkpoint import save_encoder
 from models.encoders import ENCODERS
@@ -97,8 +97,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     mcfg = replace(sized, aggregates=False, future_days=days)  # encoders only
     out = Paths.of(cfg).pretrain
     data = FeatureDataset(files, mcfg, targets=True)
-    empty = [s for s in streams if not data.examples[f"{s}_end"].any()]
-    streams = [s for s in streams if s not in empty]
+    kept = streams_with_items(data.examples, streams)
+    empty, streams = [s for s in streams if s not in kept], kept
     if empty and d.main:
         print(f"pretrain: no {', '.join(empty)} items in this data; skipping those objectives")
     if not streams:

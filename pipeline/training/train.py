@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from common import stamps
 from common.devices import autocast
 from common.errors import UserError
-from features.dataset import FeatureDataset, collate, model_config_for
+from features.dataset import FeatureDataset, collate, model_config_for, streams_with_items
 from features.store import SPLITS, build_id, feature_files, read_meta
 from models.checkpoint import load_model, save_model
 from models.config import ModelConfig
@@ -106,8 +106,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     mcfg = data.model  # with the hybrid's aggregate columns, saved with the model
     # A stream this data has no item of (no messages, as in KDD Cup: no text width either) gets
     # no encoder, as pretraining skips its objective; the model saved says which streams it reads.
-    if empty := [s for s in mcfg.streams if not data.examples[f"{s}_end"].any()]:
-        kept = [s for s in mcfg.streams if s not in empty]
+    if (kept := streams_with_items(data.examples, mcfg.streams)) != list(mcfg.streams):
+        empty = [s for s in mcfg.streams if s not in kept]
         if not kept:
             raise UserError(f"{files[0]}: no items in any of model.streams {list(mcfg.streams)}: nothing to read")
         if d.main:
