@@ -117,16 +117,16 @@ def shared_inputs(cfg: Config):
         lock.release()
 
 
-def check_feed(cfg: Config, as_of: datetime) -> None:
-    """A one-line error when the newest validated event is more than `jobs.max_event_lag_days`
-    before `as_of`: the feed has stopped, and every user would look gone."""
+def check_feed(cfg: Config, as_of: datetime, vdir: Path) -> None:
+    """A one-line error when the newest event validated into `vdir` is more than
+    `jobs.max_event_lag_days` before `as_of`: the feed has stopped, and every user would look gone."""
     import json
 
     from features.normalise import to_utc
     from features.validate import REPORT
 
     lag_max = cfg.jobs.max_event_lag_days
-    newest = json.loads((validated_dir(cfg) / REPORT).read_text()).get("ts_max")
+    newest = json.loads((vdir / REPORT).read_text()).get("ts_max")
     if lag_max is None or newest is None:
         return
     lag = (to_utc(as_of) - to_utc(newest)).total_seconds() / 86_400  # a report's naive time is UTC
@@ -147,8 +147,7 @@ def features_step(ctx: Context) -> dict:
     from pipeline.data.validate import ensure_validated
 
     with shared_inputs(ctx.cfg):
-        ensure_validated(ctx.cfg)
-        check_feed(ctx.cfg, ctx.as_of)
+        check_feed(ctx.cfg, ctx.as_of, ensure_validated(ctx.cfg))
         files = build_shards(retrain_config(ctx.cfg, ctx.as_of))
     return {"feature_files": [str(f) for f in files]}
 
@@ -244,8 +243,7 @@ def score_step(ctx: Context) -> dict:
     with shared_inputs(ctx.cfg):  # the scoring build appends to the shared vocabularies too
         from pipeline.data.validate import ensure_validated
 
-        ensure_validated(ctx.cfg)
-        check_feed(ctx.cfg, ctx.as_of)
+        check_feed(ctx.cfg, ctx.as_of, ensure_validated(ctx.cfg))
         out = score(on_validated(ctx.cfg), ctx.day)  # that day at 00:00 UTC
     table = pq.read_table(out, columns=["model_version"])
     versions = sorted(set(table["model_version"].to_pylist()))

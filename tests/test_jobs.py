@@ -442,9 +442,9 @@ def test_the_feed_check_reads_a_report_of_naive_times_as_utc(tmp_path):
     vdir.mkdir()
     (vdir / "validation.json").write_text(json.dumps({"ts_max": "2026-01-01 12:00:00"}))  # no zone: UTC
     cfg = load_config(CONFIG, [f"workdir={tmp_path}/w", f"data.events={vdir}", "data.source=files"])
-    definitions.check_feed(cfg, parse_day("2026-01-08"))  # 6.5 days: fine
+    definitions.check_feed(cfg, parse_day("2026-01-08"), vdir)  # 6.5 days: fine
     with pytest.raises(UserError, match="7.5 days after the newest event"):
-        definitions.check_feed(cfg, parse_day("2026-01-09"))
+        definitions.check_feed(cfg, parse_day("2026-01-09"), vdir)
 
 
 HOLDER = """
