@@ -205,8 +205,8 @@ def run(cfg: Config, job: Job, dates: list[datetime], force: bool = False) -> li
         print(f"{job.name}: leaving out {len(late)} as-of date(s) from {late[0]:%Y-%m-%d} on: still in the future",
               flush=True)
         dates = [d for d in dates if d not in late]
-    with job_lock(cfg, job.name):  # first: a second run says "already running" and nothing else
-        check_pseudonym_key(cfg)
+    check_pseudonym_key(cfg)  # before the lock: a refused run leaves no folder or lock behind
+    with job_lock(cfg, job.name):  # a second run says "already running" and nothing else
         if len(dates) > 1:
             print(f"{job.name}: backfill of {len(dates)} as-of dates, {dates[0]:%Y-%m-%d} .. {dates[-1]:%Y-%m-%d}",
                   flush=True)

@@ -528,6 +528,7 @@ def test_jobs_warn_on_the_demo_pseudonym_key_and_the_production_config_refuses_i
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config 'production' uses the public demo pseudonym key") and "\n" not in err
     assert "export ENGAGEMENT_PSEUDONYM_KEY" in err and len(calls) == 2  # nothing ran
+    assert not (tmp_path / "prod").exists()  # nor made a folder or took the lock
 
     monkeypatch.setenv("ENGAGEMENT_PSEUDONYM_KEY", "s3cret")
     assert main(production) == 0 and len(calls) == 4
