@@ -100,12 +100,15 @@ def list_command(cfg: Config, limit: int) -> None:
         for s in runs:
             done = sum(r["status"] == "finished" for r in s["steps"].values())
             when = s.get("finished_at") or s.get("updated_at") or "-"
-            line = f"  {s['as_of'][:10]}  {s['status']:<9} steps {done}/{len(s['steps'])}  attempts {s['attempts']}  {when}"
+            status = runner.shown_status(s)
+            line = f"  {s['as_of'][:10]}  {status:<9} steps {done}/{len(s['steps'])}  attempts {s['attempts']}  {when}"
             if s["status"] == "finished":
                 results = {k: r.get("result", {}) for k, r in s["steps"].items()}
                 line += "  " + _summary(results)
             elif s.get("error"):
                 line += f"  {s['error']}"
+            elif status == "killed":
+                line += "  the process died mid-run; the next run of this as-of resumes it"
             print(line)
             for e in s.get("earlier", []):  # runs of the same as-of before a --force
                 print(f"      earlier run, finished {e['finished_at']}:  {_summary(e['results'])}")

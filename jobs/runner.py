@@ -7,7 +7,7 @@ small JSON state file per (job, as-of) that records finished steps, so that
   changed nothing.
 
 State file: <workdir>/jobs/<job>/<YYYY-MM-DD>/state.json, written atomically:
-    {"job", "as_of", "status": running|failed|finished, "attempts", "started_at",
+    {"job", "as_of", "status": running|failed|finished, "attempts", "pid", "host", "started_at",
      "finished_at", "error", "steps": {name: {"status", "starts", "seconds", "result", ...}}}
 """
 
@@ -81,6 +81,20 @@ def history(cfg: Config, job: str) -> list[dict]:
     return sorted((s for s in states if s), key=lambda s: s["as_of"], reverse=True)
 
 
+def shown_status(state: dict) -> str:
+    """The status `jobs list` shows: the file's, except "killed" for a "running" run whose
+    process is gone from this host (it died without a word; the next run resumes it)."""
+    if state["status"] != "running" or state.get("host") != socket.gethostname() or not state.get("pid"):
+        return state["status"]
+    try:
+        os.kill(int(state["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return "killed"
+    except (PermissionError, OverflowError, ValueError):  # another user's process: alive
+        pass
+    return "running"
+
+
 def _holder(path: Path) -> str:
     """' by pid P on HOST since T' from the lock holder's note, or '' when the note is
     missing or unreadable: the lock decides who runs, the note only names the holder."""
@@ -91,20 +105,20 @@ def _holder(path: Path) -> str:
         return ""
 
 
-def check_pseudonym_key(cfg: Config) -> None:
+def check_pseudonym_key(cfg: Config) -> str | None:
     """The jobs are the production path: pseudonyms made with the public demo key can be
     reversed by anyone with a list of user ids. Refused when `jobs.require_pseudonym_key` is
-    set (configs/production.yaml), a warning elsewhere (the simulator demo and the tests use
-    it on purpose)."""
+    set (configs/production.yaml); elsewhere returns the warning to print (the simulator demo
+    and the tests use the demo key on purpose), None when the key is not the demo one."""
     if cfg.features.pseudonym_key != DEMO_PSEUDONYM_KEY:
-        return
+        return None
     fix = ("export ENGAGEMENT_PSEUDONYM_KEY=<a secret>, the same value on every run "
            "(a new key changes every pseudonym)")
     if cfg.jobs.require_pseudonym_key:
         raise UserError(f"config {cfg.name!r} uses the public demo pseudonym key because ENGAGEMENT_PSEUDONYM_KEY "
                         f"is not set; {fix}")
-    print(f"warning: ENGAGEMENT_PSEUDONYM_KEY is not set: user ids are pseudonymised with the public demo key "
-          f"{DEMO_PSEUDONYM_KEY!r}; fine for simulated data, never for real users: {fix}", file=sys.stderr)
+    return (f"warning: ENGAGEMENT_PSEUDONYM_KEY is not set: user ids are pseudonymised with the public demo key "
+            f"{DEMO_PSEUDONYM_KEY!r}; fine for simulated data, never for real users: {fix}")
 
 
 @contextmanager
@@ -159,7 +173,7 @@ def run_job(cfg: Config, job: Job, as_of: datetime, force: bool = False) -> dict
         # "running" in the file while we hold the lock: that attempt died without a word (killed)
         last = "killed or lost" if state["status"] == "running" else f"{state['status']}: {state.get('error')}"
         print(f"{job.name} {day}: resuming at step {first!r} (the last attempt was {last})", flush=True)
-    state.update(status="running", error=None, attempts=state["attempts"] + 1, pid=os.getpid(),
+    state.update(status="running", error=None, attempts=state["attempts"] + 1, pid=os.getpid(), host=socket.gethostname(),
                  started_at=state["started_at"] or _stamp())
     save_state(path, state)
 
@@ -205,8 +219,10 @@ def run(cfg: Config, job: Job, dates: list[datetime], force: bool = False) -> li
         print(f"{job.name}: leaving out {len(late)} as-of date(s) from {late[0]:%Y-%m-%d} on: still in the future",
               flush=True)
         dates = [d for d in dates if d not in late]
-    check_pseudonym_key(cfg)  # before the lock: a refused run leaves no folder or lock behind
+    warning = check_pseudonym_key(cfg)  # refused before the lock: then no folder or lock is left behind
     with job_lock(cfg, job.name):  # a second run says "already running" and nothing else
+        if warning:
+            print(warning, file=sys.stderr)
         if len(dates) > 1:
             print(f"{job.name}: backfill of {len(dates)} as-of dates, {dates[0]:%Y-%m-%d} .. {dates[-1]:%Y-%m-%d}",
                   flush=True)

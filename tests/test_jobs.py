@@ -95,6 +95,9 @@ def test_killed_run_resumes_at_its_first_unfinished_step(trained, env):
     assert trained.killed_rc == -signal.SIGKILL
     at_kill = trained.at_kill
     assert at_kill["status"] == "running" and at_kill["attempts"] == 1  # killed: nobody recorded an end
+    assert runner.shown_status(at_kill) == "killed"  # what `jobs list` shows: its process is gone
+    assert runner.shown_status(at_kill | {"pid": os.getpid()}) == "running"  # a live one
+    assert runner.shown_status(at_kill | {"host": "another-host"}) == "running"  # can't tell from here
     done_before = [s for s, r in at_kill["steps"].items() if r["status"] == "finished"]
     first_unfinished = next(s for s, r in at_kill["steps"].items() if r["status"] != "finished")
     assert done_before[0] == "features"
