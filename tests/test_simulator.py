@@ -341,3 +341,13 @@ def test_validate_after_simulate_reads_what_simulate_wrote_and_does_not_simulate
     assert events.stat().st_mtime_ns == stamp and events.read_bytes() == written
     report = json.loads((tmp_path / "validated" / "validation.json").read_text())
     assert report["rows_in"] == pq.read_metadata(events).num_rows
+
+
+def test_a_simulator_config_reading_events_from_elsewhere_is_refused_before_simulating(tmp_path, capsys):
+    from pipeline.cli import main
+
+    mine = tmp_path / "mine.parquet"  # the user's own file, named while the source is still the simulator
+    assert main(["validate", "--config", "configs/test.yaml", f"workdir={tmp_path}/w", f"data.events={mine}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.source=simulator writes") and "data.source=files" in err and "\n" not in err
+    assert not (tmp_path / "w" / "raw").exists()  # nothing simulated

@@ -28,6 +28,7 @@ def ensure_raw(cfg: Config) -> None:
         return
     raw = Paths.of(cfg).raw
     if source == "simulator":
+        _check_simulator_events(cfg, raw)
         settings = to_dict(cfg)["sim"]
     else:
         mapping = config_mapping(cfg)
@@ -40,6 +41,16 @@ def ensure_raw(cfg: Config) -> None:
         return
     _check_data_paths(cfg, convert(mapping, raw))
     stamps.mark_done(raw / STAMP, fp, source=source, settings=settings)
+
+
+def _check_simulator_events(cfg: Config, raw: Path) -> None:
+    """The simulator writes <workdir>/raw/events.parquet; a config that reads its events from
+    elsewhere would simulate for nothing, then fail (or read another log): refuse first."""
+    written = raw / "events.parquet"
+    if not cfg.data.events or Path(cfg.data.events).resolve() != written.resolve():
+        raise UserError(f"data.source=simulator writes {written}, but data.events is {cfg.data.events!r}: "
+                        "to read your own events set data.source=files (docs/contract.md); to simulate, "
+                        "data.events=${workdir}/raw/events.parquet")
 
 
 def simulate_raw(cfg: Config, out: Path, chunk_users: int | None = None) -> Path:
