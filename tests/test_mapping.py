@@ -221,6 +221,12 @@ def test_mistakes_in_a_mapping_name_the_key_and_the_file(tmp_path, edits, messag
         convert(load_mapping(mapping), tmp_path / "out")
 
 
+def test_one_events_pattern_may_be_a_plain_string(tmp_path):
+    mapping, n_rows = write_long_log(tmp_path, events={**LONG_LOG["events"], "files": "actions*.csv"})
+    assert load_mapping(mapping).events.files == ["actions*.csv"]
+    assert len(pd.read_parquet(convert(load_mapping(mapping), tmp_path / "out")["events"])) == n_rows
+
+
 def test_a_file_name_gives_each_user_an_attribute(kdd_slice, tmp_path):
     from dataclasses import replace
 

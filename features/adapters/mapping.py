@@ -87,7 +87,10 @@ def load_mapping(path: str | Path) -> Mapping:
     if not path.is_file():
         raise UserError(f"mapping file {path} does not exist; set data.mapping to a mapping YAML (docs/mapping.md)")
     try:
-        mapping: Mapping = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Mapping), OmegaConf.load(path)))
+        given = OmegaConf.load(path)
+        if isinstance(OmegaConf.select(given, "events.files"), str):  # one pattern: a list of one
+            given.events.files = [given.events.files]
+        mapping: Mapping = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Mapping), given))
     except Exception as e:  # keep omegaconf's message and key, drop the traceback
         raise config_error(e, f"mapping {path}") from None
     return mapping
@@ -175,7 +178,7 @@ def _events(m: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The events table, and every source row's (user_id, parsed time as `when`)."""
     e = m.events
     needed = _keys("events.columns", e.columns) | {f"events.counts[{i}]": c for i, c in enumerate(e.counts)}
-    raw = _read(m, e.files, "events.files", needed, e.file_attributes)
+    raw = _read(_files(m, e.files, "events.files"), "events.files", needed, e.file_attributes)
     user = _user_ids(m, raw[e.columns[C.USER_ID]])
     when, _ = parse_timestamps(raw[e.columns[C.TS]])
     # Validation parses and checks times; here they are parsed only to add a time of day.
@@ -217,10 +220,11 @@ def _users(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
     if u.from_events:
         return pd.DataFrame({C.USER_ID: days.index, C.PROGRAM_START: days["min"].to_numpy(),
                              **{a: days[a].to_numpy() for a in m.events.file_attributes}})
-    raw = _read(m, [u.file], "users.file", _keys("users.columns", u.columns))
+    files = _files(m, [u.file], "users.file")
+    raw = _read(files, "users.file", _keys("users.columns", u.columns))
     users = pd.DataFrame({col: raw[src] for col, src in u.columns.items()})
     users[C.USER_ID] = _user_ids(m, users[C.USER_ID])
-    if all(read_as_text(f) for f in _files(m, [u.file], "users.file")):
+    if all(read_as_text(f) for f in files):
         # All text, as a CSV users file given to validation directly: numbers become numbers there
         # (features/validate.py), so they do here, or the Parquet written here would keep them text.
         for col in set(users.columns) - {C.USER_ID, C.PROGRAM_START, C.PROGRAM_END}:
@@ -230,7 +234,7 @@ def _users(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
 
 def _labels(m: Mapping, days: pd.DataFrame) -> pd.DataFrame:
     lab = m.labels
-    raw = _read(m, [lab.file], "labels.file", _keys("labels.columns", lab.columns))
+    raw = _read(_files(m, [lab.file], "labels.file"), "labels.file", _keys("labels.columns", lab.columns))
     user = _user_ids(m, raw[lab.columns[C.USER_ID]])
     label = _numbers(raw[lab.columns[C.LABEL]])
     if lab.invert:
@@ -265,13 +269,13 @@ def _keys(prefix: str, columns: dict[str, str]) -> dict[str, str]:
     return {f"{prefix}.{k}": v for k, v in columns.items()}
 
 
-def _read(m: Mapping, patterns: list[str], key: str, columns: dict[str, str],
+def _read(paths: list[Path], key: str, columns: dict[str, str],
           from_name: dict[str, str] | None = None) -> pd.DataFrame:
-    """Every file of `patterns` (the mapping's `key`), concatenated; each must have the source
-    columns the mapping names (`columns`: mapping key -> source column). `from_name`: columns
-    whose value is a regular expression's group in the file's name."""
+    """The files `_files` found for the mapping's `key`, concatenated; each must have the
+    source columns the mapping names (`columns`: mapping key -> source column). `from_name`:
+    columns whose value is a regular expression's group in the file's name."""
     frames = []
-    for path in _files(m, patterns, key):
+    for path in paths:
         df = read_table(path, key.split(".")[0])
         for name, pattern in (from_name or {}).items():
             found = re.search(pattern, path.name)
