@@ -317,12 +317,15 @@ def log_blend_model(checkpoint: Path, estimator, aggregate_names: list[str], met
                        estimator=bundled, blend=params)
 
 
+MODEL_CODE = Path(__file__).with_name("serving_model.py")  # models from code: nothing pickled
+
+
 def _log_pyfunc(categorical: list[str], numeric: list[str], cfg: Config, vocab: dict, **model):
     """The bundle is written to a temporary folder: MLflow keeps its own copy."""
     with tempfile.TemporaryDirectory(prefix="engagement-bundle-") as tmp:
         bundle = Scorer.write_bundle(Path(tmp) / BUNDLE, cfg, vocab, **model)
         return mlflow.pyfunc.log_model(
-            name=LOGGED_NAME, python_model=EngagementPyfunc(), artifacts={BUNDLE: str(bundle)},
+            name=LOGGED_NAME, python_model=str(MODEL_CODE), artifacts={BUNDLE: str(bundle)},
             signature=signature(categorical, numeric), input_example=(input_example(), {"as_of": "2026-01-12"}),
             pip_requirements=requirements(cfg.features.text_encoder),
         )

@@ -62,6 +62,8 @@ def test_the_run_logs_a_model_with_signature_and_the_version_is_that_logged_mode
     assert inputs["food_ids"]["type"] == inputs["ts"]["type"] == "any"
     assert [c["name"] for c in info.signature.outputs.to_dict()] == OUTPUT
     assert {p.name for p in info.signature.params.params} == {"as_of", "user_ids"}
+    pyfunc = info.flavors["python_function"]  # models from code: the file, nothing pickled
+    assert pyfunc["model_code_path"].endswith("serving_model.py") and "python_model" not in pyfunc
 
 
 def test_the_champion_loaded_by_alias_scores_raw_events_as_the_nightly_job(champion, tmp_path, caplog):

@@ -44,10 +44,11 @@ def ensure_raw(cfg: Config) -> None:
 
 
 def _check_simulator_events(cfg: Config, raw: Path) -> None:
-    """The simulator writes <workdir>/raw/events.parquet; a config that reads its events from
-    elsewhere would simulate for nothing, then fail (or read another log): refuse first."""
+    """The simulator writes <workdir>/raw/events.parquet; a config that reads its events from a
+    file that is elsewhere and missing would simulate for nothing, then fail: refuse first."""
     written = raw / "events.parquet"
-    if not cfg.data.events or Path(cfg.data.events).resolve() != written.resolve():
+    given = Path(cfg.data.events) if cfg.data.events else None
+    if given is None or (given.resolve() != written.resolve() and not given.exists()):
         raise UserError(f"data.source=simulator writes {written}, but data.events is {cfg.data.events!r}: "
                         "to read your own events set data.source=files (docs/contract.md); to simulate, "
                         "data.events=${workdir}/raw/events.parquet")
