@@ -105,14 +105,14 @@ class EngagementModel(nn.Module):
             parts.append(self._attributes(batch))  # (B, D)
         x = torch.cat(parts, dim=-1)  # (B, S*D + S [+ D] [+ D])
         hidden = self.head[:-1](x)  # (B, H)
-        logits = self.head[-1](hidden).squeeze(-1)  # (B, 1) -> (B,)
+        logits = self.head[-1](hidden).squeeze(-1).float()  # (B, 1) -> (B,); fp32 under bf16 autocast too
         if (self.config.calibration_scale, self.config.calibration_bias) != (1.0, 0.0):  # fitted after training
             logits = self.config.calibration_scale * logits + self.config.calibration_bias
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
             if self.future_head is not None and "future" in batch:
-                future = self.future_head(hidden)  # (B, future_days)
+                future = self.future_head(hidden).float()  # (B, future_days)
                 target = batch["future"].to(future.dtype)  # -1: a day after the data's end
                 known = (target >= 0).to(future.dtype)
                 aux = F.binary_cross_entropy_with_logits(future, target.clamp(min=0), weight=known, reduction="sum")

@@ -373,6 +373,18 @@ def test_cpu_autocast_never_enables_bf16():
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
 
 
+def test_logits_and_soft_targets_stay_fp32_under_bf16_autocast():
+    # CPU's bf16 autocast stands in for CUDA's: rounded to bf16 (steps of 1/256 near 0.87), two
+    # distillation targets 0.001 apart would give the same loss.
+    model = EngagementModel(tiny_config()).eval()
+    batch = random_batch(model.config, B=5, T=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss_a = model(batch, torch.full((5,), 0.8655))
+        _, loss_b = model(batch, torch.full((5,), 0.8665))
+    assert logits.dtype == torch.float32 and loss_a.dtype == torch.float32
+    assert loss_a != loss_b
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_a_training_step_runs_under_bf16_autocast_on_cuda():
@@ -382,10 +394,13 @@ def test_a_training_step_runs_under_bf16_autocast_on_cuda():
     optimizer = loop.make_optimizer(model, 1e-3, 0.01)
     batch = loop.to_device(random_batch(model.config, B=13, T=7), device)
     before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    model.head[-1].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     with autocast(device):
         assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         logits, loss = model(batch, batch["label"])
-    assert logits.shape == (13,) and logits.dtype == torch.bfloat16  # the head's Linear ran in bf16
+    assert seen == [torch.bfloat16]  # the head's Linear ran in bf16 ...
+    assert logits.shape == (13,) and logits.dtype == torch.float32  # ... its logits come back fp32 (soft targets kept)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the loss is computed in fp32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -611,6 +611,14 @@ def test_resume_restores_only_its_own_runs_checkpoint_rng_included(tmp_path):
     assert torch.equal(model.weight, saved_weight) and torch.equal(torch.get_rng_state(), saved_rng)
     assert loop.resume(tmp_path / "missing.pt", "run-a", {"epoch": 0}) == ({"epoch": 0}, False)
 
+    # Under torchrun each rank's state is kept (rng_states gathers them) and each rank takes its own;
+    # a rank beyond the saved ones (more ranks than at saving) takes rank 0's.
+    states = [{"torch": torch.manual_seed(10 + r).get_state()} for r in range(2)]
+    loop.save_state(tmp_path / "ranks.pt", states, fingerprint="run-c")
+    for rank, want in ((1, 1), (0, 0), (3, 0)):
+        assert loop.resume(tmp_path / "ranks.pt", "run-c", {}, rank)[1]
+        assert torch.equal(torch.get_rng_state(), states[want]["torch"])
+
 
 def test_the_optimizer_takes_the_multi_tensor_path_with_the_same_updates():
     from pipeline.training.loop import make_optimizer

@@ -304,7 +304,9 @@ class CoLES(nn.Module):
         """z (N, D) normalised; label (N,). Returns (loss, nearest-is-positive count, N)."""
         # Squared distances of unit vectors from their dot products: smooth where slices
         # coincide (a row of exactly min_len items gives identical slices), unlike cdist's sqrt.
-        d2 = (2.0 - 2.0 * z @ z.T).clamp_min(0.0)  # (N, N)
+        z = z.float()  # under bf16 autocast the distances of near pairs would round to about 0.008
+        with torch.autocast(z.device.type, enabled=False):
+            d2 = (2.0 - 2.0 * z @ z.T).clamp_min(0.0)  # (N, N)
         same = label[:, None] == label[None, :]  # (N, N)
         eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
         pos = same & ~eye

@@ -139,7 +139,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
 
     state = {"epoch": 0, "batch": 0, "run_id": None, "fingerprint": fingerprint, "metrics": {}}
     last = out / LAST
-    state, resumed = loop.resume(last, fingerprint, state, objectives=objectives, optimizer=optimizer,
+    state, resumed = loop.resume(last, fingerprint, state, d.rank, objectives=objectives, optimizer=optimizer,
                                  scheduler=scheduler)
     if resumed and d.main:
         print(f"pretrain: resuming from {last} at epoch {state['epoch'] + 1}")
@@ -197,8 +197,9 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
                 for s in streams:
                     save_encoder(objectives[s].encoder, mcfg, checkpoints[s], meta={"epoch": epoch, **metrics})
             state["epoch"], state["batch"] = epoch + 1, 0
+            rng = loop.rng_states(d)  # every rank: a collective under torchrun
             if d.main:
-                loop.save_state(last, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
+                loop.save_state(last, rng, objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), **state)
         if pool is not None:
             pool.shutdown()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -305,22 +306,35 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def save_state(path: Path, **state) -> None:
-    """Atomically write a checkpoint (tensors, numbers, strings, dicts, lists only, so it
-    loads with `torch.load(weights_only=True)`)."""
-    state["torch_rng"] = torch.get_rng_state()
+def rng_states(d: Dist) -> list[dict]:
+    """Each rank's RNG state, in rank order: the CPU generator's and, with CUDA, its current
+    device's. Every rank must call it (a collective under torchrun): a checkpoint keeps them
+    all, so each rank resumes from its own."""
+    mine = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        mine["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: resumable on another count of GPUs
+    if not d.enabled:
+        return [mine]
+    out: list = [None] * d.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def save_state(path: Path, rng: list[dict] | None = None, **state) -> None:
+    """Atomically write a checkpoint (tensors, numbers, strings, dicts, lists only, so it
+    loads with `torch.load(weights_only=True)`), with `rng`, every rank's RNG state
+    (`rng_states`; default this process's)."""
+    state["rng"] = rng if rng is not None else rng_states(Dist())
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def resume(path: Path, fingerprint: str, state: dict, **parts) -> tuple[dict, bool]:
+def resume(path: Path, fingerprint: str, state: dict, rank: int = 0, **parts) -> tuple[dict, bool]:
     """Continue a run from its checkpoint: when `path` holds this run's state (the same
     fingerprint), load each of `parts` (model, optimizer, scheduler: name -> object with
-    `load_state_dict`), restore the RNG state, and return the saved values of `state`'s keys
-    and True; otherwise return `state` and False. Another run's checkpoint is left alone:
-    loading it would also restore its RNG state."""
+    `load_state_dict`), restore rank `rank`'s RNG state, and return the saved values of
+    `state`'s keys and True; otherwise return `state` and False. Another run's checkpoint is
+    left alone: loading it would also restore its RNG state."""
     if not path.exists():
         return state, False
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -328,9 +342,10 @@ def resume(path: Path, fingerprint: str, state: dict, **parts) -> tuple[dict, bo
         return state, False
     for name, part in parts.items():
         part.load_state_dict(saved[name])
-    torch.set_rng_state(saved["torch_rng"])
-    if "cuda_rng" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    rng = saved["rng"][rank if rank < len(saved["rng"]) else 0]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return {k: saved[k] for k in state}, True
 
 
@@ -356,10 +371,12 @@ def init_distributed(device_name: str) -> Dist:
         return Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        use_cuda = torch.cuda.is_available() and _wants_cuda(device_name)
         if use_cuda:  # NCCL's collectives run on the current device: one GPU per rank
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Rank 0 alone evaluates and logs the model at the end while the others wait at the
+        # last barrier: NCCL's default 10 minutes could abort them on a large validation set.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -382,10 +399,15 @@ def distributed(device_name: str) -> Iterator[Dist]:
             dist.destroy_process_group()
 
 
+def _wants_cuda(device_name: str) -> bool:
+    return device_name == "auto" or device_name.startswith("cuda")
+
+
 def rank_device(d: Dist, device_name: str) -> torch.device:
-    """This rank's device: under torchrun with device auto/cuda, GPU `LOCAL_RANK` of its
-    machine (every rank on cuda:0 would share one GPU); otherwise `resolve_device`."""
-    if d.enabled and device_name in ("auto", "cuda") and torch.cuda.is_available():
+    """This rank's device: under torchrun with device auto or cuda (cuda:N included), GPU
+    `LOCAL_RANK` of its machine (every rank on one GPU would share it); otherwise
+    `resolve_device`."""
+    if d.enabled and _wants_cuda(device_name) and torch.cuda.is_available():
         return torch.device("cuda", d.local_rank)
     return resolve_device(device_name)
 
@@ -406,9 +428,9 @@ def broadcast_flag(d: Dist, flag: bool) -> bool:
     """Rank 0's decision (e.g. early stopping) for every rank."""
     if not d.enabled:
         return flag
-    t = torch.tensor([int(flag)])
-    dist.broadcast(t, 0)
-    return bool(t.item())
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)  # gloo and NCCL alike (a CPU tensor fails on NCCL)
+    return bool(box[0])
 
 
 @torch.inference_mode()

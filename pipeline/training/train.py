@@ -151,8 +151,8 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -np.inf, "best_epoch": -1, "bad_epochs": 0,
              "history": [], "run_id": None, "fingerprint": fingerprint, "loss_sum": 0.0, "loss_n": 0}
     last = run_dir / LAST
-    state, resumed = loop.resume(last, fingerprint, state, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 **averaged)
+    state, resumed = loop.resume(last, fingerprint, state, d.rank, model=model, optimizer=optimizer,
+                                 scheduler=scheduler, **averaged)
     if resumed and d.main:
         print(f"train: resuming {name} at epoch {state['epoch'] + 1}, batch {state['batch']}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,8 +160,9 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
         save_config(cfg, run_dir)
 
     def checkpoint() -> None:
+        rng = loop.rng_states(d)  # every rank: a collective under torchrun
         if d.main:
-            loop.save_state(last, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            loop.save_state(last, rng, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), **{k: v.state_dict() for k, v in averaged.items()},
                             **state)
 
