@@ -34,7 +34,8 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 
 log = logging.getLogger(__name__)
 _DAY = 86400
-CACHE_VERSION = 2  # bump when what is cached changes meaning (2: lengths of time count from the start)
+CACHE_VERSION = 3  # bump when what is cached changes meaning (2: lengths of time count from the start;
+# 3: each clause searched on its own, "N days of" a length)
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
@@ -43,7 +44,12 @@ CACHE_VERSION = 2  # bump when what is cached changes meaning (2: lengths of tim
 DURATION = re.compile(
     r"(?:(?:for|about|around|roughly|approximately|nearly|almost|over|another)\s+)?"
     r"(?:\d+|a|an|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
-    r"fifteen|twenty|thirty)\s+(?:days?|nights?|weeks?|months?)", re.IGNORECASE)
+    r"fifteen|twenty|thirty)\s+(?:days?|nights?|weeks?|months?)(?:\s+of)?", re.IGNORECASE)  # "7 days of holiday"
+# dateparser's search joins expressions next to each other across a comma into one date ("in 2
+# days, ten days" became a single day 12 days on, "next week, eight days" lost its "next"), so
+# each clause is searched on its own. Not split: a comma before a year or inside a number
+# ("March 6, 2027", "1,000"), a full stop inside a number or an abbreviation ("5.5", "Fri.5").
+CLAUSE = re.compile(r"[;!?]+|,(?!\s*\d{4}\b)(?!\d)|\.(?=\s|$)")
 
 
 def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
@@ -96,11 +102,14 @@ def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bo
     settings = {"PREFER_DATES_FROM": "future", "RETURN_AS_TIMEZONE_AWARE": False}
     for j, text in enumerate(tqdm(texts, desc="date mentions", unit="msg", disable=not progress, leave=False)):
         base = datetime.fromtimestamp(int(day[j]) * _DAY, timezone.utc).replace(tzinfo=None)
-        try:
-            found = search_dates(text, languages=list(languages), settings={**settings, "RELATIVE_BASE": base})
-        except (ValueError, OverflowError) as e:  # a date past datetime's range ("in 99999 years")
-            log.debug("date mentions: a message not parsed (%s)", e)
-            continue
+        found = []
+        for clause in CLAUSE.split(text):
+            if not clause.strip():
+                continue
+            try:
+                found += search_dates(clause, languages=list(languages), settings={**settings, "RELATIVE_BASE": base}) or []
+            except (ValueError, OverflowError) as e:  # a date past datetime's range ("in 99999 years")
+                log.debug("date mentions: a clause not parsed (%s)", e)
         if found:
             out[j] = span([(match, (when.replace(tzinfo=None) - base).total_seconds() / _DAY) for match, when in found])
     return out

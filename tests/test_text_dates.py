@@ -36,8 +36,21 @@ def test_a_length_of_time_counts_from_the_day_the_message_mentions():
     assert (first[4], last[4]) == (0.5, 14.5)
 
 
+def test_each_clause_is_read_on_its_own():
+    # dateparser's search joins neighbours across a comma: "in 2 days, ten days" was one day 12
+    # days on, "next week, eight days" lost its "next"; and it matches "7 days of" with the "of".
+    texts = ["trip coming up in 2 days, ten days. any tips?", "off to Lima in 9 days! 7 days of holiday",
+             "seville next week, eight days", "flying on March 6, 2027 for 3 days", "walked 1,000 steps tomorrow"]
+    first, last = mentioned_days(texts, np.full(len(texts), WEDNESDAY_NOON), ["en"], progress=False)
+    assert (first[0], last[0]) == (1.5, 11.5)  # Friday 00:00 and ten days later, from Wednesday noon
+    assert (first[1], last[1]) == (8.5, 15.5)
+    assert (first[2], last[2]) == (6.5, 14.5)
+    assert first[3] == last[3] - 3 and first[3] > 390  # one date, its year kept: not split at ", 2027"
+    assert first[4] == last[4] == 0.5  # nor at "1,000"
+
+
 def test_what_dateparser_matched_is_a_length_only_when_it_is_a_bare_count_of_days_weeks_or_months():
-    lengths = ["5 days", "for two weeks", "about a week", "3 Months", "for 4 nights", "ten days"]
+    lengths = ["5 days", "for two weeks", "about a week", "3 Months", "for 4 nights", "ten days", "7 days of"]
     days = ["in 5 days", "next week", "5 days ago", "Friday", "a week from Monday", "tomorrow", "in a week"]
     assert all(DURATION.fullmatch(m) for m in lengths) and not any(DURATION.fullmatch(m) for m in days)
     assert span([("Friday", 2.0), ("5 days", 5.0)]) == (2.0, 7.0)
