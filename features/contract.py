@@ -63,8 +63,8 @@ REASONS = {
     "food_log_no_foods": "a food log without foods",
     "food_log_bad_food_ids": "a food log with a food id that is not a non-negative integer",
     "weigh_in_missing_value": "a weigh-in without a value",
-    "weigh_in_impossible_value": "a weigh-in outside [data.min_weight_kg, data.max_weight_kg]",
     "bad_value": "value is present but not a finite number",
+    "weigh_in_impossible_value": "a weigh-in outside [data.min_weight_kg, data.max_weight_kg]",
 }
 QUARANTINE_REASON = "reason"  # plus features.io.SOURCE_FILE / SOURCE_ROW provenance columns
 

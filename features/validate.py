@@ -107,6 +107,7 @@ def validate_events(
             is_weigh & ((value < data.min_weight_kg) | (value > data.max_weight_kg)).to_numpy(),
         ),
     ]
+    assert [name for name, _ in checks] == list(C.REASONS), "contract.REASONS lists the checks in their order"
     reason = np.full(n, -1, dtype=np.int16)
     for i, (_, mask) in enumerate(checks):
         reason[(reason < 0) & mask] = i

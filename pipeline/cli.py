@@ -27,7 +27,7 @@ STAGES = {
     "diagnose": "checks that explain why a model learns nothing; exits 1 if any check fails",
     "serve": "serve the champion over HTTP on 127.0.0.1 (`mlflow models serve`, /invocations)",
     "demo": "simulate -> validate -> features -> pretrain -> train -> evaluate -> compare",
-    "experiments": "pretrained vs scratch at 5/20/100%% labels, ablations, pooling (configs/experiments.yaml)",
+    "experiments": "pretrained vs scratch at 5/20/100% labels, ablations, pooling (configs/experiments.yaml)",
 }
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, help_ in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)  # help is %-formatted
         p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
         p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-v", "--verbose", action="store_true")
