@@ -127,6 +127,8 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     joint = JointObjective(parts, {s: float(pc.weights.get(s, 1.0)) for s in parts}).to(device)
     objectives = joint.objectives
     net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
+    if d.rank:  # each rank draws its own dropout masks; the weights are rank 0's (DDP broadcast them)
+        torch.manual_seed(pc.seed + d.rank)
     optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
     per_epoch = loop.epoch_batches(pc.batching, train_set, pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)
@@ -152,7 +154,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
         state["run_id"] = run_id
         while state["epoch"] < pc.epochs:
             epoch = state["epoch"]
-            g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"])
+            g = torch.Generator().manual_seed(pc.seed * 7919 + epoch * 131 + state["batch"] + d.rank * 1_000_003)
             sampler = loop.epoch_sampler(pc.batching, train_set, pc.seed, epoch, pc.batch_size, state["batch"], d.rank,
                                          d.world)
             batches = loop.prefetched(loop.loader(train_set, pc.batch_size, collate, sampler, pc.num_workers,
