@@ -619,6 +619,13 @@ def test_resume_restores_only_its_own_runs_checkpoint_rng_included(tmp_path):
         assert loop.resume(tmp_path / "ranks.pt", "run-c", {}, rank)[1]
         assert torch.equal(torch.get_rng_state(), states[want]["torch"])
 
+    # A checkpoint of the code before per-rank states (a run interrupted across the upgrade) resumes.
+    old_rng = torch.manual_seed(7).get_state()
+    torch.save({"fingerprint": "run-d", "epoch": 2, "torch_rng": old_rng}, tmp_path / "old.pt")
+    torch.manual_seed(8)
+    assert loop.resume(tmp_path / "old.pt", "run-d", {"epoch": 0}) == ({"epoch": 2}, True)
+    assert torch.equal(torch.get_rng_state(), old_rng)
+
 
 def test_the_optimizer_takes_the_multi_tensor_path_with_the_same_updates():
     from pipeline.training.loop import make_optimizer

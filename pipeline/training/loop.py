@@ -342,7 +342,8 @@ def resume(path: Path, fingerprint: str, state: dict, rank: int = 0, **parts) ->
         return state, False
     for name, part in parts.items():
         part.load_state_dict(saved[name])
-    rng = saved["rng"][rank if rank < len(saved["rng"]) else 0]
+    states = saved.get("rng") or [{"torch": saved["torch_rng"]}]  # or written before 2026-12-05: CPU state only
+    rng = states[rank if rank < len(states) else 0]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
