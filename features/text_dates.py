@@ -34,8 +34,8 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 
 log = logging.getLogger(__name__)
 _DAY = 86400
-CACHE_VERSION = 3  # bump when what is cached changes meaning (2: lengths of time count from the start;
-# 3: each clause searched on its own, "N days of" a length)
+CACHE_VERSION = 4  # bump when what is cached changes meaning (2: lengths of time count from the start;
+# 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5")
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
@@ -50,6 +50,11 @@ DURATION = re.compile(
 # each clause is searched on its own. Not split: a comma before a year or inside a number
 # ("March 6, 2027", "1,000"), a full stop inside a number or an abbreviation ("5.5", "Fri.5").
 CLAUSE = re.compile(r"[;!?]+|,(?!\s*\d{4}\b)(?!\d)|\.(?=\s|$)")
+# dateparser's search also ends a date at the full stop of a month's or weekday's short name:
+# "Jan. 5" was January 4th (a "Jan" resolved on the message's day of the month), "Sept. 12th" two
+# days; that full stop, before a number, is dropped before searching ("Jan 5"; "Sun. Then" stays).
+SHORT_NAME = re.compile(r"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s*\d)",
+                        re.IGNORECASE)
 
 
 def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
@@ -103,7 +108,7 @@ def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bo
     for j, text in enumerate(tqdm(texts, desc="date mentions", unit="msg", disable=not progress, leave=False)):
         base = datetime.fromtimestamp(int(day[j]) * _DAY, timezone.utc).replace(tzinfo=None)
         found = []
-        for clause in CLAUSE.split(text):
+        for clause in CLAUSE.split(SHORT_NAME.sub(r"\1", text)):
             if not clause.strip():
                 continue
             try:

@@ -49,6 +49,18 @@ def test_each_clause_is_read_on_its_own():
     assert first[4] == last[4] == 0.5  # nor at "1,000"
 
 
+def test_a_short_month_or_weekday_name_with_a_full_stop_reads_as_without():
+    # dateparser ended the date at the full stop: "Jan. 5" was "Jan" (the message's day of the
+    # month in January) and "Sept. 12th" two days.
+    dotted = ["back on Jan. 5", "back Sept. 12th", "flying Fri. 5pm", "on Wed. and back Sun. then home"]
+    plain = ["back on Jan 5", "back Sept 12th", "flying Fri 5pm", "on Wed and back Sun then home"]
+    ts = np.full(len(dotted), WEDNESDAY_NOON)
+    got, want = mentioned_days(dotted, ts, ["en"], progress=False), mentioned_days(plain, ts, ["en"], progress=False)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0][1] == got[1][1]  # one day, not two
+
+
 def test_what_dateparser_matched_is_a_length_only_when_it_is_a_bare_count_of_days_weeks_or_months():
     lengths = ["5 days", "for two weeks", "about a week", "3 Months", "for 4 nights", "ten days", "7 days of"]
     days = ["in 5 days", "next week", "5 days ago", "Friday", "a week from Monday", "tomorrow", "in a week"]
