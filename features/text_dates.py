@@ -53,7 +53,7 @@ CLAUSE = re.compile(r"[;!?]+|,(?!\s*\d{4}\b)(?!\d)|\.(?=\s|$)")
 # dateparser's search also ends a date at the full stop of a month's or weekday's short name:
 # "Jan. 5" was January 4th (a "Jan" resolved on the message's day of the month), "Sept. 12th" two
 # days; that full stop, before a number, is dropped before searching ("Jan 5"; "Sun. Then" stays).
-SHORT_NAME = re.compile(r"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s*\d)",
+SHORT_NAME = re.compile(r"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s+\d)",
                         re.IGNORECASE)
 
 
