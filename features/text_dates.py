@@ -35,7 +35,7 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 log = logging.getLogger(__name__)
 _DAY = 86400
 CACHE_VERSION = 4  # bump when what is cached changes meaning (2: lengths of time count from the start;
-# 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5")
+# 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5", "Friday, March 6" one clause)
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
@@ -44,17 +44,29 @@ CACHE_VERSION = 4  # bump when what is cached changes meaning (2: lengths of tim
 DURATION = re.compile(
     r"(?:(?:for|about|around|roughly|approximately|nearly|almost|over|another)\s+)?"
     r"(?:\d+|a|an|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
-    r"fifteen|twenty|thirty)\s+(?:days?|nights?|weeks?|months?)(?:\s+of)?", re.IGNORECASE)  # "7 days of holiday"
+    r"fifteen|twenty|thirty)\s+(?:days?|nights?|weeks?|months?)(?:\s+(?:of|in))?",  # "7 days of holiday", "5 days in Rome"
+    re.IGNORECASE)
+# A number that is a date or a time ("10 December", "13th", "5pm", "2027"), not a length ("5 days").
+_DATE_NUMBER = (r"\d+(?:st|nd|rd|th|am|pm)?\b"
+                r"(?!\s*(?:days?|nights?|weeks?|months?|years?|hours?|hrs?|minutes?|mins?)\b)")
+_MONTH_OR_WEEKDAY = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
+                     r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?|mon(?:day)?|"
+                     r"tue(?:s(?:day)?)?|wed(?:nesday)?|thu(?:r(?:s(?:day)?)?)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?)\b")
 # dateparser's search joins expressions next to each other across a comma into one date ("in 2
 # days, ten days" became a single day 12 days on, "next week, eight days" lost its "next"), so
-# each clause is searched on its own. Not split: a comma before a year or inside a number
-# ("March 6, 2027", "1,000"), a full stop inside a number or an abbreviation ("5.5", "Fri.5").
-CLAUSE = re.compile(r"[;!?]+|,(?!\s*\d{4}\b)(?!\d)|\.(?=\s|$)")
+# each clause is searched on its own. Not split: a full stop inside a number or an abbreviation
+# ("5.5", "Fri.5"), nor a comma inside a number ("1,000") or before what goes on with the same
+# date: a month, a weekday, a date's number or "at" ("Friday, March 6", "Thursday, 10 December",
+# "March 6, 2027", "tomorrow, at 5pm", "Friday, the 13th"; "Saturday, 5 days" splits).
+CLAUSE = re.compile(rf"[;!?]+|,(?!\d)(?!\s*(?:(?:the\s+)?{_DATE_NUMBER}|{_MONTH_OR_WEEKDAY}|at\b))|\.(?=\s|$)",
+                    re.IGNORECASE)
 # dateparser's search also ends a date at the full stop of a month's or weekday's short name:
 # "Jan. 5" was January 4th (a "Jan" resolved on the message's day of the month), "Sept. 12th" two
-# days; that full stop, before a number, is dropped before searching ("Jan 5"; "Sun. Then" stays).
-SHORT_NAME = re.compile(r"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s+\d)",
-                        re.IGNORECASE)
+# days; that full stop, before a date's number, is dropped before searching ("Jan 5"; "Sun. Then"
+# and "in the sun. 3 days off" stay).
+SHORT_NAME = re.compile(
+    rf"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s+{_DATE_NUMBER})",
+    re.IGNORECASE)
 
 
 def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,

@@ -49,6 +49,21 @@ def test_each_clause_is_read_on_its_own():
     assert first[4] == last[4] == 0.5  # nor at "1,000"
 
 
+def test_a_comma_inside_one_date_does_not_split_it():
+    # Split at every comma, "back on Friday, March 6" was two days 92 days apart and "tomorrow, at
+    # 5pm" put the 5pm on the message's own day.
+    joined = ["back on Friday, March 6", "Thursday, 10 December", "Dec 11, Friday", "Sunday, 13th",
+              "tomorrow, at 5pm", "Friday, the 13th"]
+    first, last = mentioned_days(joined, np.full(len(joined), WEDNESDAY_NOON), ["en"], progress=False)
+    np.testing.assert_array_equal(first, last)  # one day each
+    assert first[4] == 0.5  # tomorrow, from Wednesday noon
+    split = ["leaving Friday, back Monday", "next Saturday, 5 days in Rome", "hi, lying in the sun. 3 days of bliss"]
+    first, last = mentioned_days(split, np.full(len(split), WEDNESDAY_NOON), ["en"], progress=False)
+    assert (first[0], last[0]) == (1.5, 4.5)  # two days
+    assert last[1] - first[1] == 5  # a length from the Saturday
+    assert last[2] - first[2] == 3  # "sun." keeps its full stop: "3 days" stays a length
+
+
 def test_a_short_month_or_weekday_name_with_a_full_stop_reads_as_without():
     # dateparser ended the date at the full stop: "Jan. 5" was "Jan" (the message's day of the
     # month in January) and "Sept. 12th" two days.
