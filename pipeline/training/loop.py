@@ -342,8 +342,12 @@ def resume(path: Path, fingerprint: str, state: dict, rank: int = 0, **parts) ->
         return state, False
     for name, part in parts.items():
         part.load_state_dict(saved[name])
-    states = saved.get("rng") or [{"torch": saved["torch_rng"]}]  # or written before 2026-12-05: CPU state only
-    rng = states[rank if rank < len(states) else 0]
+    if "rng" in saved:
+        rng = saved["rng"][rank if rank < len(saved["rng"]) else 0]
+    else:  # written before 2026-12-05: the CPU state and every GPU's (`cuda_rng`), one process
+        rng = {"torch": saved["torch_rng"]}
+        if torch.cuda.is_available() and torch.cuda.current_device() < len(saved.get("cuda_rng", [])):
+            rng["cuda"] = saved["cuda_rng"][torch.cuda.current_device()]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -407,10 +411,16 @@ def _wants_cuda(device_name: str) -> bool:
 def rank_device(d: Dist, device_name: str) -> torch.device:
     """This rank's device: under torchrun with device auto or cuda (cuda:N included), GPU
     `LOCAL_RANK` of its machine (every rank on one GPU would share it); otherwise
-    `resolve_device`."""
+    `resolve_device`. A numbered GPU becomes the current device: the CUDA random state a
+    checkpoint keeps (`rng_states`) is the current device's, and `cuda:1` in one process drew
+    from GPU 1 while cuda:0's state was saved."""
     if d.enabled and _wants_cuda(device_name) and torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank)
-    return resolve_device(device_name)
+        device = torch.device("cuda", d.local_rank)
+    else:
+        device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def gather_arrays(d: Dist, *arrays: np.ndarray) -> list[np.ndarray]:
