@@ -127,8 +127,7 @@ def _pretrain(cfg: Config, d: loop.Dist) -> PretrainResult:
     joint = JointObjective(parts, {s: float(pc.weights.get(s, 1.0)) for s in parts}).to(device)
     objectives = joint.objectives
     net = torch.nn.parallel.DistributedDataParallel(joint, find_unused_parameters=True) if d.enabled else joint
-    if d.rank:  # each rank draws its own dropout masks; the weights are rank 0's (DDP broadcast them)
-        torch.manual_seed(pc.seed + d.rank)
+    loop.reseed_rank(d, pc.seed)  # each rank its own dropout masks; the weights are rank 0's
     optimizer = loop.make_optimizer(objectives, pc.lr, pc.weight_decay)
     per_epoch = loop.epoch_batches(pc.batching, train_set, pc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, pc.epochs * per_epoch, pc.warmup_frac)

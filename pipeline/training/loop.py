@@ -404,6 +404,13 @@ def distributed(device_name: str) -> Iterator[Dist]:
             dist.destroy_process_group()
 
 
+def reseed_rank(d: Dist, seed: int) -> None:
+    """After DDP has broadcast rank 0's weights: every other rank draws its own dropout masks
+    (`seed` + its rank); rank 0 and a single process keep their stream as it is."""
+    if d.rank:
+        torch.manual_seed(seed + d.rank)
+
+
 def _wants_cuda(device_name: str) -> bool:
     return device_name == "auto" or device_name.startswith("cuda")
 

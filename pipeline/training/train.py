@@ -133,8 +133,7 @@ def _train(cfg: Config, d: loop.Dist) -> TrainResult:
     model = build_model(cfg, mcfg, device)
     model.set_output_bias(float(train_set.labels().mean() if targets is None else targets[train_idx].mean()))
     net = torch.nn.parallel.DistributedDataParallel(model) if d.enabled else model
-    if d.rank:  # each rank draws its own dropout masks; the weights are rank 0's (DDP broadcast them)
-        torch.manual_seed(tc.seed + d.rank)
+    loop.reseed_rank(d, tc.seed)  # each rank its own dropout masks; the weights are rank 0's
     optimizer = loop.make_optimizer(model, tc.lr, tc.weight_decay)  # encoders included while frozen for a while
     per_epoch = loop.epoch_batches(tc.batching, train_set, tc.batch_size, d.world)
     scheduler = loop.make_scheduler(optimizer, tc.epochs * per_epoch, tc.warmup_frac)
