@@ -116,15 +116,16 @@ def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bo
         return out
     from dateparser.search import search_dates  # imported here: a second or so, paid only when used
 
-    settings = {"PREFER_DATES_FROM": "future", "RETURN_AS_TIMEZONE_AWARE": False}
+    settings, languages = {"PREFER_DATES_FROM": "future", "RETURN_AS_TIMEZONE_AWARE": False}, list(languages)
     for j, text in enumerate(tqdm(texts, desc="date mentions", unit="msg", disable=not progress, leave=False)):
         base = datetime.fromtimestamp(int(day[j]) * _DAY, timezone.utc).replace(tzinfo=None)
+        on_day = {**settings, "RELATIVE_BASE": base}
         found = []
         for clause in CLAUSE.split(SHORT_NAME.sub(r"\1", text)):
             if not clause.strip():
                 continue
             try:
-                found += search_dates(clause, languages=list(languages), settings={**settings, "RELATIVE_BASE": base}) or []
+                found += search_dates(clause, languages=languages, settings=on_day) or []
             except (ValueError, OverflowError) as e:  # a date past datetime's range ("in 99999 years")
                 log.debug("date mentions: a clause not parsed (%s)", e)
         if found:
