@@ -20,6 +20,7 @@ rebuild parses only new messages.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import re
 from datetime import datetime, timezone
@@ -34,8 +35,9 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 
 log = logging.getLogger(__name__)
 _DAY = 86400
-CACHE_VERSION = 4  # bump when what is cached changes meaning (2: lengths of time count from the start;
-# 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5", "Friday, March 6" one clause)
+CACHE_VERSION = 5  # bump when what is cached changes meaning (2: lengths of time count from the start;
+# 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5", "Friday, March 6" one
+# clause; 5: "we", "may", "sat"... as words, a day of the month alone read here)
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
@@ -67,6 +69,44 @@ CLAUSE = re.compile(rf"[;!?]+|,(?!\d)(?!\s*(?:(?:the\s+)?{_DATE_NUMBER}|{_MONTH_
 SHORT_NAME = re.compile(
     rf"\b(jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tue|tues|wed|thu|thurs?|fri|sat|sun)\.(?=\s+{_DATE_NUMBER})",
     re.IGNORECASE)
+
+
+# English words that dateparser also reads as a month's or a weekday's name, so that everyday chat
+# gains dates it never meant: "we" (Wednesday, in every "can we talk"), "I may skip the gym",
+# "I sat down", "march on", "in the sun", "Jan said". Such a word alone (give or take filler) is a
+# date only after a word that leads to one ("in may", "until may", "on sat", "this sun", "end of
+# march") or with a number ("may 5th"); "we" never is.
+NAME_WORDS = {"we", "may", "march", "mar", "sat", "sun", "wed", "jan"}
+LEADS_TO_DATE = {"on", "in", "by", "until", "till", "til", "from", "since", "before", "after", "next", "this",
+                 "coming", "early", "mid", "late", "end", "of", "back", "last", "every", "each", "around", "through", "thru"}
+_FILLER = {"on", "in", "the", "at", "of", "a", "an", "to", "and"}
+# A day of the month alone ("on the 12th", "the 3rd"): dateparser's own reading lands in the wrong
+# month when the day is before the message's day of the month (written on March 18th, "the 12th" was
+# December 18th and "the 3rd" March 18th a year on), so it is read here: the next such day, this
+# month or the next.
+_DAY_OF_MONTH = re.compile(r"(\d{1,2})(?:st|nd|rd|th)")
+
+
+def reading(match: str, days: float, clause: str, base: datetime) -> float | None:
+    """Days after `base` (the start of the message's day) that dateparser's `match` in `clause`
+    means, where it found `days`; None where the match is no date (`NAME_WORDS`)."""
+    words = re.findall(r"[a-z0-9]+", match.lower())
+    led = bool(words) and words[0] in LEADS_TO_DATE
+    while words and (words[0] in LEADS_TO_DATE or words[0] == "the"):
+        words.pop(0)
+    while len(words) > 1 and words[-1] in _FILLER:
+        words.pop()
+    if len(words) == 1 and words[0] in NAME_WORDS:
+        before = re.findall(r"[a-z]+", clause[: max(clause.find(match), 0)].lower())[-1:]
+        return days if words[0] != "we" and (led or (before and before[0] in LEADS_TO_DATE)) else None
+    if len(words) == 1 and (day := _DAY_OF_MONTH.fullmatch(words[0])):
+        n, year, month = int(day.group(1)), base.year, base.month
+        for _ in range(3):  # this month, or the next that has the day ("the 30th" in February: March)
+            if n <= calendar.monthrange(year, month)[1] and (n >= base.day or (year, month) != (base.year, base.month)):
+                return float((datetime(year, month, n) - base).days)
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return None  # no month has it ("the 45th")
+    return days
 
 
 def mentioned_days(texts: Texts, ts: np.ndarray, languages: list[str], read: np.ndarray | None = None,
@@ -125,11 +165,16 @@ def _parse(texts: list[str], day: np.ndarray, languages: list[str], progress: bo
             if not clause.strip():
                 continue
             try:
-                found += search_dates(clause, languages=languages, settings=on_day) or []
+                matches = search_dates(clause, languages=languages, settings=on_day) or []
             except (ValueError, OverflowError) as e:  # a date past datetime's range ("in 99999 years")
                 log.debug("date mentions: a clause not parsed (%s)", e)
+                continue
+            for match, when in matches:
+                d = reading(match, (when.replace(tzinfo=None) - base).total_seconds() / _DAY, clause, base)
+                if d is not None:
+                    found.append((match, d))
         if found:
-            out[j] = span([(match, (when.replace(tzinfo=None) - base).total_seconds() / _DAY) for match, when in found])
+            out[j] = span(found)
     return out
 
 

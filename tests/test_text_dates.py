@@ -7,7 +7,7 @@ import numpy as np
 
 from features import contract as C
 from features.store import load_arrays
-from features.text_dates import DURATION, mentioned_days, span
+from features.text_dates import DURATION, mentioned_days, reading, span
 from features.vocab import SENDER_IDS
 
 WEDNESDAY_NOON = datetime(2026, 2, 4, 12, tzinfo=timezone.utc).timestamp()
@@ -74,6 +74,34 @@ def test_a_short_month_or_weekday_name_with_a_full_stop_reads_as_without():
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert got[0][1] == got[1][1]  # one day, not two
+
+
+def test_everyday_words_are_no_dates_unless_something_leads_to_one():
+    # dateparser read "we" as a Wednesday (in every "can we talk"), the modal "may" as May, "sat"
+    # and "sun" as weekdays and "march" as March.
+    words = ["can we talk about it", "I may skip the gym", "I sat down for lunch", "I'll march on",
+             "sun is out", "Jan said hi", "it may rain so we stay in"]
+    first, last = mentioned_days(words, np.full(len(words), WEDNESDAY_NOON), ["en"], progress=False)
+    assert np.isnan(first).all() and np.isnan(last).all()
+    dates = ["away until may", "back in may", "on sat", "this sun", "may 5th", "end of march", "we fly on Friday"]
+    first, last = mentioned_days(dates, np.full(len(dates), WEDNESDAY_NOON), ["en"], progress=False)
+    assert not np.isnan(first).any()
+    assert first[2] == 2.5 and first[3] == 3.5  # Saturday and Sunday 00:00, from Wednesday noon
+    assert first[6] == last[6] == 1.5  # Friday only: "we" is no Wednesday a week on
+
+
+def test_a_day_of_the_month_alone_is_the_next_such_day():
+    # Written on Wednesday 4 February 2026: dateparser put "the 3rd" a year on and "the 2nd" in
+    # another month's wrong day; the next 3rd is 3 March, the next 12th 12 February.
+    texts = ["see you on the 12th", "back the 3rd", "on the 4th", "from the 2nd to the 6th"]
+    first, last = mentioned_days(texts, np.full(len(texts), WEDNESDAY_NOON), ["en"], progress=False)
+    assert first[0] == 7.5  # 12 February 00:00, from 4 February noon
+    assert first[1] == 26.5  # 3 March
+    assert first[2] == -0.5  # today
+    assert (first[3], last[3]) == (1.5, 25.5)  # 6 February, 2 March
+    base = datetime(2026, 2, 4)
+    assert reading("on the 30th", 0.0, "back on the 30th", base) == 54  # no 30 February: 30 March
+    assert reading("the 45th", 0.0, "the 45th", base) is None
 
 
 def test_what_dateparser_matched_is_a_length_only_when_it_is_a_bare_count_of_days_weeks_or_months():
