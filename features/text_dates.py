@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _DAY = 86400
 CACHE_VERSION = 5  # bump when what is cached changes meaning (2: lengths of time count from the start;
 # 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5", "Friday, March 6" one
-# clause; 5: "we", "may", "sat"... as words, a day of the month alone read here)
+# clause; 5: "we", "may", "sat"... as words, a day of the month alone read here, a weekday told in the past)
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
@@ -87,9 +87,29 @@ _FILLER = {"on", "in", "the", "at", "of", "a", "an", "to", "and"}
 _DAY_OF_MONTH = re.compile(r"(\d{1,2})(?:st|nd|rd|th)")
 
 
+# dateparser puts a weekday on the coming one whatever the tense: "I skipped the gym on Monday" was
+# next Monday, a plan where the user told of the past. A bare weekday ("on Monday", "saturday
+# night") in a clause told in the past (a past form of a verb, "ago", "yesterday") and with no word
+# of the future is the last such day instead. English only, as `DURATION`.
+_WEEKDAY = re.compile(r"mon(?:day)?|tues?(?:day)?|wed(?:nesday)?|thu(?:rs?)?(?:day)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?")
+_TIME_OF_DAY = {"night", "morning", "afternoon", "evening"}
+_PAST = re.compile(r"\b(?:was|were|did|didn't|had|hadn't|went|ate|got|felt|made|took|spent|came|slept|ran|ago|yesterday)\b"
+                   r"|\b(?:i|we|he|she|they)\s+(?:\w+\s+)?\w*[^e\W]ed\b")  # "I skipped", "we really walked"; not "I need"
+_FUTURE = re.compile(r"\b(?:will|won't|wont|gonna|going|plan|planning|next|tomorrow|this|coming|upcoming|until|till|"
+                     r"shall|hope|want|need|soon)\b|'ll\b")
+
+
+def told_in_the_past(clause: str) -> bool:
+    """Whether `clause` tells of the past and says nothing of the future (`_PAST`, `_FUTURE`)."""
+    text = clause.lower().replace("\u2019", "'")
+    return bool(_PAST.search(text)) and not _FUTURE.search(text)
+
+
 def reading(match: str, days: float, clause: str, base: datetime) -> float | None:
     """Days after `base` (the start of the message's day) that dateparser's `match` in `clause`
-    means, where it found `days`; None where the match is no date (`NAME_WORDS`)."""
+    means, where it found `days`: None where the match is no date (`NAME_WORDS`), the last such
+    weekday where the clause tells of the past (`told_in_the_past`), the next such day of the month
+    for a day of the month alone (`_DAY_OF_MONTH`), else `days`."""
     words = re.findall(r"[a-z0-9]+", match.lower())
     led = bool(words) and words[0] in LEADS_TO_DATE
     while words and (words[0] in LEADS_TO_DATE or words[0] == "the"):
@@ -98,7 +118,11 @@ def reading(match: str, days: float, clause: str, base: datetime) -> float | Non
         words.pop()
     if len(words) == 1 and words[0] in NAME_WORDS:
         before = re.findall(r"[a-z]+", clause[: max(clause.find(match), 0)].lower())[-1:]
-        return days if words[0] != "we" and (led or (before and before[0] in LEADS_TO_DATE)) else None
+        if words[0] == "we" or not (led or (before and before[0] in LEADS_TO_DATE)):
+            return None
+    if (0 < days and 1 <= len(words) <= 2 and _WEEKDAY.fullmatch(words[0]) and set(words[1:]) <= _TIME_OF_DAY
+            and told_in_the_past(clause)):
+        return days - 7  # the last such day (today, for today's weekday)
     if len(words) == 1 and (day := _DAY_OF_MONTH.fullmatch(words[0])):
         n, year, month = int(day.group(1)), base.year, base.month
         for _ in range(3):  # this month, or the next that has the day ("the 30th" in February: March)

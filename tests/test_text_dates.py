@@ -90,6 +90,17 @@ def test_everyday_words_are_no_dates_unless_something_leads_to_one():
     assert first[6] == last[6] == 1.5  # Friday only: "we" is no Wednesday a week on
 
 
+def test_a_weekday_told_in_the_past_is_the_last_one():
+    # dateparser put "I skipped the gym on Monday" on the coming Monday, a plan out of a past day.
+    past = ["I skipped the gym on Monday", "was sick on friday", "went out saturday night", "had a party on sat"]
+    first, last = mentioned_days(past, np.full(len(past), WEDNESDAY_NOON), ["en"], progress=False)
+    np.testing.assert_array_equal(first, [-2.5, -5.5, -4.5, -4.5])  # the last Monday, Friday, Saturday
+    np.testing.assert_array_equal(first, last)
+    plans = ["I will skip the gym on Monday", "flying on friday", "I need a break on friday", "I was going to rest on friday"]
+    first, _ = mentioned_days(plans, np.full(len(plans), WEDNESDAY_NOON), ["en"], progress=False)
+    np.testing.assert_array_equal(first, [4.5, 1.5, 1.5, 1.5])  # the coming ones
+
+
 def test_a_day_of_the_month_alone_is_the_next_such_day():
     # Written on Wednesday 4 February 2026: dateparser put "the 3rd" a year on and "the 2nd" in
     # another month's wrong day; the next 3rd is 3 March, the next 12th 12 February.
