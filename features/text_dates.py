@@ -80,6 +80,10 @@ NAME_WORDS = {"we", "may", "march", "mar", "sat", "sun", "wed", "jan"}
 LEADS_TO_DATE = {"on", "in", "by", "until", "till", "til", "from", "since", "before", "after", "next", "this",
                  "coming", "early", "mid", "late", "end", "of", "back", "last", "every", "each", "around", "through", "thru"}
 _FILLER = {"on", "in", "the", "at", "of", "a", "an", "to", "and"}
+# Two small numbers with a slash or a dash are as often an amount as a day ("1/2 cup", "2/3 of the
+# plate", "3-4 sets": dateparser read them as 2 January, 3 February, 4 March), so they are a date,
+# as `NAME_WORDS` are, only after a word that leads to one ("back on 3/4", "from 12/3").
+_FRACTION = re.compile(r"\d\s*[/-]\s*\d")
 # A day of the month alone ("on the 12th", "the 3rd"): dateparser's own reading lands in the wrong
 # month when the day is before the message's day of the month (written on March 18th, "the 12th" was
 # December 18th and "the 3rd" March 18th a year on), so it is read here: the next such day, this
@@ -116,7 +120,8 @@ def reading(match: str, days: float, clause: str, base: datetime) -> float | Non
         words.pop(0)
     while len(words) > 1 and words[-1] in _FILLER:
         words.pop()
-    if len(words) == 1 and words[0] in NAME_WORDS:
+    name = len(words) == 1 and words[0] in NAME_WORDS
+    if name or (len(words) == 2 and all(w.isdigit() and len(w) <= 2 for w in words) and _FRACTION.search(match)):
         before = re.findall(r"[a-z]+", clause[: max(clause.find(match), 0)].lower())[-1:]
         if words[0] == "we" or not (led or (before and before[0] in LEADS_TO_DATE)):
             return None

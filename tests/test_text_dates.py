@@ -78,12 +78,14 @@ def test_a_short_month_or_weekday_name_with_a_full_stop_reads_as_without():
 
 def test_everyday_words_are_no_dates_unless_something_leads_to_one():
     # dateparser read "we" as a Wednesday (in every "can we talk"), the modal "may" as May, "sat"
-    # and "sun" as weekdays and "march" as March.
+    # and "sun" as weekdays, "march" as March, and amounts such as "1/2 cup" as 2 January.
     words = ["can we talk about it", "I may skip the gym", "I sat down for lunch", "I'll march on",
-             "sun is out", "Jan said hi", "it may rain so we stay in"]
+             "sun is out", "Jan said hi", "it may rain so we stay in", "ate 1/2 cup of rice", "did 3-4 sets",
+             "2/3 of the plate was veggies"]
     first, last = mentioned_days(words, np.full(len(words), WEDNESDAY_NOON), ["en"], progress=False)
     assert np.isnan(first).all() and np.isnan(last).all()
-    dates = ["away until may", "back in may", "on sat", "this sun", "may 5th", "end of march", "we fly on Friday"]
+    dates = ["away until may", "back in may", "on sat", "this sun", "may 5th", "end of march", "we fly on Friday",
+             "back on 3/4", "until 4/10"]
     first, last = mentioned_days(dates, np.full(len(dates), WEDNESDAY_NOON), ["en"], progress=False)
     assert not np.isnan(first).any()
     assert first[2] == 2.5 and first[3] == 3.5  # Saturday and Sunday 00:00, from Wednesday noon
