@@ -35,9 +35,10 @@ from features.text_vectors import Texts, VectorCache, as_text_array, distinct, t
 
 log = logging.getLogger(__name__)
 _DAY = 86400
-CACHE_VERSION = 5  # bump when what is cached changes meaning (2: lengths of time count from the start;
+CACHE_VERSION = 6  # bump when what is cached changes meaning (2: lengths of time count from the start;
 # 3: each clause searched on its own, "N days of" a length; 4: "Jan. 5" read as "Jan 5", "Friday, March 6" one
-# clause; 5: "we", "may", "sat"... as words, a day of the month alone read here, a weekday told in the past)
+# clause; 5: "we", "may", "sat"... as words, a day of the month alone read here; 6: a weekday told in the
+# past, "1/2 cup" an amount)
 # What dateparser matched, when it is a count of days, nights, weeks or months and nothing else
 # ("5 days", "for two weeks", "about a week"; not "in 5 days", "next week", "5 days ago"): a
 # length of time, which dateparser resolves as that long after the message; it is added to the
