@@ -7,7 +7,7 @@ small JSON state file per (job, as-of) that records finished steps, so that
   changed nothing.
 
 State file: <workdir>/jobs/<job>/<YYYY-MM-DD>/state.json, written atomically:
-    {"job", "as_of", "status": running|failed|finished, "attempts", "pid", "host", "started_at",
+    {"job", "as_of", "status": running|failed|finished, "attempts", "pid", "pid_started", "host", "started_at",
      "finished_at", "error", "steps": {name: {"status", "starts", "seconds", "result", ...}}}
 """
 
@@ -81,9 +81,21 @@ def history(cfg: Config, job: str) -> list[dict]:
     return sorted((s for s in states if s), key=lambda s: s["as_of"], reverse=True)
 
 
+def process_started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/<pid>/stat's 22nd field):
+    with the pid, it names one process, where a pid alone is reused once its process is gone.
+    None where /proc does not say (no such process, or not Linux)."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after the command's name, from the 3rd
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def shown_status(state: dict) -> str:
     """The status `jobs list` shows: the file's, except "killed" for a "running" run whose
-    process is gone from this host (it died without a word; the next run resumes it)."""
+    process is gone from this host (it died without a word; the next run resumes it), or whose
+    pid now belongs to a process that started later (the pid was reused)."""
     if state["status"] != "running" or state.get("host") != socket.gethostname() or not state.get("pid"):
         return state["status"]
     try:
@@ -92,6 +104,9 @@ def shown_status(state: dict) -> str:
         return "killed"
     except (PermissionError, OverflowError, ValueError):  # another user's process: alive
         pass
+    started = process_started(state["pid"])
+    if state.get("pid_started") is not None and started is not None and started != state["pid_started"]:
+        return "killed"
     return "running"
 
 
@@ -174,7 +189,7 @@ def run_job(cfg: Config, job: Job, as_of: datetime, force: bool = False) -> dict
         last = "killed or lost" if state["status"] == "running" else f"{state['status']}: {state.get('error')}"
         print(f"{job.name} {day}: resuming at step {first!r} (the last attempt was {last})", flush=True)
     state.update(status="running", error=None, attempts=state["attempts"] + 1, pid=os.getpid(), host=socket.gethostname(),
-                 started_at=state["started_at"] or _stamp())
+                 pid_started=process_started(os.getpid()), started_at=state["started_at"] or _stamp())
     save_state(path, state)
 
     ctx = Context(cfg, job.name, as_of, folder)

@@ -96,8 +96,12 @@ def test_killed_run_resumes_at_its_first_unfinished_step(trained, env):
     at_kill = trained.at_kill
     assert at_kill["status"] == "running" and at_kill["attempts"] == 1  # killed: nobody recorded an end
     assert runner.shown_status(at_kill) == "killed"  # what `jobs list` shows: its process is gone
-    assert runner.shown_status(at_kill | {"pid": os.getpid()}) == "running"  # a live one
+    assert runner.shown_status(at_kill | {"pid": os.getpid(), "pid_started": None}) == "running"  # a live one (state before pid_started)
     assert runner.shown_status(at_kill | {"host": "another-host"}) == "running"  # can't tell from here
+    assert at_kill["pid_started"] is not None  # (Linux: /proc says when the process started)
+    ours = at_kill | {"pid": os.getpid(), "pid_started": runner.process_started(os.getpid())}
+    assert runner.shown_status(ours) == "running"
+    assert runner.shown_status(ours | {"pid_started": ours["pid_started"] - 1}) == "killed"  # its pid, reused
     done_before = [s for s, r in at_kill["steps"].items() if r["status"] == "finished"]
     first_unfinished = next(s for s, r in at_kill["steps"].items() if r["status"] != "finished")
     assert done_before[0] == "features"
