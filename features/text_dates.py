@@ -52,9 +52,9 @@ DURATION = re.compile(
 # A number that is a date or a time ("10 December", "13th", "5pm", "2027"), not a length ("5 days").
 _DATE_NUMBER = (r"\d+(?:st|nd|rd|th|am|pm)?\b"
                 r"(?!\s*(?:days?|nights?|weeks?|months?|years?|hours?|hrs?|minutes?|mins?)\b)")
+_WEEKDAYS = r"mon(?:day)?|tue(?:s(?:day)?)?|wed(?:nesday)?|thu(?:r(?:s(?:day)?)?)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?"
 _MONTH_OR_WEEKDAY = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
-                     r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?|mon(?:day)?|"
-                     r"tue(?:s(?:day)?)?|wed(?:nesday)?|thu(?:r(?:s(?:day)?)?)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?)\b")
+                     rf"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?|{_WEEKDAYS})\b")
 # dateparser's search joins expressions next to each other across a comma into one date ("in 2
 # days, ten days" became a single day 12 days on, "next week, eight days" lost its "next"), so
 # each clause is searched on its own. Not split: a full stop inside a number or an abbreviation
@@ -96,7 +96,7 @@ _DAY_OF_MONTH = re.compile(r"(\d{1,2})(?:st|nd|rd|th)")
 # next Monday, a plan where the user told of the past. A bare weekday ("on Monday", "saturday
 # night") in a clause told in the past (a past form of a verb, "ago", "yesterday") and with no word
 # of the future is the last such day instead. English only, as `DURATION`.
-_WEEKDAY = re.compile(r"mon(?:day)?|tues?(?:day)?|wed(?:nesday)?|thu(?:rs?)?(?:day)?|fri(?:day)?|sat(?:urday)?|sun(?:day)?")
+_WEEKDAY = re.compile(_WEEKDAYS)
 _TIME_OF_DAY = {"night", "morning", "afternoon", "evening"}
 _PAST = re.compile(r"\b(?:was|were|did|didn't|had|hadn't|went|ate|got|felt|made|took|spent|came|slept|ran|ago|yesterday)\b"
                    r"|\b(?:i|we|he|she|they)\s+(?:\w+\s+)?\w*[^e\W]ed\b")  # "I skipped", "we really walked"; not "I need"
